@@ -1,0 +1,60 @@
+"""The ``mapdet`` command line: one sub-command per wiring module.
+
+Each wiring module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).
+Modules are imported only when their command runs, so ``mapdet --help`` stays fast and a
+command never pays for another's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (wiring module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("mapdet.synth", "write a synthetic dataset in the raw Mapillary Vistas layout"),
+    "pack": ("mapdet.pack", "pack a raw Vistas split into WebDataset shards with a manifest"),
+    "merge": ("mapdet.merge", "merge the slices of a multi-job pack into one manifest"),
+    "verify": ("mapdet.verify", "check every shard against its manifest and decode every sample"),
+    "peek": ("mapdet.peek", "stream a few batches from packed shards and print them"),
+    "train": ("mapdet.train", "train Faster R-CNN (use under `accelerate launch` for DDP)"),
+    "evaluate": ("mapdet.evaluate", "distributed COCO evaluation of a checkpoint on packed shards"),
+    "cocoeval": ("mapdet.cocoeval", "score a COCO results file against COCO ground truth"),
+    "diagnose": ("mapdet.diagnose", "explain low mAP: error decomposition, sweeps, report"),
+    "demo": ("mapdet.demo", "run the whole system end to end on synthetic data"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mapdet",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = _parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
+        parser.print_help()
+        sys.exit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(
+        prog=f"mapdet {name}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    args.command = name
+    sys.exit(module.run(args) or 0)
+

@@ -1,0 +1,156 @@
+"""Typed experiment configuration: dataclass sections, YAML files, dotted overrides.
+
+OmegaConf structured configs do the merging and type checking: an unknown key or a value of the
+wrong type raises ``ConfigError`` naming the full dotted key. Each section is handed only to the
+code that owns it (``cfg.model`` to ``mapdet.model``, ``cfg.augment`` to ``mapdet.augment``, ...),
+so the class a key configures is the dataclass it is written in.
+
+    cfg = load_config("launch/configs/demo.yaml", ["optim.lr=0.01", "train.max_steps=200"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration file or override the user must fix; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards"  # folder written by `mapdet pack`
+    train_split: str = "training"
+    val_split: str = "validation"
+    batch_size: int = 2  # images per rank per step
+    workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 256  # samples held for shuffling in each worker
+    samples_per_epoch: Optional[int] = None  # per rank; None = train split size / world size
+    repeat_threshold: Optional[float] = None  # repeat-factor sampling t; None = off (Vistas: 0.1)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50_fpn_v2"  # resnet50_fpn_v2 | mobilenet_v3_large_fpn | small
+    min_size: int = 1024  # torchvision resizes the shorter side to this...
+    max_size: int = 2048  # ...unless the longer side would exceed this
+    anchor_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # one per FPN level
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])  # h/w; 0.25 = thin poles
+    detections_per_img: int = 300  # Vistas averages ~94 objects per image; torchvision's 100 bites
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    rpn_batch_size_per_image: int = 256
+    roi_batch_size_per_image: int = 512
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    weights: Optional[str] = None  # full detector weights (local file: .pth or .safetensors)
+    backbone_weights: Optional[str] = None  # backbone-only weights (local file)
+    trainable_backbone_layers: Optional[int] = None  # None = torchvision's default for the arch
+    class_weights: str = "none"  # none | inv_sqrt | explicit
+    class_weights_list: Optional[list[float]] = None  # with "explicit": K+1 values, index 0 = background
+
+
+@dataclass
+class AugmentConfig:
+    hflip: float = 0.5  # probability per image
+    vflip: float = 0.0  # off by default: street scenes have a sky and a road
+    rot90: float = 0.0
+    color_jitter: float = 0.8
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02
+    scale_jitter: float = 0.5  # probability of a random resized crop
+    scale_min: float = 0.5  # smallest crop area as a share of the image
+    min_visible: float = 0.3  # boxes with less of their area left inside the crop are dropped
+    min_box_size: float = 1.0  # pixels; narrower or shorter boxes are dropped
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.02  # for the global batch (all ranks, after accumulation)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 500
+    warmup_factor: float = 0.001
+    schedule: str = "multistep"  # multistep | cosine
+    milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # shares of max_steps
+    gamma: float = 0.1
+    grad_accum: int = 1
+    clip_norm: Optional[float] = 10.0  # None = no clipping
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/exp"  # run folder: config, checkpoints, TensorBoard, exports
+    max_steps: int = 90000  # optimizer steps
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (passed to accelerate)
+    log_every: int = 20
+    image_log_every: int = 1000  # augmented training images drawn to TensorBoard
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    eval_every: int = 0  # 0 = only at the end
+    max_nonfinite: int = 20  # consecutive non-finite losses before stopping
+    max_bad_samples: float = 0.01  # share of corrupt training samples tolerated
+    timeout_s: int = 600  # collective timeout: a dead rank ends the others after this
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 2
+    workers: int = 2
+    max_dets: list[int] = field(default_factory=lambda: [100, 300])
+    val_loss: bool = True
+    num_images_logged: int = 4
+    skip_corrupt: bool = False  # True: leave undecodable samples out and count them
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``section.key=value`` overrides, type-checked; returns a ``Config``."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            text = Path(path).read_text()
+            data = yaml.safe_load(text) or {}  # safe_load: a config never constructs objects
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+            merged = OmegaConf.merge(merged, OmegaConf.create(data))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form section.key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        return OmegaConf.to_object(merged)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"config key {key!r}: {msg}" if key else msg) from e
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (saved in the run folder, shown in TensorBoard)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
