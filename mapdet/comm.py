@@ -14,6 +14,26 @@ import torch
 import torch.distributed as dist
 
 
+def make_accelerator(**kwargs):
+    """An ``accelerate.Accelerator`` that runs on the CPU when no CUDA device exists.
+
+    accelerate's multi-GPU launcher forks N processes even on a CPU machine, but they only join
+    one gloo group when the Accelerator is told ``cpu=True``; without it each process silently
+    trains alone on its share of the data. Launch-time topology stays in launch/accelerate/*.yaml.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but accelerate joined "
+            f"{accelerator.num_processes}: they are not connected. On a CPU machine use "
+            "`accelerate launch --config_file launch/accelerate/cpu2.yaml`."
+        )
+    return accelerator
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
