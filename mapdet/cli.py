@@ -1,6 +1,7 @@
 """The ``mapdet`` command line: one sub-command per wiring module.
 
 Each wiring module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).
+A ValueError or FileNotFoundError escaping a command is printed as one line and exits 2.
 Modules are imported only when their command runs, so ``mapdet --help`` stays fast and a
 command never pays for another's imports.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> (wiring module, one-line help)
@@ -56,5 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     args.command = name
-    sys.exit(module.run(args) or 0)
+    try:
+        code = module.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        # Our own errors say what to fix; a traceback would bury that. MAPDET_DEBUG=1 shows it.
+        if os.environ.get("MAPDET_DEBUG"):
+            raise
+        print(f"mapdet {name}: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code or 0)
 

@@ -1,0 +1,113 @@
+"""The shard manifest: what a packed split contains, read by every later stage.
+
+``OUT/{split}.manifest.json`` (schema in shards/README.md)::
+
+    {"format": "mapdet-shards/1", "split": "training", "version": "v2.0", "source": "panoptic",
+     "classes": [{"id": 1, "name": "object--vehicle--car"}, ...],          # ids 1..K, 0 = background
+     "num_samples": 18000, "num_instances": 1.2e6,
+     "shards": [{"name": "training-000000.tar", "num_samples": 1000, "bytes": ..., "sha256": ...,
+                 "keys": ["stem", ...]}, ...],                             # keys in tar order
+     "class_stats": {"1": {"instances": n, "images": m, "crowd": c}, ...},
+     "pack": {"max_side": 2048, "samples_per_shard": 1000, "quality": 95, ...},
+     "skipped": [{"key": "stem", "reason": "..."}], "sanitized": {"clipped": n, "dropped": m},
+     "coco": "training.coco.json"}
+
+Files are written atomically (temporary name, then ``os.replace``) so a killed job never leaves a
+half-written manifest that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT = "mapdet-shards/1"
+
+
+def manifest_path(out: str | Path, split: str) -> Path:
+    return Path(out) / f"{split}.manifest.json"
+
+
+def coco_path(out: str | Path, split: str) -> Path:
+    return Path(out) / f"{split}.coco.json"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 1) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ManifestError(ValueError):
+    """A missing or malformed manifest; the message says which file and what to run."""
+
+
+def load_manifest(out: str | Path, split: str) -> dict:
+    path = manifest_path(out, split)
+    if not path.exists():
+        found = sorted(p.name for p in Path(out).glob("*.manifest.json")) if Path(out).is_dir() else []
+        hint = f" (found: {', '.join(found)})" if found else " (run `mapdet pack` first)"
+        raise ManifestError(f"no manifest {path}{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def shard_urls(out: str | Path, manifest: dict) -> list[str]:
+    return [str(Path(out) / s["name"]) for s in manifest["shards"]]
+
+
+def class_names(manifest: dict) -> dict[int, str]:
+    return {int(c["id"]): c["name"] for c in manifest["classes"]}
+
+
+def class_instance_counts(manifest: dict) -> list[int]:
+    """Training instances per class, index k-1 for class id k (length K), for class weights."""
+    stats = manifest.get("class_stats", {})
+    return [int(stats.get(str(c["id"]), {}).get("instances", 0)) for c in manifest["classes"]]
+
+
+def class_image_fractions(manifest: dict) -> dict[int, float]:
+    """f(c): the share of training images containing class c (repeat-factor sampling's input)."""
+    n = max(int(manifest["num_samples"]), 1)
+    stats = manifest.get("class_stats", {})
+    return {int(c["id"]): int(stats.get(str(c["id"]), {}).get("images", 0)) / n for c in manifest["classes"]}
+
+
+def describe(manifest: dict) -> str:
+    """A few lines for the terminal: size, classes, and every fault the packer counted."""
+    lines = [
+        f"{manifest['split']}: {manifest['num_samples']} images, {manifest['num_instances']} objects, "
+        f"{len(manifest['shards'])} shards, {len(manifest['classes'])} classes "
+        f"({manifest['version']}, boxes from {manifest['source']})"
+    ]
+    if manifest["skipped"]:
+        lines.append(f"skipped {len(manifest['skipped'])} bad input(s) (listed in the manifest's 'skipped'):")
+        lines += [f"  {s['key']}: {s['reason']}" for s in manifest["skipped"][:10]]
+    s = manifest["sanitized"]
+    if s["clipped"] or s["dropped"]:
+        lines.append(f"sanitised boxes: {s['clipped']} clipped to the image, {s['dropped']} without area dropped")
+    return "\n".join(lines)
