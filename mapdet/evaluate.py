@@ -1,0 +1,109 @@
+"""mapdet evaluate --config FILE --checkpoint PATH|latest [--set ...] [--out DIR]
+
+Distributed COCO evaluation of a trained model on packed validation shards, with the validation
+loss in the same pass. Run on every GPU you have:
+``accelerate launch --config_file launch/accelerate/<topology>.yaml -m mapdet evaluate ...``.
+
+Writes DIR/metrics.json (COCO summary on pycocotools' 0-1 scale, AP at each maxDets, per-class
+AP with GT and training counts, val loss, images left out) and DIR/detections.json (COCO results
+format), prints the per-class table, and logs scalars and a few images with predictions (red)
+and ground truth (green) to the run's TensorBoard. Default DIR: RUN/eval/step_N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from mapdet import checkpoint, comm, tracking
+from mapdet.config import load_config, to_dict, to_yaml
+from mapdet.data import eval_loader
+from mapdet.evaluator import format_summary, format_table
+from mapdet.manifest import class_names, coco_path, load_manifest
+from mapdet.model import build_model, load_weights_file
+from mapdet.validation import metrics_dict, validate
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="the experiment YAML used for training")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. eval.max_dets=[100,300,1000]")
+    p.add_argument("--checkpoint", default="latest",
+                   help="latest (of train.out) | a checkpoint folder | a weights file (.safetensors/.pth, e.g. RUN/export/model.safetensors)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: data.val_split)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/eval/step_N)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    split = args.split or cfg.data.val_split
+    run_dir = Path(cfg.train.out)
+    accelerator = comm.make_accelerator(log_with="tensorboard", project_dir=str(run_dir))
+    manifest = load_manifest(cfg.data.shards, split)
+    train_manifest = _optional_manifest(cfg.data.shards, cfg.data.train_split)
+    names = class_names(manifest)
+    gt = json.loads(coco_path(cfg.data.shards, split).read_text())
+
+    model = build_model(cfg.model, len(names) + 1).to(accelerator.device)
+    state, step = _weights(run_dir, args.checkpoint)
+    model.load_state_dict(state)
+    out = Path(args.out) if args.out else run_dir / "eval" / f"step_{step:07d}"
+
+    v = validate(model, accelerator.device, cfg.eval, cfg.data.shards, manifest, gt)
+    metrics = metrics_dict(v, manifest, train_manifest)
+    tracking.start(accelerator, to_yaml(cfg), to_dict(cfg))
+    summary = metrics["bbox"]
+    values = {f"eval/{k}": summary[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")}
+    values.update({f"eval/AP_at_maxdets_{m}": ap for m, ap in summary["AP_at_maxdets"].items()})
+    values.update({f"eval/{k}": x for k, x in v.loss.items()})
+    tracking.scalars(accelerator, values, step)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (out / "detections.json").write_text(json.dumps(v.detections.to_coco_results()))
+        print(format_table(summary["per_class"]))
+        print(format_summary(summary))
+        if v.loss:
+            print(f"val loss {v.loss['loss']:.4f} over {v.images} images" + (f" ({len(v.left_out)} left out: corrupt)" if v.left_out else ""))
+        print(f"wrote {out / 'metrics.json'} and {out / 'detections.json'}")
+        _log_images(accelerator, model, cfg, manifest, names, v, step)
+    tracking.finish(accelerator)
+    return 0
+
+
+def _weights(run_dir: Path, spec: str):
+    """State dict and training step for --checkpoint (a checkpoint folder, 'latest' or a weights file)."""
+    path = Path(spec)
+    if path.is_file():
+        return load_weights_file(path), 0
+    found = checkpoint.resolve(run_dir, spec)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint under {checkpoint.checkpoints_dir(run_dir)}")
+    meta = json.loads((found / "meta.json").read_text())
+    return load_file(str(found / "model.safetensors")), int(meta["step"])
+
+
+def _optional_manifest(shards, split):
+    try:
+        return load_manifest(shards, split)
+    except ValueError:
+        return None
+
+
+def _log_images(accelerator, model, cfg, manifest, names, v, step: int) -> None:
+    """A few validation images with predictions (red, score >= 0.3) and ground truth (green)."""
+    n = cfg.eval.num_images_logged
+    if n <= 0:
+        return
+    batch = next(iter(eval_loader(cfg.data.shards, manifest, n, 0, rank=0, world=1)))
+    dets = v.detections
+    boxes, labels, scores = [], [], []
+    for t in batch.targets:
+        sel = (dets.image_id == t["image_id"]) & (dets.scores >= 0.3)
+        boxes.append(dets.boxes[sel])
+        labels.append(dets.labels[sel])
+        scores.append(dets.scores[sel])
+    tracking.images_with_boxes(accelerator, "val/predictions", batch.images, boxes, labels, names, step,
+                               scores_list=scores, extra_boxes=[t["boxes"] for t in batch.targets])

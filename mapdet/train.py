@@ -1,0 +1,185 @@
+"""mapdet train --config FILE [--set section.key=value ...] [--resume auto|PATH]
+
+Trains torchvision Faster R-CNN on packed shards. One process: ``python -m mapdet train ...``.
+DDP: ``accelerate launch --config_file launch/accelerate/<topology>.yaml -m mapdet train ...``.
+
+The run folder (train.out) gets config.yaml, checkpoints/step_N/, tensorboard/, export/ (plain
+weights) and metrics_step_N.json from each validation. SIGTERM/SIGUSR1 -> checkpoint, exit 75.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from mapdet import checkpoint, comm, preemption, tracking
+from mapdet.augment import BatchAugment
+from mapdet.config import load_config, to_dict, to_yaml
+from mapdet.data import TrainStream
+from mapdet.engine import train_step
+from mapdet.manifest import class_instance_counts, class_names, coco_path, load_manifest
+from mapdet.model import build_model, export_weights
+from mapdet.optim import make_optimizer, make_scheduler
+from mapdet.validation import metrics_dict, validate
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="experiment YAML (launch/configs/*.yaml); default: built-in defaults")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.lr=0.01 train.max_steps=500")
+    p.add_argument("--resume", default="none", help="auto (latest checkpoint of train.out, if any) | none | PATH")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(cfg.train.out)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))  # a dead rank ends the rest
+    accelerator = comm.make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
+                                        project_dir=str(run_dir), kwargs_handlers=[timeout])
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    set_seed(cfg.train.seed + rank)  # per-rank: augmentation and sampling differ across ranks
+
+    train_manifest = load_manifest(cfg.data.shards, cfg.data.train_split)
+    names = class_names(train_manifest)
+    model = build_model(cfg.model, len(names) + 1, class_instance_counts(train_manifest))
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)  # stepped once per step, never prepared
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    step, batches_done, counters = 0, 0, {"skipped_steps": 0, "bad_samples": 0, "samples": 0}
+    resume_from = checkpoint.resolve(run_dir, args.resume)
+    if resume_from is not None:
+        meta = checkpoint.load(resume_from, raw_model, optimizer, scheduler, accelerator.scaler)
+        step, batches_done, counters = meta["step"], meta["batches"], meta["counters"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    if step >= cfg.train.max_steps:
+        accelerator.print(f"{run_dir} already finished {step} steps (train.max_steps={cfg.train.max_steps})")
+        tracking.finish(accelerator)
+        return 0
+    batches = iter(TrainStream(cfg.data.shards, train_manifest, cfg.data, rank, world, cfg.train.seed, batches_done))
+    augment = BatchAugment(cfg.augment).to(device)
+    val = _validation_inputs(cfg, accelerator)
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        preemption.clear_marker(run_dir)
+    tracking.start(accelerator, to_yaml(cfg), to_dict(cfg))
+    preemption.install()
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process)
+    nonfinite_in_row, exit_code = 0, 0
+    while step < cfg.train.max_steps:
+        res = train_step(accelerator, model, optimizer, scheduler, batches, augment, cfg.optim.grad_accum, cfg.optim.clip_norm)
+        step += 1
+        batches_done += cfg.optim.grad_accum
+        bar.update()
+        nonfinite_in_row = nonfinite_in_row + 1 if res.skipped else 0
+        counters["skipped_steps"] += res.skipped
+        counters["bad_samples"] += len(res.bad)
+        counters["samples"] += res.images
+        _report_bad(accelerator, res.bad)
+        if step % cfg.train.log_every == 0 or step == 1:
+            _log_step(accelerator, res, scheduler, counters, world, step)
+            bar.set_postfix(loss=f"{res.losses['loss']:.3f}")
+        if cfg.train.image_log_every and step % cfg.train.image_log_every == 0 and res.last_images is not None:
+            tracking.images_with_boxes(accelerator, "train/augmented", res.last_images[:2],
+                                       [t["boxes"] for t in res.last_targets[:2]], [t["labels"] for t in res.last_targets[:2]], names, step)
+        stop = _stop_reason(cfg, counters, nonfinite_in_row)
+        if comm.any_rank(bool(stop), device) and not stop:  # ranks must stop together or DDP hangs
+            stop = "another rank stopped (see its message above)"
+        preempted = comm.any_rank(preemption.requested(), device)
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or preempted or stop:
+            checkpoint.save(run_dir, step, raw_model, optimizer, scheduler, accelerator.scaler,
+                            {"batches": batches_done, "counters": counters}, cfg.train.keep_last)
+        if preempted:
+            accelerator.print(f"preempted ({preemption.reason() or 'signal on another rank'}): checkpoint at step {step} written; exiting {preemption.EXIT_PREEMPTED}")
+            if accelerator.is_main_process:
+                preemption.write_marker(run_dir, step)
+            exit_code = preemption.EXIT_PREEMPTED
+            break
+        if stop:
+            accelerator.print(f"stopping at step {step}: {stop}")
+            exit_code = 1
+            break
+        if val and (step == cfg.train.max_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+            _validate(accelerator, raw_model, cfg, val, train_manifest, run_dir, step)
+    bar.close()
+    if exit_code == 0 and accelerator.is_main_process:
+        _export(raw_model, run_dir, cfg, names)
+    tracking.finish(accelerator)
+    return exit_code
+
+
+def _validation_inputs(cfg, accelerator):
+    """(manifest, COCO ground truth) of the validation split, or None when it is not packed."""
+    try:
+        manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
+    except ValueError:
+        accelerator.print(f"no {cfg.data.val_split} split in {cfg.data.shards}: training without validation")
+        return None
+    return manifest, json.loads(coco_path(cfg.data.shards, cfg.data.val_split).read_text())
+
+
+def _validate(accelerator, raw_model, cfg, val, train_manifest, run_dir: Path, step: int) -> None:
+    manifest, gt = val
+    v = validate(raw_model, accelerator.device, cfg.eval, cfg.data.shards, manifest, gt)
+    metrics = metrics_dict(v, manifest, train_manifest)
+    summary = metrics["bbox"]
+    values = {f"val/{k}": summary[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")}
+    values.update({f"val/AP_at_maxdets_{m}": ap for m, ap in summary["AP_at_maxdets"].items()})
+    values.update({f"val/{k}": x for k, x in v.loss.items()})
+    values.update({f"val_class_AP/{r['name']}": r["AP"] for r in summary["per_class"]})
+    tracking.scalars(accelerator, values, step)
+    if accelerator.is_main_process:
+        (run_dir / f"metrics_step_{step:07d}.json").write_text(json.dumps(metrics, indent=1))
+    accelerator.print(f"step {step}: val AP {summary['AP']:.4f} AP50 {summary['AP50']:.4f} loss {v.loss.get('loss', float('nan')):.4f}")
+
+
+def _log_step(accelerator, res, scheduler, counters, world: int, step: int) -> None:
+    values = {f"train/{k}": v for k, v in res.losses.items()}
+    values.update({
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/grad_norm": res.grad_norm,
+        "train/images_per_s": res.images * world / max(res.step_time_s, 1e-9),
+        "train/step_time_s": res.step_time_s,
+        "train/data_wait": res.data_wait_s / max(res.step_time_s, 1e-9),
+        "train/skipped_steps": counters["skipped_steps"],
+        "train/bad_samples": counters["bad_samples"],
+    })
+    if torch.cuda.is_available():
+        values["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    tracking.scalars(accelerator, {k: v for k, v in values.items() if math.isfinite(v)}, step)
+
+
+def _report_bad(accelerator, bad: list[dict]) -> None:
+    for b in bad:
+        print(f"[rank {accelerator.process_index}] skipped bad sample in {b['shard']} ({b['key']}): {b['reason']}", file=sys.stderr)
+
+
+def _stop_reason(cfg, counters: dict, nonfinite_in_row: int) -> str:
+    if nonfinite_in_row >= cfg.train.max_nonfinite:
+        return (f"{nonfinite_in_row} steps in a row had a non-finite loss (train.max_nonfinite={cfg.train.max_nonfinite}); "
+                "lower optim.lr, raise optim.warmup_steps or set optim.clip_norm")
+    seen = counters["samples"] + counters["bad_samples"]
+    if seen >= 50 and counters["bad_samples"] > cfg.train.max_bad_samples * seen:
+        return (f"{counters['bad_samples']} of {seen} training samples were corrupt, above train.max_bad_samples="
+                f"{cfg.train.max_bad_samples}; run `mapdet verify {cfg.data.shards}` and repack the shards it names")
+    return ""
+
+
+def _export(raw_model, run_dir: Path, cfg, names: dict[int, str]) -> None:
+    """Plain weights that load into torchvision's builder, with a note saying how."""
+    out = run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in export_weights(raw_model).items()}, str(out / "model.safetensors"))
+    (out / "classes.json").write_text(json.dumps({"arch": cfg.model.arch, "num_classes": len(names) + 1,
+                                                  "classes": [{"id": k, "name": n} for k, n in names.items()]}, indent=1))

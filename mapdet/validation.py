@@ -1,0 +1,89 @@
+"""One validation pass, shared by ``mapdet train`` (periodic) and ``mapdet evaluate``.
+
+Every rank runs the unwrapped model on its exactly-once share of the validation shards
+(``data.eval_loader``); detections (packed arrays, stored-image coordinates, xyxy pixel-edge),
+image keys and summed losses are gathered; coverage is checked against the manifest (a missing
+or duplicated image is an error naming the keys); the COCO scoring is itself split across ranks
+by category (``evaluator.evaluate_coco``). Ranks with uneven shares never wait inside the loop:
+the only collectives come after it.
+
+Images left out because ``eval.skip_corrupt`` is on are removed from the ground truth too (their
+objects would otherwise count as misses) and reported as ``images_left_out``.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from mapdet import comm
+from mapdet.config import EvalConfig
+from mapdet.data import eval_keys, eval_loader
+from mapdet.engine import predict
+from mapdet.evaluator import CocoResult, Detections, evaluate_coco
+from mapdet.manifest import class_names
+
+
+class CoverageError(RuntimeError):
+    """Evaluation did not see every validation image exactly once."""
+
+
+@dataclass
+class Validation:
+    result: CocoResult
+    detections: Detections  # all ranks', on every rank
+    loss: dict[str, float]  # mean per image ({} without eval.val_loss)
+    images: int
+    left_out: list[dict]  # corrupt samples skipped (eval.skip_corrupt)
+
+
+def validate(model, device, cfg: EvalConfig, shards, manifest: dict, gt: dict) -> Validation:
+    """Collective: every rank calls it with the same arguments; every rank gets the result."""
+    rank, world = comm.get_rank(), comm.get_world_size()
+    loader = eval_loader(shards, manifest, cfg.batch_size, cfg.workers, rank, world, cfg.skip_corrupt)
+    bar = tqdm(total=len(eval_keys(manifest, rank, world)), desc="validate", unit="img",
+               disable=not comm.is_main_process(), leave=False)
+    preds = predict(model, loader, device, with_loss=cfg.val_loss, progress=bar)
+    bar.close()
+    parts = comm.all_gather_object((preds.detections, preds.keys, preds.loss_sum, preds.skipped))
+    keys = [k for p in parts for k in p[1]]
+    left_out = [s for p in parts for s in p[3]]
+    _check_coverage(manifest, keys, {s["key"] for s in left_out})
+    detections = Detections.concat([p[0] for p in parts])
+    if left_out:
+        gt = _without_images(gt, {s["key"] for s in left_out})
+    result = evaluate_coco(gt, detections, max_dets=sorted({1, 10, 100, *cfg.max_dets}))
+    loss = collections.Counter()
+    for p in parts:
+        loss.update(p[2])
+    return Validation(result, detections, {k: v / max(len(keys), 1) for k, v in loss.items()}, len(keys), left_out)
+
+
+def _check_coverage(manifest: dict, keys: list[str], skipped: set[str]) -> None:
+    expected = [k for s in manifest["shards"] for k in s["keys"]]
+    counts = collections.Counter(keys)
+    duplicated = sorted(k for k, c in counts.items() if c > 1)
+    missing = sorted(set(expected) - set(counts) - skipped)
+    unknown = sorted(set(counts) - set(expected))
+    if duplicated or missing or unknown:
+        parts = [f"{name} {len(v)}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+                 for name, v in (("duplicated", duplicated), ("missing", missing), ("not in the manifest", unknown)) if v]
+        raise CoverageError(f"evaluation did not see each {manifest['split']} image exactly once: " + "; ".join(parts))
+
+
+def _without_images(gt: dict, keys: set[str]) -> dict:
+    drop = {im["id"] for im in gt["images"] if im["file_name"].rsplit(".", 1)[0] in keys}
+    return {**gt, "images": [im for im in gt["images"] if im["id"] not in drop],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] not in drop]}
+
+
+def metrics_dict(v: Validation, manifest: dict, train_manifest: dict | None = None) -> dict:
+    """metrics.json content: COCO summary, AP at each maxDets, per-class rows, val loss, coverage."""
+    num_train = None
+    if train_manifest is not None:
+        num_train = {int(c): s["instances"] for c, s in train_manifest["class_stats"].items()}
+    bbox = {**v.result.summary(), "per_class": v.result.per_class(class_names(manifest), num_train)}
+    return {"bbox": bbox, "val_loss": v.loss, "images": v.images, "images_left_out": len(v.left_out),
+            "left_out": v.left_out}
