@@ -1,0 +1,340 @@
+"""Read one split of a raw Mapillary Vistas download (v1.2 or v2.0) into boxes per image.
+
+Layout, encodings and known traps: ``../shared/notes/vistas-format.md``. Object classes are the
+config labels with ``"instances": true``, numbered 1..K in config order (0 = background); stuff
+labels never become objects.
+
+Boxes are ``float64 (N, 4)`` xyxy, pixel-edge, in ORIGINAL image pixels: a one-pixel object at
+column c spans [c, c+1]. Two sources give identical boxes, labels and order (sorted by
+(label, x1, y1, x2, y2)):
+
+- ``panoptic``: the COCO panoptic JSON (fast, no mask decode). Its ``bbox`` is [x, y, w, h] with
+  w = max_col - min_col + 1, so xyxy = [x, y, x + w, y + h]. The convention is not trusted: the
+  reader checks it against the instance PNGs of the first images that have objects. A JSON whose
+  w is one short is corrected (with a warning); any other disagreement makes ``auto`` fall back
+  to the instance PNGs (with a warning) and makes an explicit ``panoptic`` raise.
+- ``instances``: the 16-bit instance PNGs (class = value >> 8, one instance per distinct value of
+  a thing class). These PNGs carry no crowd flag: ``iscrowd`` is looked up in the panoptic JSON by
+  (label, box) when the JSON exists, and is 0 otherwise.
+
+A split without labels (``testing``) gets ``source == "none"`` and empty targets.
+Input the caller must skip raises ``BadSample`` whose message names the file and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+VERSIONS = ("v2.0", "v1.2")  # preference order when both are present
+PANOPTIC_JSON = {"v2.0": "panoptic_2020.json", "v1.2": "panoptic_2018.json"}
+SOURCES = ("auto", "panoptic", "instances")
+_CHECK_IMAGES = 2  # images with objects compared when checking the JSON bbox convention
+
+
+class BadSample(Exception):
+    """Input the packer must skip and count; ``str(e)`` names the file and the reason."""
+
+
+@dataclass
+class VistasClass:
+    id: int  # 1..K, config order among labels with "instances": true
+    name: str  # e.g. "object--vehicle--car"
+    config_index: int  # position in the config's label list (the value in the label PNGs)
+    color: tuple
+
+
+@dataclass
+class RawSample:
+    stem: str
+    image_path: Path
+    width: int  # of the original image
+    height: int
+    boxes: np.ndarray  # float64 (N, 4) xyxy pixel-edge, original image pixels
+    labels: np.ndarray  # int64 (N,) in 1..K
+    iscrowd: np.ndarray  # uint8 (N,)
+
+
+def config_path(root, version: str) -> Path:
+    return Path(root) / f"config_{version}.json"
+
+
+def labels_dir(root, split: str, version: str, kind: str) -> Path:
+    """``kind``: labels | instances | panoptic | polygons."""
+    return Path(root) / split / version / kind
+
+
+def panoptic_json_path(root, split: str, version: str) -> Path:
+    return labels_dir(root, split, version, "panoptic") / PANOPTIC_JSON[version]
+
+
+def detect_version(root) -> str:
+    """"v2.0" or "v1.2" from the config files or label folders present; v2.0 wins when both are."""
+    root = Path(root)
+    for version in VERSIONS:
+        if config_path(root, version).exists() or any(root.glob(f"*/{version}")):
+            return version
+    raise FileNotFoundError(
+        f"{root} holds no Mapillary Vistas release: expected config_v2.0.json or config_v1.2.json "
+        "(or training/v2.0, training/v1.2 folders) at its top level"
+    )
+
+
+def load_classes(config_file: Path) -> tuple[list[VistasClass], list[str]]:
+    """The object classes of a config file, and the names of all its labels (stuff included)."""
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: the reader needs the release's config file")
+    labels = json.loads(config_file.read_text())["labels"]
+    things = [(i, lab) for i, lab in enumerate(labels) if lab.get("instances")]
+    if not things:
+        raise ValueError(f"{config_file}: no label has \"instances\": true, so there are no object classes")
+    classes = [
+        VistasClass(id=k, name=lab["name"], config_index=i, color=tuple(lab.get("color", (0, 0, 0))))
+        for k, (i, lab) in enumerate(things, start=1)
+    ]
+    return classes, [lab["name"] for lab in labels]
+
+
+def value_boxes(values_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct values of an integer map (H, W), their pixel-edge xyxy boxes (V, 4) and areas (V,).
+
+    One pass of bincount per axis instead of one mask per value: cost O(H*W), not O(V*H*W).
+    """
+    h, w = values_map.shape
+    counts = np.bincount(values_map.ravel(), minlength=1)
+    values = np.flatnonzero(counts)
+    lut = np.zeros(counts.size, np.int64)
+    lut[values] = np.arange(values.size)
+    compact = lut[values_map]
+    in_col = np.bincount((compact * w + np.arange(w)).ravel(), minlength=values.size * w)
+    in_row = np.bincount((compact * h + np.arange(h)[:, None]).ravel(), minlength=values.size * h)
+    in_col = in_col.reshape(values.size, w) > 0
+    in_row = in_row.reshape(values.size, h) > 0
+    x1, x2 = in_col.argmax(1), w - in_col[:, ::-1].argmax(1)
+    y1, y2 = in_row.argmax(1), h - in_row[:, ::-1].argmax(1)
+    return values, np.stack([x1, y1, x2, y2], 1).astype(np.float64), counts[values]
+
+
+def _canonical(boxes, labels, iscrowd=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted by (label, x1, y1, x2, y2, iscrowd): the same order whichever source read them."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    labels = np.asarray(labels, np.int64)
+    iscrowd = np.zeros(len(labels), np.uint8) if iscrowd is None else np.asarray(iscrowd, np.uint8)
+    order = np.lexsort((iscrowd, boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], labels))
+    return boxes[order], labels[order], iscrowd[order]
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the JPEG header, plus a cheap truncation check (no decode)."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 1024))
+            tail = f.read()
+    except (OSError, ValueError) as e:
+        raise BadSample(f"{path}: unreadable image ({e})") from e
+    # 0xFFD9 only occurs as the end-of-image marker in entropy-coded data (0xFF is byte-stuffed).
+    if b"\xff\xd9" not in tail:
+        raise BadSample(f"{path}: truncated JPEG (no end-of-image marker)")
+    return size
+
+
+class VistasReader:
+    """Boxes of one split, one image at a time; see the module docstring for sources and checks.
+
+    Build it before forking worker processes: the parsed panoptic JSON is then shared.
+    """
+
+    def __init__(self, root, split: str, version: str | None = None, source: str = "auto"):
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        self.root = Path(root)
+        self.split = split
+        self.version = version or detect_version(self.root)
+        if self.version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {self.version!r}")
+        self.image_dir = self.root / split / "images"
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"{self.image_dir} not found: is {split!r} a split of {self.root}?")
+        self.classes, self.label_names = load_classes(config_path(self.root, self.version))
+        self.num_labels = len(self.label_names)
+        self._class_of_index = np.zeros(self.num_labels, np.int64)  # config index -> 1..K, 0 = stuff
+        for c in self.classes:
+            self._class_of_index[c.config_index] = c.id
+        self.instance_dir = labels_dir(self.root, split, self.version, "instances")
+        self.panoptic_dir = labels_dir(self.root, split, self.version, "panoptic")
+        self.json_path = panoptic_json_path(self.root, split, self.version)
+        self._segments, self._category_index = self._load_panoptic() if self.json_path.exists() else ({}, {})
+        self._wh_offset = 0  # added to the JSON's w and h when it uses w = max_col - min_col
+        self.source = self._choose_source(source)
+
+    def stems(self) -> list[str]:
+        return sorted(p.stem for p in self.image_dir.glob("*.jpg"))
+
+    def read(self, stem: str) -> RawSample:
+        image_path = self.image_dir / f"{stem}.jpg"
+        width, height = _image_size(image_path)
+        if self.source == "panoptic":
+            boxes, labels, iscrowd = self._panoptic_targets(stem, (width, height))
+        elif self.source == "instances":
+            boxes, labels, iscrowd = self._instance_targets(stem, (width, height))
+        else:
+            boxes, labels, iscrowd = np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, np.uint8)
+        boxes, labels, iscrowd = _canonical(boxes, labels, iscrowd)
+        return RawSample(stem, image_path, width, height, boxes, labels, iscrowd)
+
+    # -- which source ---------------------------------------------------------------------------
+    def _choose_source(self, source: str) -> str:
+        has_json, has_png = self.json_path.exists(), self.instance_dir.is_dir()
+        if source == "panoptic" and not has_json:
+            raise FileNotFoundError(f"{self.json_path} not found (source='panoptic')")
+        if source == "instances" and not has_png:
+            raise FileNotFoundError(f"{self.instance_dir} not found (source='instances')")
+        chosen = source if source != "auto" else "panoptic" if has_json else "instances" if has_png else "none"
+        if not (has_json and has_png):
+            return chosen
+        # Both exist: the JSON gives the boxes (panoptic) or the crowd flags (instances, matched by
+        # box), so its bbox convention must agree with the PNGs either way.
+        offset, problem = self._check_json_convention()
+        if problem is None:
+            self._wh_offset = offset
+            if offset:
+                warnings.warn(f"{self.json_path}: bbox w/h are max - min (one short of the pixel "
+                              "count); adding 1 to match the instance PNGs")
+            return chosen
+        if source == "panoptic":
+            raise ValueError(f"{problem}; read with source='instances'")
+        self._segments = {}
+        warnings.warn(f"{problem}; reading boxes from the instance PNGs instead, with iscrowd = 0")
+        return "instances"
+
+    def _check_json_convention(self, max_tries: int = 50) -> tuple[int, str | None]:
+        """Compare JSON and instance-PNG boxes on the first images with objects.
+
+        Returns (w/h offset the JSON needs: 0 or 1, None) or (0, a description of the mismatch).
+        """
+        offsets, checked = set(), 0
+        for stem in self.stems()[:max_tries]:
+            try:
+                size = _image_size(self.image_dir / f"{stem}.jpg")
+                index, json_boxes, _ = self._thing_segments(stem)
+                png = _canonical(*self._instance_targets(stem, size, crowd=False)[:2])
+            except BadSample:
+                continue
+            if len(png[0]) == 0:
+                continue
+            labels = self._class_of_index[index]
+            fits = [k for k in (0, 1) if _same(_canonical(json_boxes + [0, 0, k, k], labels), png)]
+            if not fits:
+                return 0, (f"{self.json_path}: boxes of image {stem} disagree with "
+                           f"{self.instance_dir / (stem + '.png')}")
+            offsets.add(fits[0])
+            if len(offsets) > 1:
+                return 0, f"{self.json_path}: bbox convention differs between images"
+            checked += 1
+            if checked == _CHECK_IMAGES:
+                break
+        return (offsets.pop() if offsets else 0), None
+
+    # -- panoptic JSON ------------------------------------------------------------------------
+    def _load_panoptic(self) -> tuple[dict, dict]:
+        try:
+            data = json.loads(self.json_path.read_text())
+            segments = {Path(a["file_name"]).stem: a["segments_info"] for a in data["annotations"]}
+            categories = data["categories"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.json_path}: not a COCO panoptic JSON ({e!r})") from e
+        names = {name: i for i, name in enumerate(self.label_names)}
+        index = {}
+        for cat in categories:
+            # Long "a--b--c" names sit in supercategory (2018) or name; else id = config index + 1.
+            by_name = [names[n] for n in (cat.get("supercategory"), cat.get("name")) if n in names]
+            fallback = cat["id"] - 1 if 1 <= cat["id"] <= self.num_labels else None
+            index[cat["id"]] = by_name[0] if by_name else fallback
+        return segments, index
+
+    def _thing_segments(self, stem: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(config_index, xyxy boxes, iscrowd) of the thing segments the JSON lists for ``stem``."""
+        if stem not in self._segments:
+            raise BadSample(f"{self.json_path}: no entry for image {stem}")
+        rows = []
+        for seg in self._segments[stem]:
+            index = self._category_index.get(seg["category_id"])
+            if index is None:
+                raise BadSample(f"{self.json_path}: image {stem} segment {seg['id']} has unknown "
+                                f"category_id {seg['category_id']}")
+            if self._class_of_index[index]:
+                rows.append((index, *seg["bbox"], seg.get("area", 1), seg.get("iscrowd", 0), seg["id"]))
+        rows = np.asarray(rows, np.float64).reshape(-1, 8)
+        x, y = rows[:, 1], rows[:, 2]
+        w, h = rows[:, 3] + self._wh_offset, rows[:, 4] + self._wh_offset
+        bad = (w <= 0) | (h <= 0) | (rows[:, 5] <= 0)
+        if bad.any():
+            raise BadSample(f"{self.json_path}: image {stem} segment {int(rows[bad, 7][0])} has zero area")
+        return rows[:, 0].astype(np.int64), np.stack([x, y, x + w, y + h], 1), rows[:, 6].astype(np.uint8)
+
+    def _panoptic_targets(self, stem: str, size: tuple[int, int]):
+        png = self.panoptic_dir / f"{stem}.png"
+        _check_mask_header(png, size)
+        index, boxes, iscrowd = self._thing_segments(stem)
+        if len(boxes) and ((boxes[:, :2] < 0).any() or (boxes[:, 2:] > size).any()):
+            raise BadSample(f"{self.json_path}: image {stem} has a box outside the {size[0]}x{size[1]} image")
+        return boxes, self._class_of_index[index], iscrowd
+
+    # -- instance PNG -------------------------------------------------------------------------
+    def _instance_targets(self, stem: str, size: tuple[int, int], crowd: bool = True):
+        png = self.instance_dir / f"{stem}.png"
+        values_map = _read_instance_png(png, size)
+        values, boxes, _ = value_boxes(values_map)
+        index = values >> 8
+        if (index >= self.num_labels).any():
+            raise BadSample(f"{png}: label index {int(index.max())} is not in the config's "
+                            f"{self.num_labels} labels")
+        keep = self._class_of_index[index] > 0
+        boxes, labels = boxes[keep], self._class_of_index[index[keep]]
+        iscrowd = self._crowd_flags(stem, index[keep], boxes) if crowd else np.zeros(len(boxes), np.uint8)
+        return boxes, labels, iscrowd
+
+    def _crowd_flags(self, stem: str, index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """iscrowd of each instance, matched to the JSON's segments by (label, box); 0 without JSON."""
+        if not self._segments:  # no JSON, or one that disagrees with the PNGs
+            return np.zeros(len(boxes), np.uint8)
+        seg_index, seg_boxes, seg_crowd = self._thing_segments(stem)
+        crowd = {(i, *b): c for i, b, c in zip(seg_index.tolist(), seg_boxes.tolist(), seg_crowd.tolist())}
+        return np.array([crowd.get((i, *b), 0) for i, b in zip(index.tolist(), boxes.tolist())], np.uint8)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def _check_mask_header(path: Path, size: tuple[int, int]) -> None:
+    """A mask exists and has the image's size (header only, no decode)."""
+    try:
+        with Image.open(path) as im:
+            mask_size = im.size
+    except (OSError, ValueError) as e:
+        raise BadSample(f"{path}: unreadable mask ({e})") from e
+    if mask_size != size:
+        raise BadSample(f"{path}: mask is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}")
+
+
+def _read_instance_png(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """The 16-bit instance map (H, W) as int64; never through an 8-bit conversion."""
+    _check_mask_header(path, size)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("I;16", "I;16B", "I"):
+                raise BadSample(f"{path}: instance PNG has mode {im.mode}, expected 16-bit")
+            values = np.asarray(im)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadSample(f"{path}: unreadable mask ({e})") from e
+    if values.min() < 0 or values.max() > 65535:
+        raise BadSample(f"{path}: instance values outside 0..65535")
+    return values.astype(np.int64)
