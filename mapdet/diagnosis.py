@@ -205,22 +205,46 @@ def _share(mask: np.ndarray) -> float:
     return float(mask.mean()) if len(mask) else 0.0
 
 
-def input_scale(gt: dict, model: ModelConfig) -> np.ndarray:
+# torchvision's FasterRCNN defaults, for config keys left None when mapdet.model has no arch default
+_TORCHVISION = {"min_size": 800, "max_size": 1333, "anchor_sizes": [32, 64, 128, 256, 512]}
+
+
+def model_geometry(model: ModelConfig) -> dict:
+    """Effective ``min_size``, ``max_size`` and flat ``anchor_sizes`` of ``model``: the config's value,
+    else the arch default of ``mapdet.model.ARCH_DEFAULTS``, else torchvision's; ``source`` says which."""
+    try:
+        from mapdet.model import ARCH_DEFAULTS
+
+        arch = ARCH_DEFAULTS.get(model.arch, {})
+    except ImportError:
+        arch = {}
+    out, source = {}, {}
+    for key, stock in _TORCHVISION.items():
+        arch_value = arch.get(key) if isinstance(arch, dict) else getattr(arch, key, None)
+        value, source[key] = next((v, s) for v, s in ((getattr(model, key), "config"), (arch_value, "arch default"),
+                                                      (stock, "torchvision default")) if v is not None)
+        out[key] = value
+    out["anchor_sizes"] = sorted({float(a) for a in np.ravel(np.asarray(out["anchor_sizes"], dtype=float))})
+    return out | {"source": source}
+
+
+def input_scale(gt: dict, geometry: dict) -> np.ndarray:
     """(N,) per image (json order) the factor torchvision's GeneralizedRCNNTransform resizes it by."""
     wh = np.array([[im.get("width", 0), im.get("height", 0)] for im in gt["images"]], float).reshape(-1, 2)
     ok = (wh > 0).all(axis=1)
     safe = np.where(ok[:, None], wh, 1.0)
-    scale = np.minimum(model.min_size / safe.min(axis=1), model.max_size / safe.max(axis=1))
+    scale = np.minimum(geometry["min_size"] / safe.min(axis=1), geometry["max_size"] / safe.max(axis=1))
     return np.where(ok, scale, 1.0)
 
 
 def size_stats(gt: dict, g: tide.GroundTruth, result, model: ModelConfig) -> dict:
     """AP by COCO size, share of GT per size, sqrt(area) histograms vs the anchor sizes."""
+    geo = model_geometry(model)
     real = ~g.crowd
     area = g.area[real]
     side = np.sqrt(np.clip(area, 0, None))
-    side_in = side * input_scale(gt, model)[g.image[real]]
-    top = max(float(side.max(initial=1.0)), float(side_in.max(initial=1.0)), max(model.anchor_sizes) * 2.0)
+    side_in = side * input_scale(gt, geo)[g.image[real]]
+    top = max(float(side.max(initial=1.0)), float(side_in.max(initial=1.0)), max(geo["anchor_sizes"]) * 2.0)
     bins = np.geomspace(1.0, top * 1.01, 41)
     return {
         "ap": {k: points(result.ap(area=k)) for k in ("small", "medium", "large")},
@@ -230,9 +254,9 @@ def size_stats(gt: dict, g: tide.GroundTruth, result, model: ModelConfig) -> dic
         "bins": bins.tolist(),
         "hist_original": np.histogram(side, bins)[0].tolist(),
         "hist_model_input": np.histogram(side_in, bins)[0].tolist(),
-        "anchor_sizes": list(model.anchor_sizes),
-        "model_input": {"min_size": model.min_size, "max_size": model.max_size},
-        "share_below_smallest_anchor_half": _share(side_in < min(model.anchor_sizes) / 2),
+        "anchor_sizes": geo["anchor_sizes"],
+        "model_input": {"min_size": geo["min_size"], "max_size": geo["max_size"], "source": geo["source"]},
+        "share_below_smallest_anchor_half": _share(side_in < min(geo["anchor_sizes"]) / 2),
         "median_side_model_input": float(np.median(side_in)) if len(side_in) else 0.0,
     }
 

@@ -1,0 +1,122 @@
+"""Explain a low mAP: ranked causes with measured impact, error decomposition, sweeps, figures.
+
+    mapdet diagnose --gt validation.coco.json --results detections.json --out diag/ \\
+        [--train-manifest shards/training.manifest.json] [--run runs/exp] \\
+        [--checkpoint runs/exp/checkpoints/step_0090000 --config runs/exp/config.yaml]
+
+Writes OUT/report.md (with PNG figures beside it) and OUT/diagnosis.json; with --run also the
+loss-vs-mAP curves from the run's TensorBoard events, and the diagnosis into
+RUN/tensorboard/diagnose. With --checkpoint and --config the model runs once per validation image
+(shards from the config's data section) for proposal recall and a post-processing sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gt", required=True, help="COCO ground truth (e.g. shards/validation.coco.json)")
+    parser.add_argument("--results", required=True, help="COCO results list (image_id, category_id, bbox, score)")
+    parser.add_argument("--out", required=True, help="folder for report.md, diagnosis.json and figures")
+    parser.add_argument("--train-manifest", help="training.manifest.json: class frequencies of the training set "
+                        "(without it the evaluated ground truth stands in, and the report says so)")
+    parser.add_argument("--run", help="training run folder: loss/mAP curves from its TensorBoard events, "
+                        "and the diagnosis logged to RUN/tensorboard/diagnose")
+    parser.add_argument("--config", help="the run's config YAML (model.anchor_sizes, detections_per_img, ...)")
+    parser.add_argument("--checkpoint", help="checkpoint folder (with model.safetensors) or .safetensors file: "
+                        "enables proposal recall and the post-processing sweep (needs --config)")
+    parser.add_argument("--detections-per-img", type=int, help="the model's per-image cap that produced the "
+                        "results (default: the config's model.detections_per_img)")
+    parser.add_argument("--repeat-threshold", type=float, help="t for repeat factors and the 'rare' cut-off "
+                        "(default: the config's data.repeat_threshold, else 0.1)")
+    parser.add_argument("--sweep-images", type=int, default=200, help="validation images for the model checks")
+    parser.add_argument("--sweep-nms", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    parser.add_argument("--sweep-score", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.3])
+    parser.add_argument("--sweep-dets", type=int, nargs="+", default=[100, 300, 1000])
+
+
+def run(args) -> int:
+    from mapdet import diagnosis, report
+    from mapdet.config import ConfigError, load_config
+    from mapdet.evaluator import Detections
+
+    try:
+        cfg = load_config(args.config) if args.config else load_config()
+    except ConfigError as e:
+        return _fail(str(e))
+    if args.checkpoint and not args.config:
+        return _fail("--checkpoint needs --config (the model's architecture and the validation shards)")
+    gt, results = _read_json(args.gt, "ground truth"), _read_json(args.results, "results")
+    manifest = _read_json(args.train_manifest, "training manifest") if args.train_manifest else None
+    if gt is None or results is None or (args.train_manifest and manifest is None):
+        return 2
+    t = args.repeat_threshold or cfg.data.repeat_threshold or 0.1
+    settings = diagnosis.DiagnoseSettings(model=cfg.model, cap=args.detections_per_img, repeat_threshold=t,
+                                          progress=True)
+    try:
+        dets = Detections.from_coco_results(results)
+        d = diagnosis.diagnose(gt, dets, manifest, settings)
+    except ValueError as e:
+        return _fail(f"cannot diagnose {args.results} against {args.gt}: {e}")
+    if args.run:
+        d["training_curves"] = diagnosis.training_curves(args.run)
+    if args.checkpoint:
+        d["sweep"], d["proposal_recall"] = _model_checks(args, cfg, gt)
+    paths = report.write_report(d, args.out)
+    if args.run:
+        text = paths["report"].read_text()
+        figures = {k: p for k, p in paths.items() if k not in ("report", "json")}
+        report.log_tensorboard(d, text, figures, Path(args.run) / "tensorboard" / "diagnose")
+    _print_summary(d, paths["report"])
+    return 0
+
+
+def _model_checks(args, cfg, gt: dict):
+    """Proposal recall and post-processing sweep with the checkpoint on the validation shards."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mapdet.data import eval_loader
+    from mapdet.manifest import class_instance_counts, load_manifest
+    from mapdet.model import build_model
+    from mapdet.sweep import run_model_checks
+
+    manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
+    cat_ids = [int(c["id"]) for c in manifest["classes"]]
+    model = build_model(cfg.model, len(cat_ids) + 1, class_instance_counts(manifest))
+    path = Path(args.checkpoint)
+    model.load_state_dict(load_file(str(path / "model.safetensors" if path.is_dir() else path)))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    loader = eval_loader(cfg.data.shards, manifest, cfg.eval.batch_size, cfg.eval.workers, rank=0, world=1)
+    current = (cfg.model.nms_thresh, cfg.model.score_thresh, cfg.model.detections_per_img)
+    return run_model_checks(model, loader, cat_ids, args.sweep_nms, args.sweep_score, args.sweep_dets, current,
+                            max_images=args.sweep_images, progress=True)
+
+
+def _read_json(path: str, what: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        print(f"mapdet diagnose: {what} file not found: {path}", file=sys.stderr)
+    except json.JSONDecodeError as e:
+        print(f"mapdet diagnose: {what} file {path} is not valid JSON: {e}", file=sys.stderr)
+    return None
+
+
+def _fail(message: str) -> int:
+    print(f"mapdet diagnose: {message}", file=sys.stderr)
+    return 2
+
+
+def _print_summary(d: dict, report_path: Path) -> None:
+    s = d["summary"]
+    print(f"AP {s['AP']:.1f}  AP50 {s['AP50']:.1f}  ({s['num_images']} images)" if s["AP"] is not None
+          else "AP undefined: no ground truth")
+    for c in d["causes"]:
+        if c["impact"] > 0:
+            print(f"  {c['cause']:<16} {c['impact']:6.1f}  {c['advice']}")
+    print(f"report: {report_path}")
