@@ -15,7 +15,8 @@ column c spans [c, c+1]. Two sources give identical boxes, labels and order (sor
   to the instance PNGs (with a warning) and makes an explicit ``panoptic`` raise.
 - ``instances``: the 16-bit instance PNGs (class = value >> 8, one instance per distinct value of
   a thing class). These PNGs carry no crowd flag: ``iscrowd`` is looked up in the panoptic JSON by
-  (label, box) when the JSON exists, and is 0 otherwise.
+  (label, box) when the JSON exists (an image missing from it is then a ``BadSample``), and is 0
+  when there is no JSON or it disagrees with the PNGs (with a warning).
 
 A split without labels (``testing``) gets ``source == "none"`` and empty targets.
 Input the caller must skip raises ``BadSample`` whose message names the file and the reason.
@@ -265,12 +266,16 @@ class VistasReader:
             raise BadSample(f"{self.json_path}: no entry for image {stem}")
         rows = []
         for seg in self._segments[stem]:
-            index = self._category_index.get(seg["category_id"])
-            if index is None:
-                raise BadSample(f"{self.json_path}: image {stem} segment {seg['id']} has unknown "
-                                f"category_id {seg['category_id']}")
-            if self._class_of_index[index]:
-                rows.append((index, *seg["bbox"], seg.get("area", 1), seg.get("iscrowd", 0), seg["id"]))
+            try:
+                index = self._category_index.get(seg["category_id"])
+                if index is None:
+                    raise BadSample(f"{self.json_path}: image {stem} segment {seg['id']} has unknown "
+                                    f"category_id {seg['category_id']}")
+                if self._class_of_index[index]:
+                    x, y, w, h = (float(v) for v in seg["bbox"])
+                    rows.append((index, x, y, w, h, float(seg["area"]), int(seg.get("iscrowd", 0)), seg["id"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise BadSample(f"{self.json_path}: image {stem} has a malformed segment {seg!r} ({e!r})") from e
         rows = np.asarray(rows, np.float64).reshape(-1, 8)
         x, y = rows[:, 1], rows[:, 2]
         w, h = rows[:, 3] + self._wh_offset, rows[:, 4] + self._wh_offset
@@ -326,7 +331,7 @@ def _check_mask_header(path: Path, size: tuple[int, int]) -> None:
 
 
 def _read_instance_png(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """The 16-bit instance map (H, W) as int64; never through an 8-bit conversion."""
+    """The 16-bit instance map (H, W), values 0..65535; never through an 8-bit conversion."""
     _check_mask_header(path, size)
     try:
         with Image.open(path) as im:
@@ -337,4 +342,4 @@ def _read_instance_png(path: Path, size: tuple[int, int]) -> np.ndarray:
         raise BadSample(f"{path}: unreadable mask ({e})") from e
     if values.min() < 0 or values.max() > 65535:
         raise BadSample(f"{path}: instance values outside 0..65535")
-    return values.astype(np.int64)
+    return values

@@ -274,6 +274,7 @@ def _drop_entry(data):
     (_set_segment("category_id", 999), "unknown category_id 999"),
     (_set_segment("area", 0), "zero area"),
     (_set_segment("bbox", [150, 0, 40, 5]), "outside the 160x120 image"),
+    (_set_segment("bbox", [1, 2, 3]), "malformed segment"),
     (_drop_entry, "no entry for image"),
 ])
 def test_bad_json_raises_badsample_naming_it(damaged, edit, reason):
