@@ -37,18 +37,23 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # Keys set to None take the arch's default (mapdet.model.ARCH_DEFAULTS; "small" is a CPU preset).
     arch: str = "resnet50_fpn_v2"  # resnet50_fpn_v2 | mobilenet_v3_large_fpn | small
-    min_size: int = 1024  # torchvision resizes the shorter side to this...
-    max_size: int = 2048  # ...unless the longer side would exceed this
-    anchor_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # one per FPN level
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])  # h/w; 0.25 = thin poles
+    min_size: Optional[int] = None  # torchvision resizes the shorter side to this...
+    max_size: Optional[int] = None  # ...unless the longer side would exceed this
+    # One anchor size per FPN level (resnet50_fpn_v2: 5, mobilenet_v3_large_fpn: 3, small: 4), e.g.
+    # [16, 32, 64, 128, 256] for Vistas' small signs. None = the arch's stock anchors.
+    anchor_sizes: Optional[list[int]] = None
+    # h/w, used on every level; tall thin poles need ~4.0. Changing the COUNT changes the RPN head's
+    # shape, so exported weights then no longer load into the plain torchvision builder.
+    aspect_ratios: Optional[list[float]] = None
     detections_per_img: int = 300  # Vistas averages ~94 objects per image; torchvision's 100 bites
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     rpn_batch_size_per_image: int = 256
-    roi_batch_size_per_image: int = 512
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_test: int = 1000
+    roi_batch_size_per_image: Optional[int] = None  # RoIs sampled per image for the box head
+    rpn_post_nms_top_n_train: Optional[int] = None  # proposals kept per image (also pre-NMS per level)
+    rpn_post_nms_top_n_test: Optional[int] = None
     weights: Optional[str] = None  # full detector weights (local file: .pth or .safetensors)
     backbone_weights: Optional[str] = None  # backbone-only weights (local file)
     trainable_backbone_layers: Optional[int] = None  # None = torchvision's default for the arch
