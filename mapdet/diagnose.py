@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", help="training run folder: loss/mAP curves from its TensorBoard events, "
                         "and the diagnosis logged to RUN/tensorboard/diagnose")
     parser.add_argument("--config", help="the run's config YAML (model.anchor_sizes, detections_per_img, ...)")
-    parser.add_argument("--checkpoint", help="checkpoint folder (with model.safetensors) or .safetensors file: "
-                        "enables proposal recall and the post-processing sweep (needs --config)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--checkpoint", help="latest (of train.out) | a checkpoint folder | a weights file "
+                        "(.safetensors/.pth): enables proposal recall and the post-processing sweep (needs --config)")
     parser.add_argument("--detections-per-img", type=int, help="the model's per-image cap that produced the "
                         "results (default: the config's model.detections_per_img)")
     parser.add_argument("--repeat-threshold", type=float, help="t for repeat factors and the 'rare' cut-off "
@@ -45,7 +46,7 @@ def run(args) -> int:
     from mapdet.evaluator import Detections
 
     try:
-        cfg = load_config(args.config) if args.config else load_config()
+        cfg = load_config(args.config, args.set)
     except ConfigError as e:
         return _fail(str(e))
     if args.checkpoint and not args.config:
@@ -65,7 +66,10 @@ def run(args) -> int:
     if args.run:
         d["training_curves"] = diagnosis.training_curves(args.run)
     if args.checkpoint:
-        d["sweep"], d["proposal_recall"] = _model_checks(args, cfg, gt)
+        try:
+            d["sweep"], d["proposal_recall"] = _model_checks(args, cfg)
+        except (FileNotFoundError, ValueError) as e:
+            return _fail(f"model checks: {e}")
     paths = report.write_report(d, args.out)
     if args.run:
         text = paths["report"].read_text()
@@ -75,21 +79,27 @@ def run(args) -> int:
     return 0
 
 
-def _model_checks(args, cfg, gt: dict):
+def _model_checks(args, cfg):
     """Proposal recall and post-processing sweep with the checkpoint on the validation shards."""
     import torch
     from safetensors.torch import load_file
 
+    from mapdet import checkpoint
     from mapdet.data import eval_loader
-    from mapdet.manifest import class_instance_counts, load_manifest
-    from mapdet.model import build_model
+    from mapdet.manifest import load_manifest
+    from mapdet.model import build_model, load_weights_file
     from mapdet.sweep import run_model_checks
 
     manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
     cat_ids = [int(c["id"]) for c in manifest["classes"]]
-    model = build_model(cfg.model, len(cat_ids) + 1, class_instance_counts(manifest))
-    path = Path(args.checkpoint)
-    model.load_state_dict(load_file(str(path / "model.safetensors" if path.is_dir() else path)))
+    model = build_model(cfg.model, len(cat_ids) + 1)
+    if Path(args.checkpoint).is_file():
+        model.load_state_dict(load_weights_file(args.checkpoint))
+    else:
+        found = checkpoint.resolve(cfg.train.out, args.checkpoint)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint under {checkpoint.checkpoints_dir(cfg.train.out)}")
+        model.load_state_dict(load_file(str(found / "model.safetensors")))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     loader = eval_loader(cfg.data.shards, manifest, cfg.eval.batch_size, cfg.eval.workers, rank=0, world=1)
     current = (cfg.model.nms_thresh, cfg.model.score_thresh, cfg.model.detections_per_img)

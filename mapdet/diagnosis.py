@@ -19,6 +19,7 @@ import numpy as np
 from mapdet import tide
 from mapdet.config import ModelConfig
 from mapdet.evaluator import Detections, evaluate_coco
+from mapdet.manifest import class_image_fractions, class_instance_counts
 
 CAPS = (1, 10, 100, 300, 1000)  # detections per image (and COCO maxDets) on the curves
 SMALL, MEDIUM = 32.0**2, 96.0**2  # COCO area ranges
@@ -101,40 +102,37 @@ def _ranks(v: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def class_frequencies(gt: dict, train_manifest: dict | None) -> tuple[dict[int, float], dict[int, int], str]:
-    """f(c) (share of images with class c) and instance counts, from the training manifest when
-    given, else from the evaluated ground truth itself (a proxy, named in ``source``)."""
-    if train_manifest is not None:
-        n = max(int(train_manifest.get("num_samples", 0)), 1)
-        stats = train_manifest.get("class_stats", {})
-        ids = [int(c["id"]) for c in train_manifest["classes"]]
-        freq = {k: int(stats.get(str(k), {}).get("images", 0)) / n for k in ids}
-        inst = {k: int(stats.get(str(k), {}).get("instances", 0)) for k in ids}
-        return freq, inst, "training manifest"
-    anns = [a for a in gt.get("annotations", []) if not a.get("iscrowd", 0)]
-    n = max(len(gt["images"]), 1)
-    ids = [int(c["id"]) for c in gt.get("categories", [])]
-    images = {k: set() for k in ids}
-    inst = dict.fromkeys(ids, 0)
-    for a in anns:
-        images.setdefault(a["category_id"], set()).add(a["image_id"])
-        inst[a["category_id"]] = inst.get(a["category_id"], 0) + 1
-    return {k: len(v) / n for k, v in images.items()}, inst, "evaluated ground truth (no training manifest given)"
+def manifest_from_coco(gt: dict) -> dict:
+    """A stand-in training manifest (``classes``, ``num_samples``, ``class_stats``) counted from COCO
+    ground truth, for when no training manifest is given (crowd boxes are not counted)."""
+    images: dict[int, set] = {int(c["id"]): set() for c in gt.get("categories", [])}
+    stats = {k: {"instances": 0, "images": 0} for k in images}
+    for a in gt.get("annotations", []):
+        if not a.get("iscrowd", 0):
+            images.setdefault(a["category_id"], set()).add(a["image_id"])
+            stats.setdefault(a["category_id"], {"instances": 0})["instances"] += 1
+    for k, ims in images.items():
+        stats[k]["images"] = len(ims)
+    return {"classes": [{"id": k, "name": str(k)} for k in sorted(images)], "num_samples": len(gt["images"]),
+            "class_stats": {str(k): v for k, v in stats.items()}}
 
 
-def rebalancing(freq: dict[int, float], inst: dict[int, int], t: float) -> tuple[dict[int, float], dict[int, float]]:
-    """Repeat factors r(c) = max(1, sqrt(t / f(c))) (LVIS; as ``mapdet.data.repeat_factors``) and
-    inverse-sqrt class weights w(c) = 1 / sqrt(n_c), scaled to mean 1 over classes with n_c > 0."""
-    r = {k: max(1.0, float(np.sqrt(t / f))) if f > 0 else 1.0 for k, f in freq.items()}
-    raw = {k: 1.0 / np.sqrt(n) for k, n in inst.items() if n > 0}
-    mean = float(np.mean(list(raw.values()))) if raw else 1.0
-    return r, {k: float(raw[k] / mean) if k in raw else 0.0 for k in inst}
+def rebalancing(manifest: dict, t: float) -> tuple[dict[int, float], dict[int, float]]:
+    """Per class id: the repeat factor data.repeat_threshold=t gives (``mapdet.data.repeat_factors``)
+    and the loss weight model.class_weights=inv_sqrt gives (``mapdet.model.class_weights``)."""
+    from mapdet.data import repeat_factors
+    from mapdet.model import class_weights
+
+    ids = [int(c["id"]) for c in manifest["classes"]]
+    w = class_weights(ModelConfig(class_weights="inv_sqrt"), len(ids) + 1, class_instance_counts(manifest))
+    return repeat_factors(manifest, t), {k: float(w[i + 1]) for i, k in enumerate(ids)}
 
 
 def per_class(gt: dict, result, train_manifest: dict | None, t: float) -> dict:
     """Per-class AP/AP50 with training frequency, repeat factor and weight; rank correlation."""
-    freq, inst, source = class_frequencies(gt, train_manifest)
-    r, w = rebalancing(freq, inst, t)
+    m = train_manifest if train_manifest is not None else manifest_from_coco(gt)
+    freq, inst = class_image_fractions(m), dict(zip([int(c["id"]) for c in m["classes"]], class_instance_counts(m)))
+    r, w = rebalancing(m, t)
     names = {int(c["id"]): c.get("name", str(c["id"])) for c in gt.get("categories", [])}
     rows = []
     for k in sorted(names):
@@ -143,10 +141,11 @@ def per_class(gt: dict, result, train_manifest: dict | None, t: float) -> dict:
             continue
         rows.append({"id": k, "name": names[k], "ap": points(ap), "ap50": points(result.ap(iou=0.5, cat_id=k)),
                      "train_freq": freq.get(k, 0.0), "train_instances": inst.get(k, 0),
-                     "repeat_factor": r.get(k, 1.0), "class_weight": w.get(k, 0.0)})
+                     "repeat_factor": r.get(k, 1.0), "class_weight": w.get(k, 1.0)})
     f = [row["train_freq"] for row in rows]
     return {
-        "source": source,
+        "source": "training manifest" if train_manifest is not None else
+                  "evaluated ground truth (no training manifest given)",
         "repeat_threshold": t,
         "rows": rows,
         "spearman_ap_vs_freq": spearman(f, [row["ap"] for row in rows]),
@@ -205,27 +204,20 @@ def _share(mask: np.ndarray) -> float:
     return float(mask.mean()) if len(mask) else 0.0
 
 
-# torchvision's FasterRCNN defaults, for config keys left None when mapdet.model has no arch default
-_TORCHVISION = {"min_size": 800, "max_size": 1333, "anchor_sizes": [32, 64, 128, 256, 512]}
+# torchvision's anchors for both stock archs when model.anchor_sizes is left None
+_STOCK_ANCHORS = [32, 64, 128, 256, 512]
 
 
 def model_geometry(model: ModelConfig) -> dict:
-    """Effective ``min_size``, ``max_size`` and flat ``anchor_sizes`` of ``model``: the config's value,
-    else the arch default of ``mapdet.model.ARCH_DEFAULTS``, else torchvision's; ``source`` says which."""
-    try:
-        from mapdet.model import ARCH_DEFAULTS
+    """Effective ``min_size``, ``max_size`` and flat ``anchor_sizes`` (arch defaults filled in by
+    ``mapdet.model.resolve_config``); ``anchors_from`` says whether the config set the anchors."""
+    from mapdet.model import resolve_config
 
-        arch = ARCH_DEFAULTS.get(model.arch, {})
-    except ImportError:
-        arch = {}
-    out, source = {}, {}
-    for key, stock in _TORCHVISION.items():
-        arch_value = arch.get(key) if isinstance(arch, dict) else getattr(arch, key, None)
-        value, source[key] = next((v, s) for v, s in ((getattr(model, key), "config"), (arch_value, "arch default"),
-                                                      (stock, "torchvision default")) if v is not None)
-        out[key] = value
-    out["anchor_sizes"] = sorted({float(a) for a in np.ravel(np.asarray(out["anchor_sizes"], dtype=float))})
-    return out | {"source": source}
+    cfg = resolve_config(model)
+    sizes = _STOCK_ANCHORS if cfg.anchor_sizes is None else cfg.anchor_sizes
+    return {"min_size": cfg.min_size, "max_size": cfg.max_size, "anchor_sizes": sorted({float(a) for a in sizes}),
+            "anchors_from": "config" if model.anchor_sizes is not None else
+                            "arch default" if cfg.anchor_sizes is not None else "torchvision default"}
 
 
 def input_scale(gt: dict, geometry: dict) -> np.ndarray:
@@ -255,7 +247,8 @@ def size_stats(gt: dict, g: tide.GroundTruth, result, model: ModelConfig) -> dic
         "hist_original": np.histogram(side, bins)[0].tolist(),
         "hist_model_input": np.histogram(side_in, bins)[0].tolist(),
         "anchor_sizes": geo["anchor_sizes"],
-        "model_input": {"min_size": geo["min_size"], "max_size": geo["max_size"], "source": geo["source"]},
+        "model_input": {"min_size": geo["min_size"], "max_size": geo["max_size"], "arch": model.arch},
+        "anchors_from": geo["anchors_from"],
         "share_below_smallest_anchor_half": _share(side_in < min(geo["anchor_sizes"]) / 2),
         "median_side_model_input": float(np.median(side_in)) if len(side_in) else 0.0,
     }

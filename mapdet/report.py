@@ -137,8 +137,8 @@ def _size_section(d: dict, fig) -> list[str]:
     s = d["size"]
     rows = [[k, f"{s['share_gt'][k]:.1%}", _f(s["ap"][k]), _f(s["ap50"][k])] for k in ("small", "medium", "large")]
     mi = s["model_input"]
-    text = (f"Anchor sizes {[round(a) for a in s['anchor_sizes']]} px ({mi['source']['anchor_sizes']}) at the model's "
-            f"input size (min_size {mi['min_size']}, max_size {mi['max_size']}: {mi['source']['min_size']}); "
+    text = (f"Anchor sizes {[round(a) for a in s['anchor_sizes']]} px ({s['anchors_from']}) at the model's "
+            f"input size (arch {mi['arch']}: min_size {mi['min_size']}, max_size {mi['max_size']}); "
             f"median box side there {s['median_side_model_input']:.1f} px; "
             f"{s['share_below_smallest_anchor_half']:.1%} of boxes are smaller than half the smallest anchor.")
     out = ["## 4. Object size", _table(["size", "share of GT", "AP", "AP50"], rows), text, *_img(fig, "box_sizes")]

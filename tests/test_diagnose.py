@@ -42,7 +42,7 @@ def test_cli_writes_report_json_and_tensorboard(inputs, capsys):
     d = json.loads((out / "diagnosis.json").read_text())
     assert d["causes"][0]["cause"] == "class_imbalance"
     assert d["max_dets"]["model_cap"] == 100 and d["size"]["anchor_sizes"] == [8, 16, 32, 64, 128]
-    assert d["size"]["model_input"]["source"]["anchor_sizes"] == "config"
+    assert d["size"]["anchors_from"] == "config" and d["size"]["model_input"]["min_size"] == 1024  # arch default
     assert d["training_curves"]["missing"] == []
     assert len((out / "report.md").read_text()) > 1000 and (out / "loss_vs_map.png").stat().st_size > 0
     assert list((run / "tensorboard" / "diagnose").glob("events.out.tfevents.*"))
@@ -63,3 +63,31 @@ def test_cli_fails_with_a_message_on_bad_input(inputs, capsys):
     assert run_cli("--gt", inputs / "gt.json", "--results", inputs / "dt.json", "--checkpoint", "x", "--out", out) == 2
     assert "needs --config" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_with_checkpoint_runs_sweep_and_proposal_recall(tmp_path, shards):
+    from safetensors.torch import save_file
+
+    from mapdet.config import load_config
+    from mapdet.manifest import coco_path, load_manifest
+    from mapdet.model import build_model
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data:\n  shards: {shards}\nmodel:\n  arch: small\n  min_size: 96\n  max_size: 128\n"
+                      f"  rpn_post_nms_top_n_test: 50\neval:\n  workers: 0\ntrain:\n  out: {tmp_path / 'run'}\n")
+    cfg = load_config(config)
+    names = load_manifest(shards, "validation")["classes"]
+    torch_state = build_model(cfg.model, len(names) + 1).state_dict()
+    save_file({k: v.contiguous() for k, v in torch_state.items()}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "dt.json").write_text("[]")
+    out = tmp_path / "diag"
+    assert run_cli("--gt", coco_path(shards, "validation"), "--results", tmp_path / "dt.json", "--config", config,
+                   "--checkpoint", tmp_path / "w.safetensors", "--sweep-nms", 0.5, 0.7, "--sweep-score", 0.05,
+                   "--sweep-dets", 10, 100, "--out", out) == 0
+    d = json.loads((out / "diagnosis.json").read_text())
+    assert d["sweep"]["num_images"] == 6 and d["sweep"]["nms_thresh"] == [0.5, 0.7]
+    assert d["sweep"]["current"] == {"nms_thresh": 0.5, "score_thresh": 0.05, "detections_per_img": 300}
+    assert d["proposal_recall"]["num_gt"]["all"] > 0
+    assert (out / "postprocess_sweep.png").stat().st_size > 0 and (out / "proposal_recall.png").stat().st_size > 0
+    assert run_cli("--gt", coco_path(shards, "validation"), "--results", tmp_path / "dt.json", "--config", config,
+                   "--checkpoint", "latest", "--out", out) == 2  # no checkpoint in train.out

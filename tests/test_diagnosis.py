@@ -123,9 +123,19 @@ def test_spearman_and_ranks():
 
 
 def test_rebalancing_factors_and_weights():
-    r, w = diagnosis.rebalancing({1: 0.5, 2: 0.025, 3: 0.0}, {1: 400, 2: 100, 3: 0}, t=0.1)
-    assert r == {1: 1.0, 2: pytest.approx(2.0), 3: 1.0}
-    assert w[2] == pytest.approx(2 * w[1]) and (w[1] + w[2]) / 2 == pytest.approx(1.0) and w[3] == 0.0
+    m = manifest({1: 20, 2: 1, 3: 0}, 40)  # instances = 3 x images: 60, 3, 0
+    r, w = diagnosis.rebalancing(m, t=0.1)
+    assert r == {1: 1.0, 2: pytest.approx(2.0), 3: 1.0}  # f = 0.5, 0.025, 0 (never seen: not repeated)
+    assert w[2] == pytest.approx(w[1] * np.sqrt(20)) and w[1] + w[2] == pytest.approx(2.0) and w[3] == 1.0
+
+
+def test_manifest_from_coco_counts_images_and_instances():
+    gt, _ = scene(4, lambda i: [1, 1, 2] if i == 1 else [1])
+    gt["annotations"][0]["iscrowd"] = 1
+    m = diagnosis.manifest_from_coco(gt)
+    assert m["num_samples"] == 4
+    assert m["class_stats"]["1"] == {"instances": 4, "images": 4} and m["class_stats"]["2"] == {"instances": 1, "images": 1}
+    assert m["class_stats"]["3"] == {"instances": 0, "images": 0}
 
 
 def test_cap_per_image_keeps_top_scores_of_each_image():
