@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mapdet import comm
-from mapdet.cocoengine import IOU_THRS, BoxSet, evaluate_accumulate
+from mapdet.cocoengine import IOU_THRS, REC_THRS, BoxSet, evaluate_accumulate
 from mapdet.cocoresult import CocoResult, format_summary, format_table, write_metrics
 
 __all__ = ["Detections", "CocoResult", "evaluate_coco", "write_metrics", "format_table",
@@ -100,6 +100,8 @@ class GroundTruth:
 
     @staticmethod
     def parse(gt: dict) -> "GroundTruth":
+        if not isinstance(gt, dict):
+            raise ValueError("ground truth must be a COCO dict with images, annotations, categories")
         for key in ("images", "annotations", "categories"):
             if not isinstance(gt.get(key), list):
                 raise ValueError(f"ground truth has no list {key!r}")
@@ -217,7 +219,8 @@ def evaluate_coco(gt: dict, dets: Detections | list[dict], max_dets=(1, 10, 100,
 
 def _assemble(parts, truth: GroundTruth, iou_thrs, max_dets) -> CocoResult:
     T, K, M = len(iou_thrs), len(truth.cat_ids), len(max_dets)
-    precision, recall, scores = -np.ones((T, 101, K, 4, M)), -np.ones((T, K, 4, M)), -np.ones((T, 101, K, 4, M))
+    R = len(REC_THRS)
+    precision, recall, scores = -np.ones((T, R, K, 4, M)), -np.ones((T, K, 4, M)), -np.ones((T, R, K, 4, M))
     for cats, (p, r, s) in parts:
         precision[:, :, cats], recall[:, cats], scores[:, :, cats] = p, r, s
     num_gt = np.bincount(truth.boxes.cat[~truth.boxes.crowd], minlength=K)
