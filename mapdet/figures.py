@@ -45,6 +45,7 @@ def _tide(d: dict):
     colors = ["tab:red"] * 6 + ["tab:gray"] * 2
     bars = ax.bar([k.upper() if len(k) == 2 else k.capitalize() for k in ALL_TYPES], values, color=colors)
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_ylim(min(0.0, min(values) * 1.15), max(1.0, max(values) * 1.15))
     ax.set_ylabel("dAP50 (AP points)")
     ax.set_title(f"TIDE error decomposition (AP50 {d['tide']['ap50']:.1f}, "
                  f"IoU {d['tide']['pos_thr']}/{d['tide']['bkg_thr']}, {d['tide']['max_dets']} dets/img)")
@@ -137,6 +138,8 @@ def _curves(d: dict):
                     ls="--" if target is right else "-", color=_TAG_COLORS.get(tag))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    ax.set_ylim(bottom=0)
+    right.set_ylim(bottom=0)
     right.set_ylabel("AP")
     lines = ax.get_lines() + right.get_lines()
     ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
@@ -159,7 +162,8 @@ def _sweep(d: dict):
         ax.set_xticks(range(len(scores)), [str(s) for s in scores], fontsize=7)
         ax.set_yticks(range(len(nms)), [str(n) for n in nms], fontsize=7)
         ax.set_xlabel("score threshold")
-        ax.set_ylabel("NMS IoU threshold")
+        if j == 0:
+            ax.set_ylabel("NMS IoU threshold")
         ax.set_title(f"AP, {cap} dets/img", fontsize=9)
         for (a, b), v in np.ndenumerate(grid[:, :, j]):
             ax.text(b, a, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w")

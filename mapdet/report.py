@@ -62,7 +62,7 @@ def render_markdown(d: dict, fig: dict[str, str]) -> str:
         *_tide_section(d, fig), *_class_section(d, fig), *_thresholds_section(d, fig),
         *_size_section(d, fig), *_sweep_section(d, fig), *_curves_section(d, fig),
         "## How each impact is measured",
-        *[f"- **{k}**: {v}." for k, v in METHODS.items()],
+        "\n".join(f"- **{k}**: {v}." for k, v in METHODS.items()),
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -172,9 +172,10 @@ def _curves_section(d: dict, fig) -> list[str]:
     out = ["## 6. Loss vs mAP over training"]
     if tc["missing"]:
         out.append(f"Not logged in {len(tc['files'])} event files: {', '.join(tc['missing'])}.")
-    for tag, series in tc["series"].items():
-        out.append(f"- {tag}: {len(series)} points, first {series[0][1]:.4g} (step {series[0][0]}), "
-                   f"last {series[-1][1]:.4g} (step {series[-1][0]})")
+    if not tc["series"]:
+        return out
+    out.append("\n".join(f"- {tag}: {len(series)} points, first {series[0][1]:.4g} (step {series[0][0]}), "
+                         f"last {series[-1][1]:.4g} (step {series[-1][0]})" for tag, series in tc["series"].items()))
     return out + _img(fig, "loss_vs_map")
 
 
