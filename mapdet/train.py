@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         if val and (step == cfg.train.max_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
             _validate(accelerator, raw_model, cfg, val, train_manifest, run_dir, step)
     bar.close()
+    _check_replicas(accelerator, raw_model)
     if exit_code == 0 and accelerator.is_main_process:
         _export(raw_model, run_dir, cfg, names)
     tracking.finish(accelerator)
@@ -174,6 +175,16 @@ def _stop_reason(cfg, counters: dict, nonfinite_in_row: int) -> str:
         return (f"{counters['bad_samples']} of {seen} training samples were corrupt, above train.max_bad_samples="
                 f"{cfg.train.max_bad_samples}; run `mapdet verify {cfg.data.shards}` and repack the shards it names")
     return ""
+
+
+def _check_replicas(accelerator, raw_model) -> None:
+    """DDP keeps every rank's weights identical; say so, or fail loudly if they drifted."""
+    with torch.no_grad():
+        total = float(sum(p.double().sum() for p in raw_model.state_dict().values() if p.is_floating_point()))
+    sums = comm.all_gather_object(total)
+    if len(set(sums)) > 1:
+        raise RuntimeError(f"model weights differ across ranks (checksums {sums}): DDP replicas diverged")
+    accelerator.print(f"weights identical on all {len(sums)} rank(s) (checksum {sums[0]:.6f})")
 
 
 def _export(raw_model, run_dir: Path, cfg, names: dict[int, str]) -> None:
