@@ -52,11 +52,17 @@ def accumulate(cat, score, rank, outside, matches: Matches, npig, T: int, max_de
     K, A = npig.shape
     R, M = len(REC_THRS), len(max_dets)
     precision, recall, scores = -np.ones((T, R, K, A, M)), -np.ones((T, K, A, M)), -np.ones((T, R, K, A, M))
-    order = np.lexsort((-score, cat))  # stable: ties keep (image, rank) order, as pycocotools
-    bounds = np.searchsorted(cat[order], np.arange(K + 1))
+    bounds = np.searchsorted(cat, np.arange(K + 1))
+    # per category by score, stable: ties keep (image, rank) order, as pycocotools' mergesort
+    order = np.concatenate([b0 + np.argsort(-score[b0:b1], kind="stable")
+                            for b0, b1 in zip(bounds[:-1], bounds[1:])] + [np.zeros(0, np.int64)])
+    in_order = np.empty(len(cat), np.int64)
+    in_order[order] = np.arange(len(cat))
+    # matches by (category, area, threshold, score order): every subset below stays sorted
     m_cat = cat[matches.det]
-    m_order = np.argsort(m_cat, kind="stable")
-    m_bounds = np.searchsorted(m_cat[m_order], np.arange(K + 1))
+    key = ((m_cat * A + matches.area) * T + matches.thr) * max(len(cat), 1) + in_order[matches.det]
+    matches = matches.take(np.argsort(key))
+    m_bounds = np.searchsorted(cat[matches.det], np.arange(K + 1))
     position = np.zeros(len(cat), np.int64)
     for k in range(K):
         areas = np.flatnonzero(npig[k] > 0)
@@ -65,7 +71,7 @@ def accumulate(cat, score, rank, outside, matches: Matches, npig, T: int, max_de
         local_area = np.full(A, -1)
         local_area[areas] = np.arange(len(areas))
         in_cat = order[bounds[k]:bounds[k + 1]]
-        mine = matches.take(m_order[m_bounds[k]:m_bounds[k + 1]])
+        mine = matches.take(slice(m_bounds[k], m_bounds[k + 1]))
         mine = mine.take(local_area[mine.area] >= 0)
         for m, max_det in enumerate(max_dets):
             cols = in_cat[rank[in_cat] < max_det]
@@ -83,16 +89,16 @@ def accumulate(cat, score, rank, outside, matches: Matches, npig, T: int, max_de
 def _curves(row, pos, ignored, outside, score_sorted, npig, T: int):
     """Precision and scores (A', T, R) at the recall thresholds and final recall (A', T).
 
-    Matches of one category and maxDets: ``row`` = area * T + threshold, ``pos`` the column in
-    score order, ``ignored`` whether the GT taken is ignored. ``outside`` (A', n) per column.
+    Matches of one category and maxDets, sorted by (row, pos): ``row`` = area * T + threshold,
+    ``pos`` the column in score order, ``ignored`` whether the GT taken is ignored.
+    ``outside`` (A', n) per column.
     """
     A, n = outside.shape
     R = len(REC_THRS)
     if n == 0:
         return np.zeros((A, T, R)), np.zeros((A, T)), np.zeros((A, T, R))
-    o = np.lexsort((pos, row))
-    row, pos, ignored = row[o], pos[o], ignored[o]
-    start = np.searchsorted(row, row)
+    per_row = np.bincount(row, minlength=A * T)
+    start = (np.cumsum(per_row) - per_row)[row]  # index of the row's first match
     m_out = outside[row // T, pos]
     out_before = np.cumsum(outside, axis=1)[row // T, pos] - m_out
     # ignored columns before: unmatched outside the area range, or matched to an ignored GT

@@ -99,16 +99,30 @@ def _rank_detections(dt: BoxSet, num_images: int, max_det: int):
     return dt.take(keep), rank[keep], key[keep]
 
 
-def _bbox_iou(d: np.ndarray, d_end: np.ndarray, g: np.ndarray, g_end: np.ndarray,
-              crowd: np.ndarray) -> np.ndarray:
-    """IoU of paired rows, with maskApi.c's exact operations (``*_end`` = x + w, y + h)."""
-    w = np.minimum(d_end[:, 0], g_end[:, 0]) - np.maximum(d[:, 0], g[:, 0])
-    h = np.minimum(d_end[:, 1], g_end[:, 1]) - np.maximum(d[:, 1], g[:, 1])
-    inter = w * h
-    da = d[:, 2] * d[:, 3]
-    union = np.where(crowd, da, da + (g[:, 2] * g[:, 3]) - inter)
+def _edges(boxes: BoxSet) -> tuple[np.ndarray, ...]:
+    """Columns x, y, x + w, y + h and w * h: the terms maskApi.c's ``bbIou`` forms per box."""
+    x, y, w, h = (np.ascontiguousarray(c) for c in boxes.xywh.T)
+    return x, y, x + w, y + h, w * h
+
+
+def _pair_iou(di, gi, d, g, crowd, min_iou: float):
+    """The pairs (di, gi) with IoU >= ``min_iou`` (> 0), and their IoU, exactly as ``bbIou``.
+
+    Boxes that do not overlap in x are dropped before y is looked at (most pairs), which is
+    exact because ``bbIou`` gives them 0.
+    """
+    w = np.minimum(d[2][di], g[2][gi]) - np.maximum(d[0][di], g[0][gi])
+    s = np.flatnonzero(w > 0)
+    di, gi, w = di[s], gi[s], w[s]
+    h = np.minimum(d[3][di], g[3][gi]) - np.maximum(d[1][di], g[1][gi])
+    s = np.flatnonzero(h > 0)
+    di, gi, inter = di[s], gi[s], w[s] * h[s]
+    da = d[4][di]
+    union = np.where(crowd[gi], da, da + g[4][gi] - inter)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((w > 0) & (h > 0), inter / union, 0.0)
+        iou = inter / union
+    s = np.flatnonzero(iou >= min_iou)
+    return di[s], gi[s], iou[s]
 
 
 def _candidate_pairs(gt: BoxSet, dt: BoxSet, key: np.ndarray, num_images: int, min_iou: float):
@@ -116,7 +130,7 @@ def _candidate_pairs(gt: BoxSet, dt: BoxSet, key: np.ndarray, num_images: int, m
     gkey = gt.cat * num_images + gt.img
     lo = np.searchsorted(gkey, key, "left")
     count = np.searchsorted(gkey, key, "right") - lo
-    d_end, g_end = dt.xywh[:, :2] + dt.xywh[:, 2:], gt.xywh[:, :2] + gt.xywh[:, 2:]
+    d, g = _edges(dt), _edges(gt)
     cum = np.cumsum(count)
     out = []
     for d0, d1 in _chunks(cum):
@@ -124,9 +138,7 @@ def _candidate_pairs(gt: BoxSet, dt: BoxSet, key: np.ndarray, num_images: int, m
         di = np.repeat(np.arange(d0, d1), cnt)
         first = np.repeat(np.cumsum(cnt) - cnt, cnt)
         gi = np.repeat(lo[d0:d1], cnt) + np.arange(len(di)) - first
-        iou = _bbox_iou(dt.xywh[di], d_end[di], gt.xywh[gi], g_end[gi], gt.crowd[gi])
-        keep = iou >= min_iou
-        out.append((di[keep], gi[keep], iou[keep]))
+        out.append(_pair_iou(di, gi, d, g, gt.crowd, min_iou))
     if not out:
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
     return tuple(np.concatenate(parts) for parts in zip(*out))

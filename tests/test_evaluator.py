@@ -12,9 +12,9 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mapdet import cocoengine
-from mapdet.evaluator import (Detections, GroundTruth, _assemble, _detection_boxes, evaluate_coco,
-                              format_table, rank_categories, write_metrics)
+from mapdet import cocoengine, comm
+from mapdet.cocoinput import GroundTruth, detection_boxes, detection_indices
+from mapdet.evaluator import Detections, _assemble, evaluate_coco, format_table, rank_categories, write_metrics
 
 STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 CATS = [1, 2, 3, 5, 7]  # 5: crowd GT only; 7: no GT at all
@@ -159,13 +159,26 @@ def test_category_split_over_ranks_concatenates_to_the_whole(world):
     """What every rank of a `world`-process run computes and gathers (9 > 5 categories: idle ranks)."""
     gt, dets = random_coco(2)
     truth = GroundTruth.parse(gt)
-    found = _detection_boxes(dets, truth)
-    shares = rank_categories(truth, found, world)
+    img, cat = detection_indices(dets, truth)
+    shares = rank_categories(truth, cat, world)
     assert sorted(np.concatenate(shares).tolist()) == list(range(len(CATS)))
     max_dets, thrs = [1, 10, 100, 300], cocoengine.IOU_THRS
-    parts = [(c, cocoengine.evaluate_accumulate(truth.boxes, found, c, len(truth.image_ids), thrs, max_dets))
-             for c in shares]
+    parts = []
+    for share in shares:  # each rank parses only its categories' boxes
+        found = detection_boxes(dets, img, cat, np.flatnonzero(np.isin(cat, share)))
+        parts.append((share, cocoengine.evaluate_accumulate(truth.boxes, found, share, len(truth.image_ids),
+                                                            thrs, max_dets)))
     assert_same_as_pycocotools(_assemble(parts, truth, thrs, max_dets), pycocotools_eval(gt, dets, max_dets))
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank(monkeypatch):
+    """Rank 0 sees good data; rank 1's categories hold a NaN: rank 0 must raise, not wait."""
+    gt, dets = random_coco(0)
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "get_rank", lambda: 0)
+    monkeypatch.setattr(comm, "all_gather_object", lambda own: [own, (np.array([1]), ValueError("rank 1: NaN"))])
+    with pytest.raises(ValueError, match="rank 1: NaN"):
+        evaluate_coco(gt, dets)
 
 
 @pytest.mark.parametrize("engine", ["pycocotools", "faster-coco-eval"])
