@@ -206,8 +206,10 @@ class TrainStream:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             epoch, skip = divmod(self.batches_seen, self.plan.batches_per_epoch)
+            # A private generator: DataLoader would otherwise draw its worker seed from the global
+            # RNG when the epoch starts, shifting the augmentation RNG of a resumed run.
             loader = DataLoader(_TrainEpoch(self.plan, epoch, skip), batch_size=None, num_workers=self.workers,
-                                prefetch_factor=4 if self.workers else None)
+                                prefetch_factor=4 if self.workers else None, generator=torch.Generator())
             for batch in loader:
                 self.batches_seen += 1
                 yield batch
@@ -283,4 +285,4 @@ def eval_loader(shards_dir: str | Path, manifest: dict, batch_size: int, workers
                 skip_corrupt: bool = False) -> DataLoader:
     """Rank ``rank``'s exactly-once share of a split, as ``Batch``es (targets keep crowd regions)."""
     dataset = _EvalShare(shards_dir, manifest, rank, world, batch_size, skip_corrupt)
-    return DataLoader(dataset, batch_size=None, num_workers=workers)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator())  # leaves global RNG alone

@@ -178,9 +178,13 @@ def _stop_reason(cfg, counters: dict, nonfinite_in_row: int) -> str:
 
 
 def _check_replicas(accelerator, raw_model) -> None:
-    """DDP keeps every rank's weights identical; say so, or fail loudly if they drifted."""
+    """DDP keeps every rank's weights identical; say so, or fail loudly if they drifted.
+
+    Parameters only: BatchNorm running statistics are updated locally by the last forward pass
+    (DDP re-broadcasts rank 0's buffers at the start of each forward), and rank 0's are exported.
+    """
     with torch.no_grad():
-        total = float(sum(p.double().sum() for p in raw_model.state_dict().values() if p.is_floating_point()))
+        total = float(sum(p.double().sum() for p in raw_model.parameters()))
     sums = comm.all_gather_object(total)
     if len(set(sums)) > 1:
         raise RuntimeError(f"model weights differ across ranks (checksums {sums}): DDP replicas diverged")

@@ -1,0 +1,94 @@
+"""Loader throughput: packed shards vs the raw Vistas folder vs bare JPEG decoding (issue 2).
+
+All three read the same synthetic images at the same size, in one process, one after another in
+this run, and print JSON lines; the last line holds the ratios. Also compares JPEG decoders.
+
+    python bench/bench_data.py [--images 200] [--size 1600x1200] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from mapdet.config import DataConfig
+from mapdet.data import decode_sample, eval_loader, read_shard
+from mapdet.manifest import load_manifest
+from mapdet.packer import PackOptions, merge, pack
+from mapdet.synthetic import SynthConfig, synthesize
+from mapdet.vistas import VistasReader
+
+
+def _rate(fn, n_images: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return n_images / best
+
+
+def _decode_pil(b: bytes) -> torch.Tensor:
+    with Image.open(io.BytesIO(b)) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+
+
+def _decode_tv(b: bytes) -> torch.Tensor:
+    return torchvision.io.decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=torchvision.io.ImageReadMode.RGB)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--size", default="1600x1200", help="synthetic image size WxH")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    w, h = map(int, args.size.split("x"))
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = synthesize(Path(tmp) / "raw", "v2.0", n_train=args.images, n_val=0, seed=0, cfg=SynthConfig(size=(w, h)))
+        out = Path(tmp) / "shards"
+        pack(root, out, "training", PackOptions(samples_per_shard=100, workers=2))
+        manifest = merge(out, "training")
+        reader = VistasReader(root, "training", source="instances")
+        stems = reader.stems()
+        jpegs = [(root / "training" / "images" / f"{s}.jpg").read_bytes() for s in stems]
+        n = len(stems)
+        print(json.dumps({"setup": {"images": n, "size": [w, h], "shards": len(manifest["shards"]), "threads": 1}}))
+
+        decoders = {"torchvision.io.decode_jpeg": _decode_tv, "PIL": _decode_pil}
+        rates = {name: _rate(lambda f=f: [f(b) for b in jpegs], n, args.repeats) for name, f in decoders.items()}
+        print(json.dumps({"decoders_images_per_s": {k: round(v, 1) for k, v in rates.items()}}))
+
+        def shards():
+            for batch in eval_loader(out, manifest, batch_size=4, workers=0, rank=0, world=1):
+                assert len(batch.images) <= 4
+
+        def raw_folder():
+            for stem in stems:
+                raw = reader.read(stem)  # 16-bit instance PNG -> boxes
+                _decode_tv(raw.image_path.read_bytes())
+
+        def bare():
+            for b in jpegs:
+                _decode_tv(b)
+
+        r = {"shards": _rate(shards, n, args.repeats), "raw_folder": _rate(raw_folder, n, args.repeats),
+             "bare_decode": _rate(bare, n, args.repeats)}
+        print(json.dumps({"loader_images_per_s": {k: round(v, 1) for k, v in r.items()}}))
+        print(json.dumps({"ratios": {"shards_vs_raw_folder": round(r["shards"] / r["raw_folder"], 2),
+                                     "shards_vs_bare_decode": round(r["shards"] / r["bare_decode"], 3),
+                                     "goal": "shards >= 5x raw folder, >= 0.85x bare decode"}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""mapdet demo [--out DIR]: the whole system end to end on a synthetic Vistas, on a laptop CPU.
+
+Synthesize a small Vistas-format dataset, pack and verify it, train with 2 processes through
+`accelerate launch` (every GPU on a GPU machine), evaluate with the distributed evaluator,
+diagnose, and print where everything is with the final AP/AP50 and the top diagnosed cause.
+Each stage is the same `mapdet` command a user would type, printed before it runs.
+
+Run folder layout (DIR defaults to ./demo):
+  DIR/raw/                 synthetic Vistas download (config_v2.0.json, training/, validation/)
+  DIR/shards/              WebDataset shards, manifests, COCO ground truth
+  DIR/run/                 training run: config.yaml, checkpoints/, tensorboard/, export/
+  DIR/run/eval/step_N/     metrics.json, detections.json
+  DIR/report/              report.md, diagnosis.json, figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "launch" / "configs" / "demo.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo", help="run folder (default: ./demo; reused stages are redone)")
+    p.add_argument("--train", type=int, default=240, help="synthetic training images (default 240)")
+    p.add_argument("--val", type=int, default=60, help="synthetic validation images (default 60)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    p.add_argument("--processes", type=int, default=None, help="training processes (default: 2 on CPU, one per GPU)")
+    p.add_argument("--quick", action="store_true", help="a few images and steps: checks the plumbing, learns little")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not CONFIG.exists():
+        raise FileNotFoundError(f"{CONFIG} not found: run the demo from a clone of the mapdet repository")
+    out = Path(args.out).resolve()
+    raw, shards, run_dir, report = out / "raw", out / "shards", out / "run", out / "report"
+    n_train, n_val = (24, 8) if args.quick else (args.train, args.val)
+    procs = args.processes or max(torch.cuda.device_count(), 2)
+    overrides = [f"data.shards={shards}", f"train.out={run_dir}"]
+    if args.quick:
+        overrides += ["train.max_steps=6", "train.ckpt_every=3", "model.min_size=160", "model.max_size=224"]
+    elif args.steps:
+        overrides.append(f"train.max_steps={args.steps}")
+    mapdet = [sys.executable, "-m", "mapdet"]
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", *_topology(procs), "-m", "mapdet"]
+    timings = {}
+
+    _stage(1, "synthesize", [*mapdet, "synth", str(raw), "--train", str(n_train), "--val", str(n_val), "--seed", "0", "--overwrite"], timings)
+    for split in ("training", "validation"):
+        _stage(2, f"pack {split}", [*mapdet, "pack", str(raw), str(shards), "--split", split, "--samples-per-shard", "64", "--workers", "2"],
+               timings, fresh=[shards / f"{split}.manifest.json", shards / ".parts"])
+    _stage(3, "verify", [*mapdet, "verify", str(shards)], timings)
+    _stage(4, "train", [*launch, "train", "--config", str(CONFIG), "--set", *overrides], timings, fresh=[run_dir])
+    _stage(5, "evaluate", [*launch, "evaluate", "--config", str(CONFIG), "--checkpoint", "latest", "--out", str(run_dir / "eval" / "final"), "--set", *overrides], timings)
+    metrics = json.loads((run_dir / "eval" / "final" / "metrics.json").read_text())
+    _stage(6, "diagnose", [*mapdet, "diagnose", "--gt", str(shards / "validation.coco.json"),
+                           "--results", str(run_dir / "eval" / "final" / "detections.json"),
+                           "--train-manifest", str(shards / "training.manifest.json"), "--run", str(run_dir),
+                           "--checkpoint", "latest", "--config", str(CONFIG), "--set", *overrides, "--out", str(report)], timings)
+    _summary(out, shards, run_dir, report, metrics, timings)
+    return 0
+
+
+def _topology(procs: int) -> list[str]:
+    if torch.cuda.is_available():
+        return ["--config_file", str(REPO / "launch/accelerate/gpu8.yaml"), "--num_processes", str(procs)] if procs > 1 \
+            else ["--config_file", str(REPO / "launch/accelerate/gpu1.yaml")]
+    return ["--config_file", str(REPO / "launch/accelerate/cpu2.yaml"), "--num_processes", str(procs)]
+
+
+def _stage(n: int, name: str, cmd: list[str], timings: dict, fresh: list[Path] = ()) -> None:
+    """Run one stage as the command a user would type; stop the demo if it fails."""
+    import shutil
+
+    for path in fresh:  # a rerun of the demo starts each stage clean
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    shown = " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
+    print(f"\n[{n}/6] {name}: {shown}", flush=True)
+    start = time.perf_counter()
+    code = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    timings[name] = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"mapdet demo: stage '{name}' failed with exit code {code} (command above)")
+
+
+def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict, timings: dict) -> None:
+    bbox = metrics["bbox"]
+    diagnosis = json.loads((report / "diagnosis.json").read_text())
+    causes = diagnosis.get("causes", [])
+    top = causes[0] if causes else None
+    learn = timings.get("train", 0) + timings.get("evaluate", 0) + timings.get("diagnose", 0)
+    print("\n" + "=" * 72)
+    print(f"mapdet demo finished in {sum(timings.values()):.0f} s (train + evaluate + diagnose: {learn:.0f} s)")
+    print(f"  shards       {shards}")
+    print(f"  checkpoints  {run_dir / 'checkpoints'}")
+    print(f"  weights      {run_dir / 'export' / 'model.safetensors'}")
+    print(f"  metrics      {run_dir / 'eval' / 'final' / 'metrics.json'}")
+    print(f"  report       {report / 'report.md'}")
+    print(f"  validation   AP {bbox['AP']:.3f}   AP50 {bbox['AP50']:.3f}   val loss {metrics['val_loss'].get('loss', float('nan')):.3f}")
+    if top:
+        print(f"  top cause    {top['cause']} ({top['impact']:.1f} AP points): {top['advice']}")
+    print(f"  TensorBoard  tensorboard --logdir {run_dir}")
+    print("=" * 72)
