@@ -20,9 +20,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from mapdet.config import DataConfig
-from mapdet.data import decode_sample, eval_loader, read_shard
-from mapdet.manifest import load_manifest
+from mapdet.data import eval_loader
 from mapdet.packer import PackOptions, merge, pack
 from mapdet.synthetic import SynthConfig, synthesize
 from mapdet.vistas import VistasReader

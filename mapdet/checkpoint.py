@@ -65,6 +65,23 @@ def resolve(run_dir: str | Path, spec: str | None) -> Path | None:
     return path
 
 
+def load_weights(run_dir, spec: str) -> tuple[dict, int]:
+    """Model state dict and training step for a ``--checkpoint`` value.
+
+    ``spec``: "latest" (of ``run_dir``), a checkpoint folder, or a plain weights file
+    (.safetensors, or .pth read with ``weights_only=True``; step 0).
+    """
+    from mapdet.model import load_weights_file  # model imports torchvision: only when needed
+
+    if Path(spec).is_file():
+        return load_weights_file(spec, "--checkpoint"), 0
+    found = resolve(run_dir, spec)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint under {checkpoints_dir(run_dir)}")
+    meta = json.loads((found / "meta.json").read_text())
+    return load_file(str(found / "model.safetensors")), int(meta["step"])
+
+
 def save(run_dir, step: int, model, optimizer, scheduler, scaler, meta: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. ``model`` is the unwrapped model. Returns the folder."""
     final = checkpoints_dir(run_dir) / f"step_{step:07d}"

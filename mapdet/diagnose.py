@@ -82,24 +82,17 @@ def run(args) -> int:
 def _model_checks(args, cfg):
     """Proposal recall and post-processing sweep with the checkpoint on the validation shards."""
     import torch
-    from safetensors.torch import load_file
 
     from mapdet import checkpoint
     from mapdet.data import eval_loader
     from mapdet.manifest import load_manifest
-    from mapdet.model import build_model, load_weights_file
+    from mapdet.model import build_model
     from mapdet.sweep import run_model_checks
 
     manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
     cat_ids = [int(c["id"]) for c in manifest["classes"]]
     model = build_model(cfg.model, len(cat_ids) + 1)
-    if Path(args.checkpoint).is_file():
-        model.load_state_dict(load_weights_file(args.checkpoint))
-    else:
-        found = checkpoint.resolve(cfg.train.out, args.checkpoint)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint under {checkpoint.checkpoints_dir(cfg.train.out)}")
-        model.load_state_dict(load_file(str(found / "model.safetensors")))
+    model.load_state_dict(checkpoint.load_weights(cfg.train.out, args.checkpoint)[0])
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     loader = eval_loader(cfg.data.shards, manifest, cfg.eval.batch_size, cfg.eval.workers, rank=0, world=1)
     current = (cfg.model.nms_thresh, cfg.model.score_thresh, cfg.model.detections_per_img)

@@ -16,14 +16,12 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from mapdet import checkpoint, comm, tracking
 from mapdet.config import load_config, to_dict, to_yaml
 from mapdet.data import eval_loader
 from mapdet.evaluator import format_summary, format_table
 from mapdet.manifest import class_names, coco_path, load_manifest
-from mapdet.model import build_model, load_weights_file
+from mapdet.model import build_model
 from mapdet.validation import metrics_dict, validate
 
 
@@ -47,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     gt = json.loads(coco_path(cfg.data.shards, split).read_text())
 
     model = build_model(cfg.model, len(names) + 1).to(accelerator.device)
-    state, step = _weights(run_dir, args.checkpoint)
+    state, step = checkpoint.load_weights(run_dir, args.checkpoint)
     model.load_state_dict(state)
     out = Path(args.out) if args.out else run_dir / "eval" / f"step_{step:07d}"
 
@@ -71,18 +69,6 @@ def run(args: argparse.Namespace) -> int:
         _log_images(accelerator, model, cfg, manifest, names, v, step)
     tracking.finish(accelerator)
     return 0
-
-
-def _weights(run_dir: Path, spec: str):
-    """State dict and training step for --checkpoint (a checkpoint folder, 'latest' or a weights file)."""
-    path = Path(spec)
-    if path.is_file():
-        return load_weights_file(path), 0
-    found = checkpoint.resolve(run_dir, spec)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint under {checkpoint.checkpoints_dir(run_dir)}")
-    meta = json.loads((found / "meta.json").read_text())
-    return load_file(str(found / "model.safetensors")), int(meta["step"])
 
 
 def _optional_manifest(shards, split):
