@@ -91,8 +91,9 @@ def _rank_detections(dt: BoxSet, num_images: int, max_det: int):
 
     Also returns each one's rank within its (image, category) and that group's key.
     """
-    dt = dt.take(np.lexsort((-dt.score, dt.img, dt.cat)))
     key = dt.cat * num_images + dt.img
+    order = np.lexsort((-dt.score, key))
+    dt, key = dt.take(order), key[order]
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, int)
     rank = np.arange(len(key)) - np.repeat(starts, np.diff(np.r_[starts, len(key)]))
     keep = rank < max_det

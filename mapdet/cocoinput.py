@@ -46,7 +46,7 @@ class GroundTruth:
             cat = np.array([a["category_id"] for a in anns], np.int64)
             xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
             area = np.array([a["area"] for a in anns], np.float64)
-            crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
+            crowd = np.array([a.get("iscrowd", 0) for a in anns], bool)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed ground-truth annotation ({type(e).__name__}: {e}); each "
                              "needs id, image_id, category_id, bbox [x,y,w,h], area") from e
