@@ -164,32 +164,41 @@ def _match(gt: BoxSet, dt: BoxSet, rank, key, g_ig, num_images: int, iou_thrs: n
     A, T = len(AREA_RANGES), len(iou_thrs)
     thr = np.minimum(iou_thrs, 1 - 1e-10)
     pd, pg, piou = _candidate_pairs(gt, dt, key, num_images, float(thr.min(initial=1.0)))
-    found = []
     if len(pd) == 0:
-        return Matches.concat(found)
-    # within a detection, ascending (IoU, GT order): the best candidate is the last one
-    order = np.lexsort((pg, piou, pd, rank[pd]))
-    pd, pg, piou = pd[order], pg[order], piou[order]
-    seg = np.flatnonzero(np.r_[True, pd[1:] != pd[:-1]])
-    seg_len = np.diff(np.r_[seg, len(pd)])
-    pos = np.arange(len(pd)) - np.repeat(seg, seg_len)
-    span = int(seg_len.max()) + 1
-    # candidates that are not ignored win over ignored ones: they rank above every ignored one
-    pref = (~g_ig[:, pg]).astype(np.int64) * span + pos  # (A, P)
+        return Matches.concat([])
+    pd, pg, piou, seg, pref, span = _rank_candidates(pd, pg, piou, rank, g_ig)
     can = piou[None, :] >= thr[:, None]  # (T, P)
     taken = np.zeros((A, T, len(gt.img)), bool)
     step_of_seg = rank[pd[seg]]
     bounds = np.searchsorted(step_of_seg, np.arange(step_of_seg[-1] + 2))
-    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+    found = []
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):  # detections of one rank: one per (image, cat)
         if s0 == s1:
             continue
         p0, p1 = seg[s0], (seg[s1] if s1 < len(seg) else len(pd))
         g = pg[p0:p1]
         free = gt.crowd[g] | ~taken[:, :, g]
-        key = np.where(free & can[None, :, p0:p1], pref[:, None, p0:p1], -1)
-        best = np.maximum.reduceat(key, seg[s0:s1] - p0, axis=2)
-        a, t, k = np.nonzero(best >= 0)
-        chosen = seg[s0 + k] + best[a, t, k] % span
+        choice = np.where(free & can[None, :, p0:p1], pref[:, None, p0:p1], -1)  # (A, T, p)
+        best = np.maximum.reduceat(choice, seg[s0:s1] - p0, axis=2)
+        a, t, s = np.nonzero(best >= 0)
+        chosen = seg[s0 + s] + best[a, t, s] % span
         taken[a, t, pg[chosen]] = True
         found.append(Matches(a, t, pd[chosen], g_ig[a, pg[chosen]]))
     return Matches.concat(found)
+
+
+def _rank_candidates(pd, pg, piou, rank, g_ig):
+    """Candidate pairs grouped by detection (in rank order), with a preference per area range.
+
+    Returns the pairs reordered, each detection's first pair ``seg``, and ``pref`` (A, P): larger
+    is better, so the first maximum among available candidates is ``evaluateImg``'s choice, a GT
+    that is not ignored over an ignored one, then the highest IoU, then the later GT.
+    """
+    order = np.lexsort((pg, piou, pd, rank[pd]))  # within a detection: ascending (IoU, GT order)
+    pd, pg, piou = pd[order], pg[order], piou[order]
+    seg = np.flatnonzero(np.r_[True, pd[1:] != pd[:-1]])
+    seg_len = np.diff(np.r_[seg, len(pd)])
+    pos = np.arange(len(pd)) - np.repeat(seg, seg_len)
+    span = int(seg_len.max()) + 1
+    pref = (~g_ig[:, pg]).astype(np.int64) * span + pos
+    return pd, pg, piou, seg, pref, span

@@ -116,16 +116,25 @@ def evaluate_coco(gt: dict, dets: Detections | list[dict], max_dets=(1, 10, 100,
     truth = GroundTruth.parse(gt)  # same input, same outcome on every rank
     img, cat = detection_indices(dets, truth)
     cats = rank_categories(truth, cat, comm.get_world_size())[comm.get_rank()]
+    error = None
     try:
         found = detection_boxes(dets, img, cat, np.flatnonzero(np.isin(cat, cats)))
         part = _score(engine, gt, truth, found, cats, iou_thrs, max_dets)
-    except Exception as e:  # noqa: BLE001 - handed to every rank below, so none waits forever
-        part = e
+    except Exception as e:  # noqa: BLE001 - every rank learns of it below, so none waits forever
+        error, part = e, _portable(e)
     parts = comm.all_gather_object((cats, part))
+    if error is not None:
+        raise error
     for _, p in parts:
         if isinstance(p, Exception):
-            raise p if isinstance(p, ValueError) else RuntimeError(f"evaluation failed: {p!r}")
+            raise p
     return _assemble(parts, truth, iou_thrs, max_dets)
+
+
+def _portable(e: Exception) -> Exception:
+    """A picklable stand-in for another rank's error: ValueError for bad input, else RuntimeError."""
+    text = f"on rank {comm.get_rank()}: {e}"
+    return ValueError(text) if isinstance(e, ValueError) else RuntimeError(f"{type(e).__name__} {text}")
 
 
 def _score(engine: str, gt: dict, truth: GroundTruth, found: BoxSet, cats, iou_thrs, max_dets):
