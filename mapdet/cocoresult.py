@@ -61,6 +61,8 @@ class CocoResult:
         if iou is not None:
             s = s[np.flatnonzero(np.isclose(self.iou_thrs, iou, rtol=0, atol=1e-9))]
         if cat_id is not None:
+            if cat_id not in self.cat_ids:
+                raise ValueError(f"category {cat_id} was not evaluated; categories: {self.cat_ids}")
             s = s[:, :, [self.cat_ids.index(cat_id)]]
         s = s[:, :, :, aind, mind]
         defined = s[s > -1]

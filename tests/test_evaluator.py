@@ -182,12 +182,13 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(monkeypatch):
 
 
 @pytest.mark.parametrize("engine", ["pycocotools", "faster-coco-eval"])
-def test_reference_engines_agree(engine):
+def test_reference_engines_agree_and_leave_inputs_alone(engine):
     gt, dets = random_coco(3)
+    before = copy.deepcopy((gt, dets))
     mine, other = evaluate_coco(gt, dets), evaluate_coco(gt, dets, engine=engine)
     for key in ("precision", "recall", "scores"):
         assert np.abs(getattr(mine, key) - getattr(other, key)).max() <= 1e-12
-    assert len(dets) > 0 and len(gt["annotations"]) > 0  # inputs were not consumed
+    assert (gt, dets) == before  # both tools write into the dicts they are given
 
 
 def test_custom_iou_thresholds():
@@ -245,3 +246,6 @@ def test_metrics_file_and_table(tmp_path):
     assert len(table) == 2 + len(CATS) and "class7" in table[-1] and " - " in table[-1]
     with pytest.raises(ValueError, match="area"):
         result.ap(area="tiny")
+    with pytest.raises(ValueError, match="category 4 was not evaluated"):
+        result.ap(cat_id=4)
+    assert result.ap(max_dets=50) == -1  # not evaluated at 50, like pycocotools' summarize
