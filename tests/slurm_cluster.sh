@@ -17,11 +17,11 @@ export PATH="$PATH:/usr/sbin:/sbin"  # the daemons live in sbin, which a plain P
 PACKAGES=(slurmctld slurmd slurm-client munge)
 TOOLS=(slurmctld slurmd sbatch scontrol munged munge)
 
-die() { echo "slurm_cluster: $*" >&2; exit "${2:-1}"; }
+die() { echo "slurm_cluster: $1" >&2; exit "${2:-1}"; }
 
 missing_tools() {
   local t
-  for t in "${TOOLS[@]}"; do command -v "$t" >/dev/null 2>&1 || [ -x "/usr/sbin/$t" ] || echo "$t"; done
+  for t in "${TOOLS[@]}"; do command -v "$t" >/dev/null 2>&1 || echo "$t"; done
 }
 
 install_packages() {

@@ -129,9 +129,9 @@ def test_pack_array_then_merge_and_verify(cluster, synth_root, tmp_path):
     out = tmp_path / "shards"
     array, merge = submit_pack(cluster, synth_root, out, jobs=3)
     merge_log = wait_ok(cluster, merge, "mapdet-merge", timeout=180)
+    assert cluster.job(array)["JobState"] == "COMPLETED"
 
-    task_logs = [p.read_text() for p in cluster.out.glob("mapdet-pack-*.out") if "packing slice" in p.read_text()
-                 and str(out) in p.read_text()]
+    task_logs = [t for t in (p.read_text() for p in cluster.out.glob("mapdet-pack-*.out")) if f"into {out}\n" in t]
     assert sorted(re.search(r"slice (\d/\d)", t).group(1) for t in task_logs) == ["1/3", "2/3", "3/3"]
     assert all("packed 2 shard(s)" in t for t in task_logs), task_logs
     manifest = load_manifest(out, "training")
