@@ -86,12 +86,12 @@ def _model_checks(args, cfg):
     from mapdet import checkpoint
     from mapdet.data import eval_loader
     from mapdet.manifest import load_manifest
-    from mapdet.model import build_model
+    from mapdet.model import build_inference_model
     from mapdet.sweep import run_model_checks
 
     manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
     cat_ids = [int(c["id"]) for c in manifest["classes"]]
-    model = build_model(cfg.model, len(cat_ids) + 1)
+    model = build_inference_model(cfg.model, len(cat_ids) + 1)
     model.load_state_dict(checkpoint.load_weights(cfg.train.out, args.checkpoint)[0])
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     loader = eval_loader(cfg.data.shards, manifest, cfg.eval.batch_size, cfg.eval.workers, rank=0, world=1)

@@ -21,7 +21,7 @@ from mapdet.config import load_config, to_dict, to_yaml
 from mapdet.data import eval_loader
 from mapdet.evaluator import format_summary, format_table
 from mapdet.manifest import class_names, coco_path, load_manifest
-from mapdet.model import build_model
+from mapdet.model import build_inference_model
 from mapdet.validation import metrics_dict, validate
 
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     names = class_names(manifest)
     gt = json.loads(coco_path(cfg.data.shards, split).read_text())
 
-    model = build_model(cfg.model, len(names) + 1).to(accelerator.device)
+    model = build_inference_model(cfg.model, len(names) + 1).to(accelerator.device)
     state, step = checkpoint.load_weights(run_dir, args.checkpoint)
     model.load_state_dict(state)
     out = Path(args.out) if args.out else run_dir / "eval" / f"step_{step:07d}"

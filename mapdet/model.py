@@ -114,6 +114,12 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Optional[Seque
     return model
 
 
+def build_inference_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
+    """The same network for evaluation: no class weights (a training-loss setting that needs the
+    training manifest) and no start weights (the caller loads trained ones)."""
+    return build_model(dataclasses.replace(cfg, class_weights="none", weights=None, backbone_weights=None), num_classes)
+
+
 def _build_small(num_classes: int, kwargs: dict) -> FasterRCNN:
     trunk = torchvision.models.mobilenet_v3_large(weights=None, width_mult=_SMALL_WIDTH).features
     channels = [trunk[int(i)].out_channels for i in _SMALL_RETURN_LAYERS]
