@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -209,7 +210,8 @@ class TrainStream:
             # A private generator: DataLoader would otherwise draw its worker seed from the global
             # RNG when the epoch starts, shifting the augmentation RNG of a resumed run.
             loader = DataLoader(_TrainEpoch(self.plan, epoch, skip), batch_size=None, num_workers=self.workers,
-                                prefetch_factor=4 if self.workers else None, generator=torch.Generator())
+                                prefetch_factor=4 if self.workers else None, generator=torch.Generator(),
+                                worker_init_fn=_ignore_stop_signals)
             for batch in loader:
                 self.batches_seen += 1
                 yield batch
@@ -285,4 +287,13 @@ def eval_loader(shards_dir: str | Path, manifest: dict, batch_size: int, workers
                 skip_corrupt: bool = False) -> DataLoader:
     """Rank ``rank``'s exactly-once share of a split, as ``Batch``es (targets keep crowd regions)."""
     dataset = _EvalShare(shards_dir, manifest, rank, world, batch_size, skip_corrupt)
-    return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator())  # leaves global RNG alone
+    return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),  # leaves global RNG alone
+                      worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Slurm's SIGTERM (and scancel) reaches every process of the job, DataLoader workers too; a
+    worker that died of it would crash the training process before it could checkpoint. The
+    training process decides when to stop; workers exit with it (PyTorch watches the parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
