@@ -10,6 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from mapdet.config import ModelConfig
 from mapdet.model import (
     ClassWeightedRoIHeads,
+    build_inference_model,
     build_model,
     class_weights,
     export_weights,
@@ -234,3 +235,9 @@ def test_backbone_weights_load_and_freeze_early_stages(tmp_path):
         build_model(small_cfg(backbone_weights=str(tmp_path / "other.pth")), K1)
     with pytest.raises(ValueError, match="model.trainable_backbone_layers"):
         build_model(small_cfg(trainable_backbone_layers=99), K1)
+
+
+def test_inference_model_ignores_training_only_settings(tmp_path):
+    cfg = small_cfg(class_weights="inv_sqrt", weights=str(tmp_path / "later.pth"))
+    model = build_inference_model(cfg, K1)  # no manifest counts, no weight file: neither is needed
+    assert type(model.roi_heads) is torchvision.models.detection.roi_heads.RoIHeads
