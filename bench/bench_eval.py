@@ -234,7 +234,7 @@ def bench_case(args, dets_per_image: int) -> None:
     emit(case, "faster-coco-eval", 1, times, base)
     packed = Detections.from_coco_results(dets)
     for name, inputs in (("mapdet (COCO dicts)", dets), ("mapdet (packed)", packed)):
-        result, times = best_time(lambda: run_mapdet(gt, inputs, max_dets), args.repeat)
+        result, times = best_time(lambda inputs=inputs: run_mapdet(gt, inputs, max_dets), args.repeat)
         if inputs is dets:  # packed boxes are float32-rounded: other inputs, other numbers
             check_same(ref, arrays(result), exact=True, what=name)
         emit(case, name, 1, times, base)

@@ -15,6 +15,7 @@ a false positive otherwise.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,13 +33,13 @@ class Matches:
     ignored: np.ndarray  # bool (P,)
 
     @staticmethod
-    def concat(parts: list["Matches"]) -> "Matches":
+    def concat(parts: list[Matches]) -> Matches:
         if not parts:
             return Matches(*(np.zeros(0, np.int64) for _ in range(3)), np.zeros(0, bool))
         return Matches(*(np.concatenate([getattr(p, f) for p in parts])
                          for f in ("area", "thr", "det", "ignored")))
 
-    def take(self, idx: np.ndarray) -> "Matches":
+    def take(self, idx: np.ndarray) -> Matches:
         return Matches(self.area[idx], self.thr[idx], self.det[idx], self.ignored[idx])
 
 
@@ -55,7 +56,7 @@ def accumulate(cat, score, rank, outside, matches: Matches, npig, T: int, max_de
     bounds = np.searchsorted(cat, np.arange(K + 1))
     # per category by score, stable: ties keep (image, rank) order, as pycocotools' mergesort
     order = np.concatenate([b0 + np.argsort(-score[b0:b1], kind="stable")
-                            for b0, b1 in zip(bounds[:-1], bounds[1:])] + [np.zeros(0, np.int64)])
+                            for b0, b1 in itertools.pairwise(bounds)] + [np.zeros(0, np.int64)])
     in_order = np.empty(len(cat), np.int64)
     in_order[order] = np.arange(len(cat))
     # matches by (category, area, threshold, score order): every subset below stays sorted

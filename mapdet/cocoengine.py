@@ -22,11 +22,12 @@ over (detection, GT) pairs with IoU >= the lowest threshold, the only pairs that
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
-from mapdet.cocoaccumulate import REC_THRS, Matches, accumulate
+from mapdet.cocoaccumulate import Matches, accumulate
 
 IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 AREA_RANGES = np.array([[0.0, 1e5**2], [0.0, 32.0**2], [32.0**2, 96.0**2], [96.0**2, 1e5**2]])
@@ -50,7 +51,7 @@ class BoxSet:
     score: np.ndarray  # float64 (N,)
     crowd: np.ndarray  # bool (N,)
 
-    def take(self, idx: np.ndarray) -> "BoxSet":
+    def take(self, idx: np.ndarray) -> BoxSet:
         return BoxSet(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
@@ -172,7 +173,7 @@ def _match(gt: BoxSet, dt: BoxSet, rank, key, g_ig, num_images: int, iou_thrs: n
     step_of_seg = rank[pd[seg]]
     bounds = np.searchsorted(step_of_seg, np.arange(step_of_seg[-1] + 2))
     found = []
-    for s0, s1 in zip(bounds[:-1], bounds[1:]):  # detections of one rank: one per (image, cat)
+    for s0, s1 in itertools.pairwise(bounds):  # detections of one rank: one per (image, cat)
         if s0 == s1:
             continue
         p0, p1 = seg[s0], (seg[s1] if s1 < len(seg) else len(pd))

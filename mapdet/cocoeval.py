@@ -73,7 +73,7 @@ def _score(args: argparse.Namespace, comm) -> int:
 
 def _join_processes():
     """Join the process group when started by a launcher (WORLD_SIZE > 1); its PartialState."""
-    launched = int(os.environ.get("WORLD_SIZE", 1))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched == 1:
         return None
     import torch

@@ -31,7 +31,7 @@ class GroundTruth:
     boxes: BoxSet  # xywh float64 as in the file, area = the COCO 'area' field
 
     @staticmethod
-    def parse(gt: dict) -> "GroundTruth":
+    def parse(gt: dict) -> GroundTruth:
         if not isinstance(gt, dict):
             raise ValueError("ground truth must be a COCO dict with images, annotations, categories")
         for key in ("images", "annotations", "categories"):

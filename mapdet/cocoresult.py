@@ -123,6 +123,6 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         train = "-" if r.get("num_train") is None else str(r["num_train"])
         gt = "-" if r.get("num_gt") is None else str(r["num_gt"])
-        lines.append(f"{r['category_id']:>4}  {str(r['name']):<{width}}  {_cell(r['AP']):>6}  "
+        lines.append(f"{r['category_id']:>4}  {r['name']!s:<{width}}  {_cell(r['AP']):>6}  "
                      f"{_cell(r['AP50']):>6}  {_cell(r['AP_max']):>6}  {gt:>7}  {train:>7}")
     return "\n".join(lines)

@@ -22,12 +22,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from mapdet import comm
-from mapdet.cocoengine import IOU_THRS, REC_THRS, BoxSet, evaluate_accumulate
+from mapdet.cocoaccumulate import REC_THRS
+from mapdet.cocoengine import IOU_THRS, BoxSet, evaluate_accumulate
 from mapdet.cocoinput import GroundTruth, detection_boxes, detection_indices, parse_results
 from mapdet.cocoresult import CocoResult, format_summary, format_table, write_metrics
 
-__all__ = ["Detections", "CocoResult", "evaluate_coco", "write_metrics", "format_table",
-           "format_summary", "ENGINES"]
+__all__ = [
+    "ENGINES",
+    "CocoResult",
+    "Detections",
+    "evaluate_coco",
+    "format_summary",
+    "format_table",
+    "write_metrics",
+]
 ENGINES = ("auto", "numpy", "faster-coco-eval", "pycocotools")
 
 
@@ -57,11 +65,11 @@ class Detections:
         return len(self.image_id)
 
     @staticmethod
-    def empty() -> "Detections":
+    def empty() -> Detections:
         return Detections(np.zeros(0), np.zeros((0, 4)), np.zeros(0), np.zeros(0))
 
     @staticmethod
-    def concat(parts) -> "Detections":
+    def concat(parts) -> Detections:
         parts = list(parts)
         if not parts:
             return Detections.empty()
@@ -69,7 +77,7 @@ class Detections:
                             for f in ("image_id", "boxes", "scores", "labels")))
 
     @staticmethod
-    def from_coco_results(results: list[dict]) -> "Detections":
+    def from_coco_results(results: list[dict]) -> Detections:
         """From COCO results dicts (bbox xywh -> xyxy, rounded to float32)."""
         img, cat, xywh, score = parse_results(results)
         return Detections(img, np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),

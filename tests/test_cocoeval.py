@@ -41,7 +41,7 @@ def test_scores_prints_and_writes_metrics(files, capsys):
 
 
 def test_empty_results_score_zero(files):
-    tmp, gt, _ = files
+    tmp, _, _ = files
     (tmp / "empty.json").write_text("[]")
     assert cocoeval("--gt", str(tmp / "gt.json"), "--results", str(tmp / "empty.json"),
                     "--out", str(tmp / "m.json")) == 0
