@@ -26,6 +26,7 @@ Weights are never downloaded: both arch families start from random initialisatio
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -121,7 +122,11 @@ def build_inference_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
 
 
 def _build_small(num_classes: int, kwargs: dict) -> FasterRCNN:
-    trunk = torchvision.models.mobilenet_v3_large(weights=None, width_mult=_SMALL_WIDTH).features
+    # torchvision's MobileNetV3 defaults to BatchNorm momentum 0.01: trained from scratch for a few
+    # hundred steps, its running statistics are still near their initial values and eval mode
+    # predicts nothing (train loss low, mAP 0). 0.1 is the usual from-scratch momentum.
+    norm = functools.partial(nn.BatchNorm2d, eps=0.001, momentum=0.1)
+    trunk = torchvision.models.mobilenet_v3_large(weights=None, width_mult=_SMALL_WIDTH, norm_layer=norm).features
     channels = [trunk[int(i)].out_channels for i in _SMALL_RETURN_LAYERS]
     backbone = BackboneWithFPN(trunk, _SMALL_RETURN_LAYERS, channels, _SMALL_FPN_CHANNELS,
                                extra_blocks=LastLevelMaxPool())
