@@ -11,6 +11,7 @@ Run folder layout (DIR defaults to ./demo):
   DIR/run/                 training run: config.yaml, checkpoints/, tensorboard/, export/
   DIR/run/eval/step_N/     metrics.json, detections.json
   DIR/report/              report.md, diagnosis.json, figures
+  DIR/summary.json         final AP/AP50, top cause, seconds per stage
 """
 
 from __future__ import annotations
@@ -111,3 +112,7 @@ def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict
         print(f"  top cause    {top['cause']} ({top['impact']:.1f} AP points): {top['advice']}")
     print(f"  TensorBoard  tensorboard --logdir {run_dir}")
     print("=" * 72)
+    summary = {"AP": bbox["AP"], "AP50": bbox["AP50"], "val_loss": metrics["val_loss"].get("loss"),
+               "top_cause": top, "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+               "train_to_summary_s": round(learn, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
