@@ -48,15 +48,16 @@ def run(args: argparse.Namespace) -> int:
     n_train, n_val = (24, 8) if args.quick else (args.train, args.val)
     procs = args.processes or max(torch.cuda.device_count(), 2)
     overrides = [f"data.shards={shards}", f"train.out={run_dir}"]
+    synth_size = ["--size", "256x192"] if args.quick else []
     if args.quick:
-        overrides += ["train.max_steps=6", "train.ckpt_every=3", "model.min_size=160", "model.max_size=224"]
+        overrides += ["train.max_steps=6", "train.ckpt_every=3", "model.min_size=192", "model.max_size=256"]
     elif args.steps:
         overrides.append(f"train.max_steps={args.steps}")
     mapdet = [sys.executable, "-m", "mapdet"]
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", *_topology(procs), "-m", "mapdet"]
     timings = {}
 
-    _stage(1, "synthesize", [*mapdet, "synth", str(raw), "--train", str(n_train), "--val", str(n_val), "--seed", "0", "--overwrite"], timings)
+    _stage(1, "synthesize", [*mapdet, "synth", str(raw), "--train", str(n_train), "--val", str(n_val), "--seed", "0", "--overwrite", *synth_size], timings)
     for split in ("training", "validation"):
         _stage(2, f"pack {split}", [*mapdet, "pack", str(raw), str(shards), "--split", split, "--samples-per-shard", "64", "--workers", "2"],
                timings, fresh=[shards / f"{split}.manifest.json", shards / ".parts"])
