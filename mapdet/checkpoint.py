@@ -11,12 +11,15 @@ Layout of ``RUN/checkpoints/step_0001000/``::
 A checkpoint is written into ``step_N.tmp`` and renamed to ``step_N`` only after every rank has
 written its files and the main process its ``meta.json``. A kill at any moment therefore leaves
 either a complete ``step_N`` or a ``.tmp`` folder that ``latest`` ignores (and the next save
-removes), so the previous checkpoint stays usable.
+removes), so the previous checkpoint stays usable. A ``.pt`` file holding pickled objects (code
+that would run on load) is refused with a ``ValueError`` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
 import random
 import re
 import shutil
@@ -60,6 +63,8 @@ def resolve(run_dir: str | Path, spec: str | None) -> Path | None:
             raise FileNotFoundError(f"no complete checkpoint under {checkpoints_dir(run_dir)}")
         return found
     path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a checkpoint folder, a weights file or latest")
     if not (path / "meta.json").exists():
         raise FileNotFoundError(f"{path} is not a complete mapdet checkpoint (no meta.json)")
     return path
@@ -74,7 +79,8 @@ def load_weights(run_dir, spec: str) -> tuple[dict, int]:
     from mapdet.model import load_weights_file  # model imports torchvision: only when needed
 
     if Path(spec).is_file():
-        return load_weights_file(spec, "--checkpoint"), 0
+        with _no_pickled_objects(spec):
+            return load_weights_file(spec, "--checkpoint"), 0
     found = resolve(run_dir, spec)
     if found is None:
         raise FileNotFoundError(f"no checkpoint under {checkpoints_dir(run_dir)}")
@@ -115,7 +121,8 @@ def load(path: Path, model, optimizer=None, scheduler=None, scaler=None) -> dict
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     for obj, name in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt"), (scaler, "scaler.pt")):
         if obj is not None and (path / name).exists():
-            obj.load_state_dict(torch.load(path / name, map_location="cpu", weights_only=True))
+            with _no_pickled_objects(path / name):
+                obj.load_state_dict(torch.load(path / name, map_location="cpu", weights_only=True))
     rank = comm.get_rank()
     if (path / f"rng_rank{rank}.pt").exists():
         _load_rng(path, rank)
@@ -136,7 +143,8 @@ def _save_rng(folder: Path, rank: int) -> None:
 
 
 def _load_rng(folder: Path, rank: int) -> None:
-    tensors = torch.load(folder / f"rng_rank{rank}.pt", map_location="cpu", weights_only=True)
+    with _no_pickled_objects(folder / f"rng_rank{rank}.pt"):
+        tensors = torch.load(folder / f"rng_rank{rank}.pt", map_location="cpu", weights_only=True)
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])
@@ -145,6 +153,18 @@ def _load_rng(folder: Path, rank: int) -> None:
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+@contextlib.contextmanager
+def _no_pickled_objects(path):
+    """``torch.load(weights_only=True)`` refuses pickled objects with a long UnpicklingError; turn it
+    into a one-line ValueError naming the file and the refused class (the CLI prints it, exit 2)."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln] or str(e).splitlines()[:1]
+        raise ValueError(f"{path}: refused to load: it holds pickled objects, not only tensors "
+                         f"({lines[0].strip() if lines else 'no detail'}); use a .safetensors file or a plain state dict") from None
 
 
 def _prune(run_dir, keep_last: int) -> None:

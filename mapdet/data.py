@@ -1,5 +1,5 @@
-"""Streaming loaders over packed shards: an endless resampled training stream, an exact-once
-evaluation stream, and the sample decoder both share.
+"""Streaming loaders over packed shards: an endless resampled training stream and an exact-once
+evaluation stream (samples are read, checked and decoded by ``mapdet.shardread``).
 
 Batches are ``Batch(images, targets, bad)``:
 - ``images``: list of uint8 tensors (3, H, W), RGB, at stored size (sizes differ within a batch);
@@ -7,84 +7,57 @@ Batches are ``Batch(images, targets, bad)``:
   ``labels`` int64 (N,) in 1..K, ``iscrowd`` int64 (N,), ``image_id`` int, ``key`` str, ``shard`` str.
   An image without objects has boxes (0, 4) and labels (0,). Training targets leave crowd
   regions out (torchvision cannot ignore them; detectron2 does the same);
-- ``bad``: samples or shards that failed to read since the previous batch, each
-  ``{"shard", "key", "reason"}``, so the training loop can count them (they never vanish silently).
+- ``bad``: samples or shards that failed to read since the previous batch, as
+  ``mapdet.shardread`` bad entries ``{"shard", "key", "reason", "samples"}`` (a truncated shard
+  costs all the samples after the damage), so the training loop can count them (they never
+  vanish silently). Members the manifest does not list for a shard are never used.
 
 Training (``TrainStream``): each DataLoader worker draws shards with replacement from its own
 seeded RNG, optionally repeats images by repeat-factor sampling, shuffles through a buffer and
 batches. Every rank yields exactly ``batches_per_epoch`` batches per epoch, so DDP ranks never
 wait on each other, and the stream is a pure function of (seed, rank, epoch): a resumed run skips
-the batches already consumed (without decoding them) and sees the same data as an unbroken run.
+the batches already consumed (without decoding them) and sees the same data as an unbroken run
+(exactly so when that skipped part holds no corrupt sample: not decoding, the skip cannot know
+how many samples an unbroken run had to pass over).
 
 Evaluation (``eval_loader``): the manifest's keys, in shard order, are cut into contiguous ranges,
 one per (rank, worker); a worker reads only the shards its range overlaps. Every sample is read
 exactly once however many ranks and workers there are (also more than shards), and each rank
-knows its keys up front (``eval_keys``).
+knows its keys up front (``eval_keys``). A fault raises ``CorruptSample`` naming shard and key;
+with ``skip_corrupt`` the images it cost are left out and listed in ``Batch.bad`` instead.
+
+Faults found in a DataLoader worker reach the caller as ``CorruptSample`` raised in the main
+process with the worker's one-line message (not wrapped in the worker's traceback).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import multiprocessing
+import multiprocessing.util  # registers its exit handler before ours (see _kill_workers_at_exit)
+import os
 import random
 import signal
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
-import numpy as np
 import torch
-import torchvision
 import webdataset as wds
-from webdataset.tariterators import tarfile_samples
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mapdet import boxes as box_ops
 from mapdet.manifest import class_image_fractions, shard_urls
+from mapdet.shardread import CorruptSample, bad_entry, checked_samples, decode_sample, sample_range
+from mapdet.shardread import read_shard  # noqa: F401 - its old home: bench/ and tests import it from here
 
 
 class Batch(NamedTuple):
     images: list[torch.Tensor]
     targets: list[dict]
     bad: list[dict]
-
-
-class CorruptSample(ValueError):
-    """A sample that cannot be decoded; the message names the shard and the key."""
-
-
-def decode_sample(sample: dict, num_classes: int | None = None) -> tuple[torch.Tensor, dict]:
-    """One raw webdataset sample (``jpg`` and ``json`` bytes) -> (uint8 (3,H,W), target dict).
-
-    Boxes are clipped to the image and boxes without area or with labels outside 1..K are dropped;
-    ``target["sanitized"]`` counts them. Raises ``CorruptSample`` for undecodable data.
-    """
-    key, shard = sample.get("__key__", "?"), Path(sample.get("__url__", "?")).name
-    try:
-        rec = json.loads(sample["json"])
-        data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
-        image = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB)
-        boxes = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
-        labels = np.asarray(rec["labels"], dtype=np.int64).reshape(-1)
-        iscrowd = np.asarray(rec.get("iscrowd", [0] * len(labels)), dtype=np.int64).reshape(-1)
-    except Exception as e:  # any decoder or schema failure is the same fault for the caller
-        raise CorruptSample(f"{shard}: sample {key!r} does not decode: {type(e).__name__}: {e}") from e
-    h, w = image.shape[1:]
-    if (rec.get("width"), rec.get("height")) != (w, h) or not len(boxes) == len(labels) == len(iscrowd):
-        raise CorruptSample(f"{shard}: sample {key!r} record does not match its image or itself")
-    boxes, keep, counts = box_ops.sanitize(boxes, w, h)
-    labels, iscrowd = labels[keep], iscrowd[keep]
-    in_range = labels >= 1 if num_classes is None else (labels >= 1) & (labels <= num_classes)
-    target = {
-        "boxes": torch.from_numpy(boxes[in_range]).float().reshape(-1, 4),
-        "labels": torch.from_numpy(labels[in_range]),
-        "iscrowd": torch.from_numpy(iscrowd[in_range]),
-        "image_id": int(rec["image_id"]),
-        "key": key,
-        "shard": shard,
-        "sanitized": counts.clipped + counts.dropped + int((~in_range).sum()),
-    }
-    return image, target
 
 
 def repeat_factors(manifest: dict, threshold: float) -> dict[int, float]:
@@ -101,6 +74,7 @@ def image_repeat_factor(labels, iscrowd, factors: dict[int, float]) -> float:
 @dataclass
 class _TrainPlan:
     urls: list[str]
+    keys: list[list[str]]  # per shard, as the manifest lists them
     batch_size: int
     batches_per_epoch: int
     shuffle_buffer: int
@@ -108,6 +82,11 @@ class _TrainPlan:
     num_classes: int
     seed: int
     rank: int
+
+
+# Faults in a row (unreadable shards drawn, or samples that fail to decode) after which a worker
+# gives up: the data cannot fill a batch however many faults train.max_bad_samples tolerates.
+_GIVE_UP = 1000
 
 
 class _TrainEpoch(IterableDataset):
@@ -130,15 +109,19 @@ class _TrainEpoch(IterableDataset):
         bad: list[dict] = []
         samples = _train_samples(p, rng, bad)
         for _ in range(n_skip * p.batch_size):
-            next(samples)
+            next(samples, None)
+        bad.clear()  # counted by the run that trained on these batches
         for _ in range(n_batches - n_skip):
             images, targets = [], []
             while len(images) < p.batch_size:
-                sample = next(samples)
+                sample = next(samples, None)
+                if sample is None or len(bad) >= _GIVE_UP:
+                    yield _fatal(f"no readable training sample in the last {len(bad)} tries (lost per shard: {_lost_per_shard(bad)})")
+                    return
                 try:
                     image, target = decode_sample(sample, p.num_classes)
                 except CorruptSample as e:
-                    bad.append({"shard": Path(sample.get("__url__", "?")).name, "key": sample.get("__key__"), "reason": str(e)})
+                    bad.append(bad_entry(sample["__url__"], sample["__key__"], str(e)))
                     continue
                 keep = target["iscrowd"] == 0
                 for k in ("boxes", "labels", "iscrowd"):
@@ -149,20 +132,34 @@ class _TrainEpoch(IterableDataset):
             bad.clear()
 
 
+def _fatal(reason: str) -> Batch:
+    """A batch that only carries a fault the consumer must raise (see ``_RaiseFatal``)."""
+    return Batch([], [], [{"shard": None, "key": None, "reason": reason, "samples": 0, "fatal": True}])
+
+
+def _lost_per_shard(bad: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for b in bad:
+        counts[b["shard"]] = counts.get(b["shard"], 0) + b["samples"]
+    return ", ".join(f"{s}: {n}" for s, n in sorted(counts.items()))
+
+
 def _train_samples(p: _TrainPlan, rng: random.Random, bad: list[dict]) -> Iterator[dict]:
-    """Endless raw samples: resampled shards -> tar members -> repeat-factor copies -> shuffle."""
-    current = {"url": "?"}
+    """Endless raw samples: resampled shards -> checked tar members -> repeat-factor copies -> shuffle.
 
-    def shards():
-        while True:
-            current["url"] = rng.choice(p.urls)
-            yield {"url": current["url"]}
+    Ends only when ``_GIVE_UP`` shards in a row yield nothing (every shard unreadable).
+    """
 
-    def on_tar_error(exn: Exception) -> bool:
-        bad.append({"shard": Path(current["url"]).name, "key": None, "reason": f"unreadable shard data: {exn}"})
-        return True  # keep going: the training loop counts these and stops past a set share
+    def raw():
+        empty = 0
+        while empty < _GIVE_UP:
+            i = rng.randrange(len(p.urls))
+            empty += 1
+            for sample in checked_samples(p.urls[i], p.keys[i], bad):
+                empty = 0
+                yield sample
 
-    stream = tarfile_samples(shards(), handler=on_tar_error)
+    stream = raw()
     if p.factors:
         stream = _repeat(stream, p.factors, rng, bad)
     if p.shuffle_buffer > 1:
@@ -183,7 +180,10 @@ def _repeat(stream, factors, rng: random.Random, bad: list[dict]):
 
 
 class TrainStream:
-    """Endless batches for one rank, epoch after epoch; ``batches_seen`` is the resume position."""
+    """Endless batches for one rank, epoch after epoch; ``batches_seen`` is the resume position.
+
+    Raises ``CorruptSample`` when the shards cannot fill a batch at all (see ``_GIVE_UP``).
+    """
 
     def __init__(self, shards_dir: str | Path, manifest: dict, data_cfg, rank: int, world: int, seed: int, start_batch: int = 0):
         n = int(manifest["num_samples"])
@@ -193,6 +193,7 @@ class TrainStream:
         thr = data_cfg.repeat_threshold
         self.plan = _TrainPlan(
             urls=shard_urls(shards_dir, manifest),
+            keys=[s["keys"] for s in manifest["shards"]],
             batch_size=data_cfg.batch_size,
             batches_per_epoch=max(1, per_rank // data_cfg.batch_size),
             shuffle_buffer=data_cfg.shuffle_buffer,
@@ -203,23 +204,15 @@ class TrainStream:
         )
         self.workers = data_cfg.workers
         self.batches_seen = start_batch
+        self.hint = f"; run `mapdet verify {shards_dir}` and repack the shards it names"
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
             epoch, skip = divmod(self.batches_seen, self.plan.batches_per_epoch)
-            # A private generator: DataLoader would otherwise draw its worker seed from the global
-            # RNG when the epoch starts, shifting the augmentation RNG of a resumed run.
-            loader = DataLoader(_TrainEpoch(self.plan, epoch, skip), batch_size=None, num_workers=self.workers,
-                                prefetch_factor=4 if self.workers else None, generator=torch.Generator(),
-                                worker_init_fn=_ignore_stop_signals)
-            for batch in loader:
+            loader = _loader(_TrainEpoch(self.plan, epoch, skip), self.workers, prefetch_factor=4 if self.workers else None)
+            for batch in _RaiseFatal(loader, self.hint):
                 self.batches_seen += 1
                 yield batch
-
-
-def read_shard(path: str | Path, handler=wds.reraise_exception) -> Iterator[dict]:
-    """Raw samples of one shard in tar order: ``__key__``, ``__url__``, ``jpg``/``json`` bytes."""
-    return iter(tarfile_samples([{"url": str(path)}], handler=handler))
 
 
 def eval_keys(manifest: dict, rank: int, world: int) -> list[str]:
@@ -246,49 +239,70 @@ class _EvalShare(IterableDataset):
         w_lo, w_hi = _share(r_hi - r_lo, wid, nw)
         lo, hi = r_lo + w_lo, r_lo + w_hi
         images, targets, bad = [], [], []
-        for sample in self._samples(lo, hi):
-            try:
-                image, target = decode_sample(sample, len(self.manifest["classes"]))
-            except CorruptSample as e:
-                if not self.skip_corrupt:
-                    raise
-                bad.append({"shard": Path(sample["__url__"]).name, "key": sample["__key__"], "reason": str(e)})
-                continue
-            images.append(image)
-            targets.append(target)
-            if len(images) == self.batch_size:
-                yield Batch(images, targets, bad)
-                images, targets, bad = [], [], []
+        try:
+            for sample in self._samples(lo, hi, bad if self.skip_corrupt else None):
+                try:
+                    image, target = decode_sample(sample, len(self.manifest["classes"]))
+                except CorruptSample as e:
+                    if not self.skip_corrupt:
+                        raise
+                    bad.append(bad_entry(sample["__url__"], sample["__key__"], str(e)))
+                    continue
+                images.append(image)
+                targets.append(target)
+                if len(images) == self.batch_size:
+                    yield Batch(images, targets, bad[:])
+                    images, targets = [], []
+                    bad.clear()
+        except CorruptSample as e:
+            yield _fatal(str(e))
+            return
         if images or bad:
             yield Batch(images, targets, bad)
 
-    def _samples(self, lo: int, hi: int) -> Iterator[dict]:
+    def _samples(self, lo: int, hi: int, lost: list | None) -> Iterator[dict]:
         start = 0
         for url, shard in zip(self.urls, self.manifest["shards"]):
             end = start + shard["num_samples"]
             if start < hi and end > lo:
-                yield from _shard_range(url, shard, max(lo - start, 0), min(hi, end) - start)
+                yield from sample_range(url, shard, max(lo - start, 0), min(hi, end) - start, lost)
             start = end
 
 
-def _shard_range(url: str, shard: dict, lo: int, hi: int) -> Iterator[dict]:
-    """Samples lo..hi-1 of one shard, checked against the manifest's keys for that position."""
-    for i, sample in enumerate(read_shard(url)):
-        if i >= hi:
-            return
-        if i >= lo:
-            expected = shard["keys"][i] if i < len(shard["keys"]) else None
-            if sample["__key__"] != expected:
-                raise CorruptSample(f"{shard['name']}: sample {i} is {sample['__key__']!r}, manifest says {expected!r}")
-            yield sample
-
-
 def eval_loader(shards_dir: str | Path, manifest: dict, batch_size: int, workers: int, rank: int, world: int,
-                skip_corrupt: bool = False) -> DataLoader:
-    """Rank ``rank``'s exactly-once share of a split, as ``Batch``es (targets keep crowd regions)."""
+                skip_corrupt: bool = False) -> Iterable[Batch]:
+    """Rank ``rank``'s exactly-once share of a split, as ``Batch``es (targets keep crowd regions).
+
+    Raises ``CorruptSample`` at the first fault unless ``skip_corrupt``.
+    """
     dataset = _EvalShare(shards_dir, manifest, rank, world, batch_size, skip_corrupt)
-    return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),  # leaves global RNG alone
-                      worker_init_fn=_ignore_stop_signals)
+    hint = "" if skip_corrupt else " (eval.skip_corrupt=true leaves such images out and counts them)"
+    return _RaiseFatal(_loader(dataset, workers), hint)
+
+
+class _RaiseFatal:
+    """Iterates a loader and raises a worker's fatal fault (see ``_fatal``) here, as ``CorruptSample``
+    with its one-line message: an exception raised in a worker would arrive wrapped in its traceback."""
+
+    def __init__(self, loader: DataLoader, hint: str = ""):
+        self.loader, self.hint = loader, hint
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            for b in batch.bad:
+                if b.get("fatal"):
+                    raise CorruptSample(b["reason"] + self.hint)
+            yield batch
+
+
+def _loader(dataset: IterableDataset, workers: int, **kwargs) -> DataLoader:
+    """A DataLoader over a dataset that yields whole ``Batch``es, with stop-signal-proof workers."""
+    if workers:
+        _kill_workers_at_exit()
+    # A private generator: DataLoader would otherwise draw its worker seed from the global RNG when
+    # an epoch starts, shifting the augmentation RNG of a resumed training run.
+    return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                      worker_init_fn=_ignore_stop_signals, **kwargs)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -297,3 +311,23 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     training process decides when to stop; workers exit with it (PyTorch watches the parent)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+_exit_hook: list[bool] = []
+
+
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing SIGTERMs its daemonic children (DataLoader workers) and
+    waits for them. Ours ignore SIGTERM, so a process ending while a loader is alive (an uncaught
+    error keeps it referenced from the traceback, e.g. a collective failing when another rank
+    died) would wait forever. This handler runs first (atexit is last in, first out) and kills them."""
+    if not _exit_hook:
+        atexit.register(_kill_daemon_children)
+        _exit_hook.append(True)
+
+
+def _kill_daemon_children() -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's handler would call the kill a worker failure
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            os.kill(child.pid, signal.SIGKILL)

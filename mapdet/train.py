@@ -5,6 +5,12 @@ DDP: ``accelerate launch --config_file launch/accelerate/<topology>.yaml -m mapd
 
 The run folder (train.out) gets config.yaml, checkpoints/step_N/, tensorboard/, export/ (plain
 weights) and metrics_step_N.json from each validation. SIGTERM/SIGUSR1 -> checkpoint, exit 75.
+
+Faults: corrupt training samples are skipped and counted for the whole job, per shard
+(TensorBoard ``train/bad_samples/<shard>``, and the log); past train.max_bad_samples of the samples
+read, training stops with a checkpoint and exit 1. Boxes the decoder had to clip or drop are
+counted as ``train/sanitized_boxes``. A rank that dies or stops answering makes the others fail
+their next collective (at once, or after train.timeout_s) with a one-line message and exit 1.
 """
 
 from __future__ import annotations
@@ -55,17 +61,18 @@ def run(args: argparse.Namespace) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
-    step, batches_done, counters = 0, 0, {"skipped_steps": 0, "bad_samples": 0, "samples": 0}
+    step, batches_done, counters = 0, 0, {"skipped_steps": 0, "bad_samples": 0, "samples": 0, "bad_by_shard": {},
+                                       "sanitized_boxes": 0}
     resume_from = checkpoint.resolve(run_dir, args.resume)
     if resume_from is not None:
         meta = checkpoint.load(resume_from, raw_model, optimizer, scheduler, accelerator.scaler)
-        step, batches_done, counters = meta["step"], meta["batches"], meta["counters"]
+        step, batches_done, counters = meta["step"], meta["batches"], {**counters, **meta["counters"]}
         accelerator.print(f"resumed from {resume_from} at step {step}")
     if step >= cfg.train.max_steps:
         accelerator.print(f"{run_dir} already finished {step} steps (train.max_steps={cfg.train.max_steps})")
         tracking.finish(accelerator)
         return 0
-    batches = iter(TrainStream(cfg.data.shards, train_manifest, cfg.data, rank, world, cfg.train.seed, batches_done))
+    batches = _SanitizedTally(iter(TrainStream(cfg.data.shards, train_manifest, cfg.data, rank, world, cfg.train.seed, batches_done)))
     augment = BatchAugment(cfg.augment).to(device)
     val = _validation_inputs(cfg, accelerator)
 
@@ -77,41 +84,47 @@ def run(args: argparse.Namespace) -> int:
     preemption.install()
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process)
     nonfinite_in_row, exit_code = 0, 0
-    while step < cfg.train.max_steps:
-        res = train_step(accelerator, model, optimizer, scheduler, batches, augment, cfg.optim.grad_accum, cfg.optim.clip_norm)
-        step += 1
-        batches_done += cfg.optim.grad_accum
-        bar.update()
-        nonfinite_in_row = nonfinite_in_row + 1 if res.skipped else 0
-        counters["skipped_steps"] += res.skipped
-        counters["bad_samples"] += len(res.bad)
-        counters["samples"] += res.images
-        _report_bad(accelerator, res.bad)
-        if step % cfg.train.log_every == 0 or step == 1:
-            _log_step(accelerator, res, scheduler, counters, world, step)
-            bar.set_postfix(loss=f"{res.losses['loss']:.3f}")
-        if cfg.train.image_log_every and step % cfg.train.image_log_every == 0 and res.last_images is not None:
-            tracking.images_with_boxes(accelerator, "train/augmented", res.last_images[:2],
-                                       [t["boxes"] for t in res.last_targets[:2]], [t["labels"] for t in res.last_targets[:2]], names, step)
-        stop = _stop_reason(cfg, counters, nonfinite_in_row)
-        if comm.any_rank(bool(stop), device) and not stop:  # ranks must stop together or DDP hangs
-            stop = "another rank stopped (see its message above)"
-        preempted = comm.any_rank(preemption.requested(), device)
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or preempted or stop:
-            checkpoint.save(run_dir, step, raw_model, optimizer, scheduler, accelerator.scaler,
-                            {"batches": batches_done, "counters": counters}, cfg.train.keep_last)
-        if preempted:
-            accelerator.print(f"preempted ({preemption.reason() or 'signal on another rank'}): checkpoint at step {step} written; exiting {preemption.EXIT_PREEMPTED}")
-            if accelerator.is_main_process:
-                preemption.write_marker(run_dir, step)
-            exit_code = preemption.EXIT_PREEMPTED
-            break
-        if stop:
-            accelerator.print(f"stopping at step {step}: {stop}")
-            exit_code = 1
-            break
-        if val and (step == cfg.train.max_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-            _validate(accelerator, raw_model, cfg, val, train_manifest, run_dir, step)
+    try:
+        while step < cfg.train.max_steps:
+            res = train_step(accelerator, model, optimizer, scheduler, batches, augment, cfg.optim.grad_accum, cfg.optim.clip_norm)
+            step += 1
+            batches_done += cfg.optim.grad_accum
+            bar.update()
+            nonfinite_in_row = nonfinite_in_row + 1 if res.skipped else 0
+            counters["skipped_steps"] += res.skipped
+            _report_bad(accelerator, res.bad, _count_samples(res, batches.take(), counters, device), counters, step)
+            if step % cfg.train.log_every == 0 or step == 1:
+                _log_step(accelerator, res, scheduler, counters, world, step)
+                bar.set_postfix(loss=f"{res.losses['loss']:.3f}")
+            if cfg.train.image_log_every and step % cfg.train.image_log_every == 0 and res.last_images is not None:
+                tracking.images_with_boxes(accelerator, "train/augmented", res.last_images[:2],
+                                           [t["boxes"] for t in res.last_targets[:2]], [t["labels"] for t in res.last_targets[:2]], names, step)
+            stop = _stop_reason(cfg, counters, nonfinite_in_row)
+            if comm.any_rank(bool(stop), device) and not stop:  # ranks must stop together or DDP hangs
+                stop = "another rank stopped (see its message above)"
+            preempted = comm.any_rank(preemption.requested(), device)
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or preempted or stop:
+                checkpoint.save(run_dir, step, raw_model, optimizer, scheduler, accelerator.scaler,
+                                {"batches": batches_done, "counters": counters}, cfg.train.keep_last)
+            if preempted:
+                accelerator.print(f"preempted ({preemption.reason() or 'signal on another rank'}): checkpoint at step {step} written; exiting {preemption.EXIT_PREEMPTED}")
+                if accelerator.is_main_process:
+                    preemption.write_marker(run_dir, step)
+                exit_code = preemption.EXIT_PREEMPTED
+                break
+            if stop:
+                accelerator.print(f"stopping at step {step}: {stop}")
+                exit_code = 1
+                break
+            if val and (step == cfg.train.max_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+                _validate(accelerator, raw_model, cfg, val, train_manifest, run_dir, step)
+    except RuntimeError as e:
+        if not _rank_failure(e):
+            raise
+        print(f"[rank {rank}] stopping at step {step}: a collective failed ({str(e).splitlines()[0][:300]}). Another "
+              f"rank died or did not answer within train.timeout_s={cfg.train.timeout_s}. Checkpoints up to the last "
+              f"complete one are kept: rerun with --resume auto", file=sys.stderr)
+        return 1
     bar.close()
     _check_replicas(accelerator, raw_model)
     if exit_code == 0 and accelerator.is_main_process:
@@ -121,11 +134,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _validation_inputs(cfg, accelerator):
-    """(manifest, COCO ground truth) of the validation split, or None when it is not packed."""
+    """(manifest, COCO ground truth) of the validation split, or None when it is not packed or empty."""
     try:
         manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
     except ValueError:
         accelerator.print(f"no {cfg.data.val_split} split in {cfg.data.shards}: training without validation")
+        return None
+    if not manifest["num_samples"]:
+        accelerator.print(f"the {cfg.data.val_split} split in {cfg.data.shards} has no images: training without validation")
         return None
     return manifest, json.loads(coco_path(cfg.data.shards, cfg.data.val_split).read_text())
 
@@ -155,15 +171,56 @@ def _log_step(accelerator, res, scheduler, counters, world: int, step: int) -> N
         "train/data_wait": res.data_wait_s / max(res.step_time_s, 1e-9),
         "train/skipped_steps": counters["skipped_steps"],
         "train/bad_samples": counters["bad_samples"],
+        "train/sanitized_boxes": counters["sanitized_boxes"],
     })
+    values.update({f"train/bad_samples/{shard}": n for shard, n in counters["bad_by_shard"].items()})
     if torch.cuda.is_available():
         values["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     tracking.scalars(accelerator, {k: v for k, v in values.items() if math.isfinite(v)}, step)
 
 
-def _report_bad(accelerator, bad: list[dict]) -> None:
+class _SanitizedTally:
+    """Passes training batches through, counting the boxes the decoder clipped or dropped (outside
+    the image, without area, label outside 1..K) until ``take()``."""
+
+    def __init__(self, batches):
+        self.batches, self.count = batches, 0
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.count += sum(t["sanitized"] for t in batch.targets)
+        return batch
+
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
+
+
+def _count_samples(res, sanitized: int, counters: dict, device) -> list[dict]:
+    """Add the images, sanitised boxes and corrupt samples of this step on ALL ranks to ``counters``
+    (so every rank takes the same stop decision and TensorBoard shows the whole job); returns every
+    rank's bad entries."""
+    totals = comm.all_reduce_sum(torch.tensor([float(len(res.bad)), float(res.images), float(sanitized)], device=device))
+    bad = [b for part in comm.all_gather_object(res.bad) for b in part] if totals[0] > 0 else []
+    counters["samples"] += int(totals[1])
+    counters["sanitized_boxes"] += int(totals[2])
     for b in bad:
+        n = b.get("samples", 1)
+        counters["bad_samples"] += n
+        counters["bad_by_shard"][b["shard"]] = counters["bad_by_shard"].get(b["shard"], 0) + n
+    return bad
+
+
+def _report_bad(accelerator, mine: list[dict], everyone: list[dict], counters: dict, step: int) -> None:
+    for b in mine:
         print(f"[rank {accelerator.process_index}] skipped bad sample in {b['shard']} ({b['key']}): {b['reason']}", file=sys.stderr)
+    if everyone:
+        accelerator.print(f"step {step}: {sum(b.get('samples', 1) for b in everyone)} corrupt sample(s) skipped; "
+                          f"so far per shard: {_per_shard(counters)}")
+
+
+def _per_shard(counters: dict) -> str:
+    return ", ".join(f"{s} {n}" for s, n in sorted(counters["bad_by_shard"].items(), key=lambda x: -x[1]))
 
 
 def _stop_reason(cfg, counters: dict, nonfinite_in_row: int) -> str:
@@ -173,8 +230,14 @@ def _stop_reason(cfg, counters: dict, nonfinite_in_row: int) -> str:
     seen = counters["samples"] + counters["bad_samples"]
     if seen >= 50 and counters["bad_samples"] > cfg.train.max_bad_samples * seen:
         return (f"{counters['bad_samples']} of {seen} training samples were corrupt, above train.max_bad_samples="
-                f"{cfg.train.max_bad_samples}; run `mapdet verify {cfg.data.shards}` and repack the shards it names")
+                f"{cfg.train.max_bad_samples} (per shard: {_per_shard(counters)}); run `mapdet verify {cfg.data.shards}` "
+                "and repack the shards it names")
     return ""
+
+
+def _rank_failure(e: RuntimeError) -> bool:
+    """A collective that failed because a peer died or timed out (gloo raises a plain RuntimeError)."""
+    return isinstance(e, torch.distributed.DistError) or "gloo" in str(e)
 
 
 def _check_replicas(accelerator, raw_model) -> None:

@@ -7,8 +7,9 @@ or duplicated image is an error naming the keys); the COCO scoring is itself spl
 by category (``evaluator.evaluate_coco``). Ranks with uneven shares never wait inside the loop:
 the only collectives come after it.
 
-Images left out because ``eval.skip_corrupt`` is on are removed from the ground truth too (their
-objects would otherwise count as misses) and reported as ``images_left_out``.
+A corrupt sample or shard on any rank raises ``CorruptSample`` (naming shard and key) on every
+rank. Images left out because ``eval.skip_corrupt`` is on are removed from the ground truth too
+(their objects would otherwise count as misses) and reported as ``images_left_out``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from tqdm import tqdm
 from mapdet import comm
 from mapdet.config import EvalConfig
 from mapdet.data import eval_keys, eval_loader
-from mapdet.engine import predict
+from mapdet.engine import Predictions, predict
 from mapdet.evaluator import CocoResult, Detections, evaluate_coco
 from mapdet.manifest import class_names
+from mapdet.shardread import CorruptSample
 
 
 class CoverageError(RuntimeError):
@@ -41,13 +43,21 @@ class Validation:
 
 def validate(model, device, cfg: EvalConfig, shards, manifest: dict, gt: dict) -> Validation:
     """Collective: every rank calls it with the same arguments; every rank gets the result."""
+    if not manifest["num_samples"]:  # COCO would score it -1 (no ground truth): no number is better
+        raise ValueError(f"the {manifest['split']} split in {shards} has no images to evaluate")
     rank, world = comm.get_rank(), comm.get_world_size()
     loader = eval_loader(shards, manifest, cfg.batch_size, cfg.workers, rank, world, cfg.skip_corrupt)
     bar = tqdm(total=len(eval_keys(manifest, rank, world)), desc="validate", unit="img",
                disable=not comm.is_main_process(), leave=False)
-    preds = predict(model, loader, device, with_loss=cfg.val_loss, progress=bar)
+    try:
+        preds, error = predict(model, loader, device, with_loss=cfg.val_loss, progress=bar), None
+    except CorruptSample as e:  # raised on every rank below, so no rank waits in the gather
+        preds, error = Predictions(Detections.empty(), [], {}, []), str(e)
     bar.close()
-    parts = comm.all_gather_object((preds.detections, preds.keys, preds.loss_sum, preds.skipped))
+    parts = comm.all_gather_object((preds.detections, preds.keys, preds.loss_sum, preds.skipped, error))
+    errors = [p[4] for p in parts if p[4]]
+    if errors:
+        raise CorruptSample(errors[0])
     keys = [k for p in parts for k in p[1]]
     left_out = [s for p in parts for s in p[3]]
     _check_coverage(manifest, keys, {s["key"] for s in left_out})

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mapdet.data import CorruptSample, decode_sample, read_shard
 from mapdet.manifest import ManifestError, load_manifest, sha256_file
+from mapdet.shardread import CorruptSample, decode_sample, read_shard
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -281,7 +281,8 @@ class VistasReader:
         w, h = rows[:, 3] + self._wh_offset, rows[:, 4] + self._wh_offset
         bad = (w <= 0) | (h <= 0) | (rows[:, 5] <= 0)
         if bad.any():
-            raise BadSample(f"{self.json_path}: image {stem} segment {int(rows[bad, 7][0])} has zero area")
+            raise BadSample(f"{self.json_path}: image {stem} segment {int(rows[bad, 7][0])} has zero area "
+                            "or a box of non-positive size")
         return rows[:, 0].astype(np.int64), np.stack([x, y, x + w, y + h], 1), rows[:, 6].astype(np.uint8)
 
     def _panoptic_targets(self, stem: str, size: tuple[int, int]):
