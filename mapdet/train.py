@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         accelerator.print(f"resumed from {resume_from} at step {step}")
     if step >= cfg.train.max_steps:
         accelerator.print(f"{run_dir} already finished {step} steps (train.max_steps={cfg.train.max_steps})")
+        if accelerator.is_main_process and not (run_dir / "export" / "model.safetensors").exists():
+            _export(raw_model, run_dir, cfg, names)  # killed after its last checkpoint, before the export
         tracking.finish(accelerator)
         return 0
     batches = _SanitizedTally(iter(TrainStream(cfg.data.shards, train_manifest, cfg.data, rank, world, cfg.train.seed, batches_done)))

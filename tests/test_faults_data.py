@@ -32,11 +32,13 @@ def jpeg(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
-def rewrite(tar: Path, edits: dict[str, dict], extra: list[dict] = ()) -> None:
-    """Rewrite a shard with webdataset's TarWriter, replacing fields of some samples, adding others."""
+def rewrite(tar: Path, edits: dict[str, dict], extra: list[dict] = (), at: int | None = None) -> None:
+    """Rewrite a shard with webdataset's TarWriter, replacing fields of some samples and inserting
+    ``extra`` samples at position ``at`` (default: the end)."""
     samples = [{k: v for k, v in s.items() if k in ("__key__", "jpg", "json")} for s in read_shard(tar)]
+    at = len(samples) if at is None else at
     with wds.TarWriter(str(tar), encoder=False) as sink:
-        for s in [*samples, *extra]:
+        for s in [*samples[:at], *extra, *samples[at:]]:
             sink.write({**s, **edits.get(s["__key__"], {})})
 
 
