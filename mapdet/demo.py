@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     n_train, n_val = (24, 8) if args.quick else (args.train, args.val)
     procs = args.processes or max(torch.cuda.device_count(), 2)
     overrides = [f"data.shards={shards}", f"train.out={run_dir}"]
-    synth_size = ["--size", "256x192"] if args.quick else []
+    # Objects 1.5x the generator's default size: the demo has minutes to learn from scratch.
+    synth_size = ["--object-scale", "1.5"] + (["--size", "256x192"] if args.quick else [])
     if args.quick:
         overrides += ["train.max_steps=6", "train.ckpt_every=3", "model.min_size=192", "model.max_size=256"]
     elif args.steps:

@@ -209,6 +209,7 @@ def _place(rng, cfg, k: int, w: int, h: int, horizon: int, scale: float, members
     oh = rng.uniform(*t.height) * h * scale * cfg.object_scale
     ow = oh * rng.uniform(*t.aspect) * (0.7 * members if members else 1)
     oh, ow = max(cfg.min_side, round(oh)), max(cfg.min_side, round(ow))
+    oh, ow = min(oh, h), min(ow, w)  # a large --object-scale must not outgrow the image
     if t.place == "ground":
         y0 = round(horizon + depth * (h - horizon)) - oh
     elif t.place == "air":
