@@ -15,10 +15,13 @@ import webdataset as wds
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mapdet.config import DataConfig
+from mapdet import comm
+from mapdet.config import DataConfig, EvalConfig, ModelConfig
 from mapdet.data import TrainStream, eval_loader
 from mapdet.manifest import load_manifest
+from mapdet.model import build_model
 from mapdet.shardread import CorruptSample, read_shard
+from mapdet.validation import validate
 from tests.conftest import run_cli
 
 # the small preset on 160x120 images, one process: well under a second per step
@@ -233,3 +236,17 @@ def test_evaluate_cli_fails_naming_the_sample_or_counts_what_it_left_out(faulty_
 def test_evaluate_with_skip_corrupt_also_logs_images(faulty_run, faulty_val, tmp_path):
     r = _evaluate(faulty_run, faulty_val[0], tmp_path, "eval.workers=0", "eval.skip_corrupt=true")
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_a_corrupt_sample_on_another_rank_fails_this_rank_too(shards, monkeypatch):
+    """Rank 0 reads clean data, rank 1 hit a corrupt sample: rank 0 raises the same error instead of
+    going on to the scoring collectives, where it would wait for rank 1 until the timeout."""
+    m = load_manifest(shards, "validation")
+    gt = json.loads((shards / "validation.coco.json").read_text())
+    model = build_model(ModelConfig(arch="small", min_size=128, max_size=160), len(m["classes"]) + 1)
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "get_rank", lambda: 0)
+    error = "validation-000001.tar: sample 'k' does not decode: RuntimeError: bad"
+    monkeypatch.setattr(comm, "all_gather_object", lambda own: [own, (*own[:4], error)])
+    with pytest.raises(CorruptSample, match="validation-000001.tar: sample 'k' does not decode"):
+        validate(model, "cpu", EvalConfig(workers=0, val_loss=False), shards, m, gt)
