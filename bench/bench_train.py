@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
 from mapdet import comm
-from mapdet.augment import BatchAugment
+from mapdet.augment import _CROP_ASPECT, BatchAugment
 from mapdet.config import AugmentConfig, DataConfig, load_config
 from mapdet.data import Batch, TrainStream, decode_sample, read_shard
 from mapdet.engine import train_step
@@ -57,7 +57,6 @@ from mapdet.packer import PackOptions, merge, pack
 from mapdet.synthetic import SynthConfig, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
-_CROP_ASPECT = (3 / 4, 4 / 3)  # crop w/h relative to the image's, as BatchAugment draws it
 
 
 class ReferenceDataset(Dataset):
@@ -88,7 +87,7 @@ def reference_transform(cfg: AugmentConfig, size: tuple[int, int]) -> T.Compose:
     h, w = size
     ops = [T.RandomHorizontalFlip(cfg.hflip)]
     if cfg.scale_jitter > 0:
-        ratio = (w / h * _CROP_ASPECT[0], w / h * _CROP_ASPECT[1])
+        ratio = (w / h * _CROP_ASPECT[0], w / h * _CROP_ASPECT[1])  # the crop aspect range BatchAugment draws
         ops.append(T.RandomApply([T.RandomResizedCrop((h, w), scale=(cfg.scale_min, 1.0), ratio=ratio)], p=cfg.scale_jitter))
     if cfg.color_jitter > 0:
         ops.append(T.RandomApply([T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.color_jitter))
