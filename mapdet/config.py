@@ -146,6 +146,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return OmegaConf.to_object(merged)
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
+    except yaml.YAMLError as e:  # also a !!python tag, which safe_load refuses to construct
+        raise ConfigError(f"{path}: not a plain YAML mapping: {str(e).splitlines()[0]}") from e
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]

@@ -83,7 +83,7 @@ def _log_images(accelerator, model, cfg, manifest, names, v, step: int) -> None:
     n = cfg.eval.num_images_logged
     if n <= 0:
         return
-    batch = next(iter(eval_loader(cfg.data.shards, manifest, n, 0, rank=0, world=1)))
+    batch = next(iter(eval_loader(cfg.data.shards, manifest, n, 0, rank=0, world=1, skip_corrupt=True)))  # pictures only
     dets = v.detections
     boxes, labels, scores = [], [], []
     for t in batch.targets:

@@ -231,8 +231,6 @@ def test_evaluate_cli_fails_naming_the_sample_or_counts_what_it_left_out(faulty_
     assert f"({len(left)} left out: corrupt)" in r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate._log_images reads the first images without eval.skip_corrupt: "
-                                        "needs skip_corrupt=True there (mapdet/evaluate.py, not this suite's file)")
 def test_evaluate_with_skip_corrupt_also_logs_images(faulty_run, faulty_val, tmp_path):
     r = _evaluate(faulty_run, faulty_val[0], tmp_path, "eval.workers=0", "eval.skip_corrupt=true")
     assert r.returncode == 0, r.stderr[-3000:]

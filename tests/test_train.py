@@ -86,8 +86,11 @@ def test_kill_then_resume_and_sigusr1_preemption_end_at_the_uninterrupted_weight
     killed = tmp_path / "killed"
     proc = _launch_bg(_args(shards, killed, *steps), tmp_path / "killed.log")
     _wait_for(killed / "checkpoints" / "step_0000003" / "meta.json", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    ranks = _workers(proc.pid)
+    for group in (proc.pid, *ranks):  # torch starts each rank in a session of its own
+        os.killpg(group, signal.SIGKILL)
     proc.wait()
+    assert ranks and not (killed / "export").exists()  # really killed before the end
     r = accelerate_launch(*_args(shards, killed, *steps), "--resume", "auto")
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
 
