@@ -150,7 +150,7 @@ def test_same_seed_same_result_other_seed_differs():
         torch.manual_seed(seed)
         return aug(images, targets)
 
-    (a, ta), (b, tb), (c, tc) = run(0), run(0), run(1)
+    (a, ta), (b, tb), (c, _) = run(0), run(0), run(1)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(ta, tb))
     assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c))

@@ -1,6 +1,5 @@
 """mapdet.model: archs build, the small preset learns, config validation, class-weighted loss, weights I/O."""
 
-import dataclasses
 
 import pytest
 import torch
