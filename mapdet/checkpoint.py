@@ -79,7 +79,7 @@ def load_weights(run_dir, spec: str) -> tuple[dict, int]:
     from mapdet.model import load_weights_file  # model imports torchvision: only when needed
 
     if Path(spec).is_file():
-        with _no_pickled_objects(spec):
+        with refuse_pickled_objects(spec):
             return load_weights_file(spec, "--checkpoint"), 0
     found = resolve(run_dir, spec)
     if found is None:
@@ -121,7 +121,7 @@ def load(path: Path, model, optimizer=None, scheduler=None, scaler=None) -> dict
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     for obj, name in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt"), (scaler, "scaler.pt")):
         if obj is not None and (path / name).exists():
-            with _no_pickled_objects(path / name):
+            with refuse_pickled_objects(path / name):
                 obj.load_state_dict(torch.load(path / name, map_location="cpu", weights_only=True))
     rank = comm.get_rank()
     if (path / f"rng_rank{rank}.pt").exists():
@@ -143,7 +143,7 @@ def _save_rng(folder: Path, rank: int) -> None:
 
 
 def _load_rng(folder: Path, rank: int) -> None:
-    with _no_pickled_objects(folder / f"rng_rank{rank}.pt"):
+    with refuse_pickled_objects(folder / f"rng_rank{rank}.pt"):
         tensors = torch.load(folder / f"rng_rank{rank}.pt", map_location="cpu", weights_only=True)
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
@@ -156,7 +156,7 @@ def _load_rng(folder: Path, rank: int) -> None:
 
 
 @contextlib.contextmanager
-def _no_pickled_objects(path):
+def refuse_pickled_objects(path):
     """``torch.load(weights_only=True)`` refuses pickled objects with a long UnpicklingError; turn it
     into a one-line ValueError naming the file and the refused class (the CLI prints it, exit 2)."""
     try:

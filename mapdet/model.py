@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pickle
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -303,10 +302,10 @@ def load_weights_file(path: str | Path, key: str = "model.weights") -> dict[str,
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
+    from mapdet.checkpoint import refuse_pickled_objects
+
+    with refuse_pickled_objects(f"{key}: {path}"):  # weights_only refuses code that would run on load
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refuses pickled objects: code that would run on load
-        raise ValueError(f"{key}: {path} holds pickled objects, not only tensors; refusing to load it") from e
     for wrapper in ("model", "state_dict"):  # training checkpoints nest the weights
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
