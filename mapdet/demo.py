@@ -110,8 +110,10 @@ def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict
     print(f"  metrics      {run_dir / 'eval' / 'final' / 'metrics.json'}")
     print(f"  report       {report / 'report.md'}")
     print(f"  validation   AP {bbox['AP']:.3f}   AP50 {bbox['AP50']:.3f}   val loss {metrics['val_loss'].get('loss', float('nan')):.3f}")
-    if top:
+    if top and top["impact"] > 0:
         print(f"  top cause    {top['cause']} ({top['impact']:.1f} AP points): {top['advice']}")
+    else:  # advice for a cause with no measured impact would only mislead
+        print("  top cause    none measurable (every diagnosed impact is 0 AP points)")
     print(f"  TensorBoard  tensorboard --logdir {run_dir}")
     print("=" * 72)
     summary = {"AP": bbox["AP"], "AP50": bbox["AP50"], "val_loss": metrics["val_loss"].get("loss"),
