@@ -5,6 +5,9 @@ wrong type raises ``ConfigError`` naming the full dotted key. Each section is ha
 code that owns it (``cfg.model`` to ``mapdet.model``, ``cfg.augment`` to ``mapdet.augment``, ...),
 so the class a key configures is the dataclass it is written in.
 
+A string key gets the text the user typed (``train.mixed_precision: no`` is ``"no"``, not False), and
+a key with a fixed set of values (``CHOICES``) is checked when the config loads.
+
     cfg = load_config("launch/configs/demo.yaml", ["optim.lr=0.01", "train.max_steps=200"])
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import OmegaConf
@@ -21,6 +24,19 @@ from omegaconf.errors import OmegaConfBaseException
 
 class ConfigError(ValueError):
     """A configuration file or override the user must fix; the message names the key."""
+
+
+# Keys that take one of a fixed set of values, checked by load_config. This is the one home of these
+# lists: mapdet.model (ARCH_DEFAULTS is keyed by the archs) and mapdet.optim read them from here.
+# (OmegaConf structured configs do not support typing.Literal, hence a table beside the dataclasses.)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("resnet50_fpn_v2", "mobilenet_v3_large_fpn", "small"),
+    "model.class_weights": ("none", "inv_sqrt", "explicit"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("multistep", "cosine"),
+    # accelerate.utils.PrecisionType (fp8 also needs an fp8 backend: TransformerEngine, MS-AMP or torchao)
+    "train.mixed_precision": ("no", "bf16", "fp16", "fp8"),
+}
 
 
 @dataclass
@@ -38,7 +54,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # Keys set to None take the arch's default (mapdet.model.ARCH_DEFAULTS; "small" is a CPU preset).
-    arch: str = "resnet50_fpn_v2"  # resnet50_fpn_v2 | mobilenet_v3_large_fpn | small
+    arch: str = "resnet50_fpn_v2"  # CHOICES: resnet50_fpn_v2 | mobilenet_v3_large_fpn | small
     min_size: Optional[int] = None  # torchvision resizes the shorter side to this...
     max_size: Optional[int] = None  # ...unless the longer side would exceed this
     # One anchor size per FPN level (resnet50_fpn_v2: 5, mobilenet_v3_large_fpn: 3, small: 4), e.g.
@@ -57,7 +73,7 @@ class ModelConfig:
     weights: Optional[str] = None  # full detector weights (local file: .pth or .safetensors)
     backbone_weights: Optional[str] = None  # backbone-only weights (local file)
     trainable_backbone_layers: Optional[int] = None  # None = torchvision's default for the arch
-    class_weights: str = "none"  # none | inv_sqrt | explicit
+    class_weights: str = "none"  # CHOICES: none | inv_sqrt | explicit
     class_weights_list: Optional[list[float]] = None  # with "explicit": K+1 values, index 0 = background
 
 
@@ -79,13 +95,13 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: str = "sgd"  # CHOICES: sgd | adamw
     lr: float = 0.02  # for the global batch (all ranks, after accumulation)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 500
     warmup_factor: float = 0.001
-    schedule: str = "multistep"  # multistep | cosine
+    schedule: str = "multistep"  # CHOICES: multistep | cosine
     milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # shares of max_steps
     gamma: float = 0.1
     grad_accum: int = 1
@@ -97,7 +113,7 @@ class TrainConfig:
     out: str = "runs/exp"  # run folder: config, checkpoints, TensorBoard, exports
     max_steps: int = 90000  # optimizer steps
     seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (passed to accelerate)
+    mixed_precision: str = "no"  # CHOICES: no | bf16 | fp16 | fp8 (passed to accelerate)
     log_every: int = 20
     image_log_every: int = 1000  # augmented training images drawn to TensorBoard
     ckpt_every: int = 1000
@@ -128,6 +144,78 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# Why strings are read with the field's type in hand: YAML 1.1 (PyYAML's SafeLoader, and OmegaConf's
+# own loader behind from_dotlist) reads no/yes/on/off/true/false as booleans, null/~ as None and
+# 1e-3-like text as numbers, before anyone knows which key the value is for. OmegaConf then turns
+# False into "False" for a str key, so `train.mixed_precision: no` reached accelerate as "False".
+# Quoting ("no") is a trap users should not have to know about. So the YAML is composed into nodes
+# first (the resolver has only tagged them); for a key whose dataclass type is str, a scalar that
+# YAML would have turned into a bool/int/float/null/date is retagged as a string, so it is built
+# from the text as written. Every other key is built exactly as before (a bool key still reads
+# true/false, an int key still rejects `abc` through OmegaConf), an Optional[str] key still reads
+# YAML's null (null, Null, NULL, ~, nothing) as None, and tags such as !!python/... are left alone for
+# SafeLoader to refuse. Overrides go through the same path: `--set section.key=value` parses `value`
+# as YAML for that key, as OmegaConf's from_dotlist did, so a file and --set always agree.
+_STR = "tag:yaml.org,2002:str"
+_NULL = "tag:yaml.org,2002:null"
+_IMPLICIT = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "null", "timestamp")}
+
+
+def _string_kind(tp) -> Optional[str]:
+    """'str' for a str field, 'optional' for Optional[str], None for any other type."""
+    if tp is str:
+        return "str"
+    if get_origin(tp) is Union and set(get_args(tp)) == {str, type(None)}:
+        return "optional"
+    return None
+
+
+def _field_type(dotted: str):
+    """The type hint of a dotted key in ``Config`` (a dataclass for a section), None if unknown."""
+    tp = Config
+    for part in dotted.split("."):
+        hints = get_type_hints(tp) if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__") else {}
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _keep_string_text(node: yaml.Node, tp) -> None:
+    """Retag, in place, the scalars under ``node`` that fill str keys of ``tp`` so they stay text."""
+    if isinstance(node, yaml.MappingNode) and hasattr(tp, "__dataclass_fields__"):
+        hints = get_type_hints(tp)
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in hints:
+                _keep_string_text(value, hints[key.value])
+        return
+    kind = _string_kind(tp)
+    if kind and isinstance(node, yaml.ScalarNode) and node.tag in _IMPLICIT:
+        if not (kind == "optional" and node.tag == _NULL):
+            node.tag = _STR  # node.value is the scalar's text as written
+
+
+def _load_yaml(text: str, tp):
+    """``yaml.safe_load(text)`` with the str keys of ``tp`` kept as the text written."""
+    loader = yaml.SafeLoader(text)  # safe: a config never constructs Python objects
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _keep_string_text(node, tp)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_choices(cfg: Config) -> None:
+    for dotted, choices in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"config key {dotted!r}: {value!r} is not one of {' | '.join(choices)}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- ``section.key=value`` overrides, type-checked; returns a ``Config``."""
     schema = OmegaConf.structured(Config)
@@ -135,15 +223,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         merged = schema
         if path is not None:
             text = Path(path).read_text()
-            data = yaml.safe_load(text) or {}  # safe_load: a config never constructs objects
+            data = _load_yaml(text, Config) or {}
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
             merged = OmegaConf.merge(merged, OmegaConf.create(data))
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form section.key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        return OmegaConf.to_object(merged)
+            dotted, text = item.split("=", 1)
+            dotted = dotted.strip()
+            try:
+                value = _load_yaml(text, _field_type(dotted))
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {item!r}: the value is not YAML: {str(e).splitlines()[0]}") from e
+            for part in reversed(dotted.split(".")):
+                value = {part: value}
+            merged = OmegaConf.merge(merged, OmegaConf.create(value))
+        cfg = OmegaConf.to_object(merged)
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
     except yaml.YAMLError as e:  # also a !!python tag, which safe_load refuses to construct
@@ -152,6 +248,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config key {key!r}: {msg}" if key else msg) from e
+    _check_choices(cfg)
+    return cfg
 
 
 def to_yaml(cfg: Config) -> str:

@@ -43,7 +43,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from mapdet.config import ModelConfig
+from mapdet.config import CHOICES, ModelConfig
 
 _STOCK_BUILDERS = {
     "resnet50_fpn_v2": torchvision.models.detection.fasterrcnn_resnet50_fpn_v2,
@@ -71,7 +71,7 @@ _DEFAULT_TRAINABLE_PRETRAINED = 3  # torchvision's default when starting from pr
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
     """A copy of ``cfg`` with every None key replaced by the arch's default."""
     if cfg.arch not in ARCH_DEFAULTS:
-        raise ValueError(f"model.arch={cfg.arch!r} is unknown; choose one of {sorted(ARCH_DEFAULTS)}")
+        raise ValueError(f"model.arch={cfg.arch!r} is unknown; choose one of {' | '.join(CHOICES['model.arch'])}")
     filled = {k: v for k, v in ARCH_DEFAULTS[cfg.arch].items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **filled)
 
@@ -193,7 +193,8 @@ def class_weights(cfg: ModelConfig, num_classes: int, class_counts: Optional[Seq
             raise ValueError(f"model.class_weights_list={values}: weights must be finite, >= 0, not all 0")
         return weights
     if mode != "inv_sqrt":
-        raise ValueError(f"model.class_weights={mode!r} is unknown; choose none, inv_sqrt or explicit")
+        raise ValueError(f"model.class_weights={mode!r} is unknown; "
+                         f"choose one of {' | '.join(CHOICES['model.class_weights'])}")
     if class_counts is None or len(class_counts) != num_classes - 1:
         got = "none" if class_counts is None else f"{len(class_counts)}"
         raise ValueError(f"model.class_weights=inv_sqrt needs {num_classes - 1} per-class instance counts "

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from mapdet.config import OptimConfig
+from mapdet.config import CHOICES, OptimConfig
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -21,7 +21,7 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opti
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {cfg.name!r}")
+    raise ValueError(f"optim.name={cfg.name!r} is unknown; choose one of {' | '.join(CHOICES['optim.name'])}")
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -36,7 +36,8 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if cfg.schedule == "cosine":
         progress = min(step / max(max_steps, 1), 1.0)
         return warm * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"optim.schedule must be 'multistep' or 'cosine', got {cfg.schedule!r}")
+    raise ValueError(f"optim.schedule={cfg.schedule!r} is unknown; "
+                     f"choose one of {' | '.join(CHOICES['optim.schedule'])}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
