@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from mapdet import checkpoint, comm, preemption, tracking
 from mapdet.augment import BatchAugment
-from mapdet.config import load_config, to_dict, to_yaml
+from mapdet.config import load_config, per_rank_batch, to_dict, to_yaml
 from mapdet.data import TrainStream
-from mapdet.engine import train_step
+from mapdet.engine import cuda_speedups, train_step
 from mapdet.manifest import class_instance_counts, class_names, coco_path, load_manifest
 from mapdet.model import build_model, export_weights
 from mapdet.optim import make_optimizer, make_scheduler
@@ -52,10 +52,17 @@ def run(args: argparse.Namespace) -> int:
                                         project_dir=str(run_dir), kwargs_handlers=[timeout])
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     set_seed(cfg.train.seed + rank)  # per-rank: augmentation and sampling differ across ranks
+    # A config that sets data.global_batch learns the same on any topology: the per-rank batch follows
+    # the world size. Without it, fewer processes silently mean fewer images per step (and less learned).
+    cfg.data.batch_size = per_rank_batch(cfg.data, world, cfg.optim.grad_accum)
+    global_batch = world * cfg.data.batch_size * cfg.optim.grad_accum
+    accelerator.print(f"global batch {global_batch} images per step = {world} process(es) x data.batch_size "
+                      f"{cfg.data.batch_size} x optim.grad_accum {cfg.optim.grad_accum}")
 
     train_manifest = load_manifest(cfg.data.shards, cfg.data.train_split)
     names = class_names(train_manifest)
     model = build_model(cfg.model, len(names) + 1, class_instance_counts(train_manifest))
+    cuda_speedups(model, device)  # channels-last weights and cudnn.benchmark on CUDA; nothing on the CPU
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)  # stepped once per step, never prepared
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -88,26 +95,32 @@ def run(args: argparse.Namespace) -> int:
     nonfinite_in_row, exit_code = 0, 0
     try:
         while step < cfg.train.max_steps:
-            res = train_step(accelerator, model, optimizer, scheduler, batches, augment, cfg.optim.grad_accum, cfg.optim.clip_norm)
+            # The step's one all-reduce also carries the sanitised-box tally and the preemption flag
+            # (a signal on ANY rank makes every rank checkpoint this step and exit).
+            res = train_step(accelerator, model, optimizer, scheduler, batches, augment, cfg.optim.grad_accum,
+                             cfg.optim.clip_norm, shared=lambda: (batches.take(), preemption.requested()))
+            sanitized, preempt_flags = res.shared
             step += 1
             batches_done += cfg.optim.grad_accum
             bar.update()
             nonfinite_in_row = nonfinite_in_row + 1 if res.skipped else 0
             counters["skipped_steps"] += res.skipped
-            _report_bad(accelerator, res.bad, _count_samples(res, batches.take(), counters, device), counters, step)
+            _report_bad(accelerator, res.bad, _count_samples(res, sanitized, counters), counters, step)
             if step % cfg.train.log_every == 0 or step == 1:
                 _log_step(accelerator, res, scheduler, counters, world, step)
                 bar.set_postfix(loss=f"{res.losses['loss']:.3f}")
             if cfg.train.image_log_every and step % cfg.train.image_log_every == 0 and res.last_images is not None:
                 tracking.images_with_boxes(accelerator, "train/augmented", res.last_images[:2],
                                            [t["boxes"] for t in res.last_targets[:2]], [t["labels"] for t in res.last_targets[:2]], names, step)
+            # Ranks must stop together or DDP hangs: every input of the decision is the same on all
+            # ranks (the skip flag and the counts are summed over ranks, the bad entries gathered,
+            # the counters restored from rank 0's checkpoint), so no rank can decide otherwise.
             stop = _stop_reason(cfg, counters, nonfinite_in_row)
-            if comm.any_rank(bool(stop), device) and not stop:  # ranks must stop together or DDP hangs
-                stop = "another rank stopped (see its message above)"
-            preempted = comm.any_rank(preemption.requested(), device)
+            preempted = preempt_flags > 0
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or preempted or stop:
                 checkpoint.save(run_dir, step, raw_model, optimizer, scheduler, accelerator.scaler,
-                                {"batches": batches_done, "counters": counters}, cfg.train.keep_last)
+                                {"batches": batches_done, "counters": counters, "global_batch": global_batch,
+                                 "processes": world}, cfg.train.keep_last)
             if preempted:
                 accelerator.print(f"preempted ({preemption.reason() or 'signal on another rank'}): checkpoint at step {step} written; exiting {preemption.EXIT_PREEMPTED}")
                 if accelerator.is_main_process:
@@ -198,14 +211,14 @@ class _SanitizedTally:
         return n
 
 
-def _count_samples(res, sanitized: int, counters: dict, device) -> list[dict]:
+def _count_samples(res, sanitized: float, counters: dict) -> list[dict]:
     """Add the images, sanitised boxes and corrupt samples of this step on ALL ranks to ``counters``
     (so every rank takes the same stop decision and TensorBoard shows the whole job); returns every
-    rank's bad entries."""
-    totals = comm.all_reduce_sum(torch.tensor([float(len(res.bad)), float(res.images), float(sanitized)], device=device))
-    bad = [b for part in comm.all_gather_object(res.bad) for b in part] if totals[0] > 0 else []
-    counters["samples"] += int(totals[1])
-    counters["sanitized_boxes"] += int(totals[2])
+    rank's bad entries. The counts were summed over ranks in the step's all-reduce (``res.all_*``,
+    ``sanitized``); the entries themselves are gathered only in a step where some rank met one."""
+    bad = [b for part in comm.all_gather_object(res.bad) for b in part] if res.all_bad > 0 else []
+    counters["samples"] += res.all_images
+    counters["sanitized_boxes"] += round(sanitized)
     for b in bad:
         n = b.get("samples", 1)
         counters["bad_samples"] += n
