@@ -28,6 +28,9 @@ METHODS = {
               "rare class, not small and not in an image whose detections reached the cap",
     "small_objects": "(AP50 medium - AP50 small) x share of small ground truth (area < 32^2): the mAP "
                      "gained if small objects were found as well as medium ones",
+    "under_training": "(with --run) validation AP50 at the last validation minus at the one before, from the "
+                      "run's TensorBoard: what the last interval of training still added; 0 without two "
+                      "validations (set train.eval_every)",
 }
 
 
@@ -138,3 +141,47 @@ def _small_objects(size: dict) -> dict:
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.1f}"
+
+
+def under_training(curves: dict, meta: dict | None, train_images: int | None) -> dict:
+    """Whether training stopped while validation AP50 was still rising, from the run's curves.
+
+    ``curves``: ``diagnosis.training_curves`` (val/AP50 on the 0-1 scale, train/loss); ``meta``: the
+    last checkpoint's meta.json (``step``, ``global_batch`` and ``processes`` from runs that record
+    them); ``train_images``: size of the training split. A low training loss does not mean a
+    converged detector: the loss is averaged over sampled anchors and RoIs, mostly easy background,
+    while AP needs the few foreground scores ranked and the boxes placed.
+    """
+    ap = curves.get("series", {}).get("val/AP50", [])
+    seen = _images_seen(meta, train_images)
+    advice = ("train longer (train.max_steps) or at a larger global batch; a run on fewer processes than its "
+              "config was tuned for takes fewer images per step unless the config sets data.global_batch")
+    if len(ap) < 2:
+        return _cause("under_training", 0.0, f"{len(ap)} validation point(s) in the run: whether AP50 was still "
+                      f"rising is not measurable (set train.eval_every){seen}", advice)
+    (s0, a0), (s1, a1) = ap[-2], ap[-1]
+    gain = 100.0 * (a1 - a0)
+    evidence = f"validation AP50 went from {100 * a0:.1f} at step {s0} to {100 * a1:.1f} at step {s1}{seen}"
+    loss = curves.get("series", {}).get("train/loss", [])
+    if len(loss) >= 10:
+        tail = [v for s, v in loss if s >= s0]
+        if tail:
+            evidence += f"; training loss {loss[0][1]:.3g} at the start, {tail[-1]:.3g} at the end"
+    return _cause("under_training", gain, evidence, advice)
+
+
+def _images_seen(meta: dict | None, train_images: int | None) -> str:
+    if not meta or "global_batch" not in meta:
+        return ""
+    images = meta["step"] * meta["global_batch"]
+    text = (f"; the model saw {images} images in {meta['step']} steps ({meta['global_batch']} per step: "
+            f"{meta['processes']} process(es))")
+    if train_images:
+        text += f", {images / train_images:.1f} epochs of {train_images}"
+    return text
+
+
+def add_cause(causes: list[dict], cause: dict) -> list[dict]:
+    """``causes`` with ``cause`` added (impact clipped at 0, method attached), re-ranked."""
+    cause = {**cause, "impact": round(max(float(cause["impact"]), 0.0), 3), "method": METHODS[cause["cause"]]}
+    return sorted([c for c in causes if c["cause"] != cause["cause"]] + [cause], key=lambda c: -c["impact"])

@@ -44,7 +44,12 @@ class DataConfig:
     shards: str = "shards"  # folder written by `mapdet pack`
     train_split: str = "training"
     val_split: str = "validation"
-    batch_size: int = 2  # images per rank per step
+    batch_size: int = 2  # images per rank per step (derived from global_batch when that is set)
+    # Images per optimizer step over all ranks and accumulation steps. When set, each rank takes
+    # global_batch / (processes x optim.grad_accum) images per micro-batch, so a config learns the
+    # same on 1 GPU, 2 CPU processes or 8 GPUs (optim.lr and train.max_steps mean the same thing).
+    # None: data.batch_size per rank, and the global batch changes with the number of processes.
+    global_batch: Optional[int] = None
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 256  # samples held for shuffling in each worker
     samples_per_epoch: Optional[int] = None  # per rank; None = train split size / world size
@@ -250,6 +255,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config key {key!r}: {msg}" if key else msg) from e
     _check_choices(cfg)
     return cfg
+
+
+def per_rank_batch(data: DataConfig, processes: int, grad_accum: int) -> int:
+    """Images per rank per micro-batch: ``data.global_batch / (processes x grad_accum)`` when the
+    global batch is set (it must divide evenly), else ``data.batch_size``."""
+    if data.global_batch is None:
+        return data.batch_size
+    share = processes * grad_accum
+    if data.global_batch < share or data.global_batch % share:
+        raise ConfigError(f"data.global_batch={data.global_batch} does not split over {processes} process(es) x "
+                          f"optim.grad_accum={grad_accum}: choose a multiple of {share}, or set "
+                          "data.global_batch=null and data.batch_size (images per process)")
+    return data.global_batch // share
 
 
 def to_yaml(cfg: Config) -> str:

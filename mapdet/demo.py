@@ -1,7 +1,7 @@
 """mapdet demo [--out DIR]: the whole system end to end on a synthetic Vistas, on a laptop CPU.
 
 Synthesize a small Vistas-format dataset, pack and verify it, train with 2 processes through
-`accelerate launch` (every GPU on a GPU machine), evaluate with the distributed evaluator,
+`accelerate launch` (one per GPU on a GPU machine), evaluate with the distributed evaluator,
 diagnose, and print where everything is with the final AP/AP50 and the top diagnosed cause.
 Each stage is the same `mapdet` command a user would type, printed before it runs.
 
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from mapdet.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "launch" / "configs" / "demo.yaml"
 
@@ -36,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", type=int, default=240, help="synthetic training images (default 240)")
     p.add_argument("--val", type=int, default=60, help="synthetic validation images (default 60)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
-    p.add_argument("--processes", type=int, default=None, help="training processes (default: 2 on CPU, one per GPU)")
+    p.add_argument("--processes", type=int, default=None, help="training processes (default: one per GPU, 2 on a CPU machine); the global batch stays 8")
+    p.add_argument("--seed", type=int, default=0, help="training seed, train.seed (the synthetic data stays the same)")
     p.add_argument("--quick", action="store_true", help="a few images and steps: checks the plumbing, learns little")
 
 
@@ -46,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     raw, shards, run_dir, report = out / "raw", out / "shards", out / "run", out / "report"
     n_train, n_val = (24, 8) if args.quick else (args.train, args.val)
-    procs = args.processes or max(torch.cuda.device_count(), 2)
-    overrides = [f"data.shards={shards}", f"train.out={run_dir}"]
+    procs, batch = topology(args.processes, torch.cuda.device_count(), load_config(CONFIG).data.global_batch)
+    overrides = [f"data.shards={shards}", f"train.out={run_dir}", f"train.seed={args.seed}", f"data.global_batch={batch}"]
     # Objects 1.5x the generator's default size: the demo has minutes to learn from scratch.
     synth_size = ["--object-scale", "1.5"] + (["--size", "256x192"] if args.quick else [])
     if args.quick:
@@ -72,6 +75,16 @@ def run(args: argparse.Namespace) -> int:
                            "--checkpoint", "latest", "--config", str(CONFIG), "--set", *overrides, "--out", str(report)], timings)
     _summary(out, shards, run_dir, report, metrics, timings)
     return 0
+
+
+def topology(requested: int | None, gpus: int, global_batch: int) -> tuple[int, int]:
+    """(training processes, global batch): one process per GPU (one on a one-GPU machine), 2 on a
+    CPU machine, unless ``requested``. The demo config's global batch is kept (every topology learns
+    the same from it), or the nearest one that splits evenly over the processes (e.g. 9 on 3 GPUs)."""
+    procs = requested or gpus or 2
+    if procs < 1:
+        raise ValueError(f"--processes must be at least 1, got {procs}")
+    return procs, procs * max(1, round(global_batch / procs))
 
 
 def _topology(procs: int) -> list[str]:

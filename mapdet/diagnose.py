@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from mapdet import diagnosis, report
+    from mapdet import causes, diagnosis, report
     from mapdet.config import ConfigError, load_config
     from mapdet.evaluator import Detections
 
@@ -65,6 +65,8 @@ def run(args) -> int:
         return _fail(f"cannot diagnose {args.results} against {args.gt}: {e}")
     if args.run:
         d["training_curves"] = diagnosis.training_curves(args.run)
+        d["causes"] = causes.add_cause(d["causes"], causes.under_training(
+            d["training_curves"], _last_meta(args.run), manifest["num_samples"] if manifest else None))
     if args.checkpoint:
         try:
             d["sweep"], d["proposal_recall"] = _model_checks(args, cfg)
@@ -98,6 +100,14 @@ def _model_checks(args, cfg):
     current = (cfg.model.nms_thresh, cfg.model.score_thresh, cfg.model.detections_per_img)
     return run_model_checks(model, loader, cat_ids, args.sweep_nms, args.sweep_score, args.sweep_dets, current,
                             max_images=args.sweep_images, progress=True)
+
+
+def _last_meta(run_dir: str) -> dict | None:
+    """meta.json of the run's latest checkpoint (step, images per step), or None."""
+    from mapdet import checkpoint
+
+    last = checkpoint.latest(run_dir)
+    return json.loads((last / "meta.json").read_text()) if last else None
 
 
 def _read_json(path: str, what: str):

@@ -33,6 +33,7 @@ import torch
 from mapdet import comm
 from mapdet.data import Batch
 from mapdet.evaluator import Detections
+from mapdet.model import unweighted_loss
 
 
 @dataclass
@@ -165,10 +166,11 @@ def predict(model, loader, device, with_loss: bool, progress=None) -> Prediction
 
 
 def validation_loss(model, images: list[torch.Tensor], targets: list[dict]) -> dict[str, float]:
-    """torchvision's training losses on a batch, changing neither weights, BN stats nor RNG."""
+    """torchvision's training losses on a batch, unweighted (``model.unweighted_loss``: one definition
+    of the validation loss wherever it is shown), changing neither weights, BN stats nor RNG."""
     clean = [{"boxes": t["boxes"][t["iscrowd"] == 0], "labels": t["labels"][t["iscrowd"] == 0]} for t in targets]
     devices = [images[0].device.index] if images[0].is_cuda else []
-    with torch.random.fork_rng(devices=devices):  # RPN/RoI sampling draws random numbers
+    with torch.random.fork_rng(devices=devices), unweighted_loss(model):  # RPN/RoI sampling draws random numbers
         model.train()
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

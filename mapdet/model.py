@@ -25,6 +25,7 @@ Weights are never downloaded: both arch families start from random initialisatio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from pathlib import Path
@@ -233,9 +234,10 @@ class ClassWeightedRoIHeads(RoIHeads):
             heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
         )
         self.register_buffer("class_weight", weight.float(), persistent=False)
+        self.weighted = True  # off inside ``unweighted_loss``
 
     def forward(self, features, proposals, image_shapes, targets=None):
-        if not self.training:
+        if not self.training or not self.weighted:
             return super().forward(features, proposals, image_shapes, targets)
         for t in targets or []:  # the dtype checks RoIHeads.forward would have made
             if not t["boxes"].is_floating_point() or t["labels"].dtype != torch.int64:
@@ -246,6 +248,24 @@ class ClassWeightedRoIHeads(RoIHeads):
         _, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
         loss_classifier = weighted_classification_loss(class_logits, torch.cat(labels), self.class_weight)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+
+
+@contextlib.contextmanager
+def unweighted_loss(model: nn.Module):
+    """Inside the block every ``ClassWeightedRoIHeads`` computes torchvision's plain loss.
+
+    The validation loss has one definition everywhere (training's validation, ``mapdet evaluate``,
+    TensorBoard, metrics.json): torchvision's four losses, unweighted. ``evaluate`` has no training
+    manifest to weight with, and a weighted number would change whenever the weights do.
+    """
+    heads = [m for m in model.modules() if isinstance(m, ClassWeightedRoIHeads)]
+    for h in heads:
+        h.weighted = False
+    try:
+        yield
+    finally:
+        for h in heads:
+            h.weighted = True
 
 
 def _load_backbone(body: nn.Module, state: dict[str, Tensor]) -> None:

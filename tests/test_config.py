@@ -152,3 +152,21 @@ def test_python_tags_on_a_str_key_are_still_refused(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="python/object/apply"):
         load_config(None, ["train.out=!!python/object/apply:os.system ['true']"])
+
+
+@pytest.mark.parametrize("global_batch, processes, accum, expected", [
+    (None, 3, 1, 2),  # unset: data.batch_size (2) per rank, whatever the world size
+    (8, 1, 1, 8), (8, 2, 1, 4), (8, 8, 1, 1), (8, 2, 2, 2),
+])
+def test_per_rank_batch_keeps_the_global_batch(global_batch, processes, accum, expected):
+    from mapdet.config import DataConfig, per_rank_batch
+
+    assert per_rank_batch(DataConfig(global_batch=global_batch), processes, accum) == expected
+
+
+@pytest.mark.parametrize("processes, accum", [(3, 1), (16, 1), (2, 3)])
+def test_global_batch_that_does_not_split_names_the_fix(processes, accum):
+    from mapdet.config import DataConfig, per_rank_batch
+
+    with pytest.raises(ConfigError, match=r"data.global_batch=8 does not split over .* choose a multiple of"):
+        per_rank_batch(DataConfig(global_batch=8), processes, accum)

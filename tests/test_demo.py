@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
@@ -31,3 +32,24 @@ def test_quick_demo_leaves_every_artefact(tmp_path):
     assert set(summary["stage_seconds"]) >= {"synthesize", "train", "evaluate", "diagnose"}
     figures = list((out / "report").glob("*.png"))
     assert figures and all(Image.open(f).format == "PNG" for f in figures)
+
+
+@pytest.mark.parametrize("requested, gpus, expected", [
+    (None, 0, (2, 8)),  # a CPU machine: 2 processes x 4 images
+    (None, 1, (1, 8)),  # one GPU: one process (the shipped demo started 2 there and failed)
+    (None, 8, (8, 8)),
+    (None, 3, (3, 9)),  # 8 does not split over 3: the nearest global batch that does
+    (1, 0, (1, 8)),     # --processes 1 on a CPU: same 8 images per step, so it learns the same
+    (16, 1, (16, 16)),
+])
+def test_demo_topology_keeps_the_global_batch(requested, gpus, expected):
+    from mapdet.demo import topology
+
+    assert topology(requested, gpus, 8) == expected
+
+
+def test_demo_rejects_zero_processes():
+    from mapdet.demo import topology
+
+    with pytest.raises(ValueError, match="at least 1"):
+        topology(-1, 0, 8)

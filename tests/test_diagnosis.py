@@ -168,3 +168,28 @@ def test_training_curves_read_tensorboard_and_name_missing_tags(tmp_path):
     assert tc["missing"] == ["val/loss", "val/AP50"]
     assert diagnosis.training_curves(tmp_path / "nothing") == {"series": {}, "missing": ["train/loss", "val/loss",
                                                                                           "val/AP", "val/AP50"], "files": []}
+
+
+def test_under_training_is_the_ap50_the_last_interval_added():
+    from mapdet.causes import add_cause, under_training
+
+    curves = {"series": {"val/AP50": [[360, 0.10], [720, 0.18], [1080, 0.30]],
+                         "train/loss": [[s, 3.0 / (1 + s)] for s in range(0, 1090, 10)]}}
+    c = under_training(curves, {"step": 1080, "global_batch": 4, "processes": 1}, 240)
+    assert c["impact"] == pytest.approx(12.0)
+    assert "18.0 at step 720 to 30.0 at step 1080" in c["evidence"]
+    assert "4320 images in 1080 steps (4 per step: 1 process(es)), 18.0 epochs of 240" in c["evidence"]
+    assert "data.global_batch" in c["advice"]
+    ranked = add_cause([{"cause": "localization", "impact": 5.0}, {"cause": "missed", "impact": 20.0}], c)
+    assert [r["cause"] for r in ranked] == ["missed", "under_training", "localization"]
+    assert ranked[1]["method"].startswith("(with --run)")
+
+
+def test_under_training_needs_two_validations_and_never_goes_negative():
+    from mapdet.causes import under_training
+
+    one = under_training({"series": {"val/AP50": [[720, 0.5]]}}, None, None)
+    assert one["impact"] == 0.0 and "not measurable (set train.eval_every)" in one["evidence"]
+    assert "images" not in one["evidence"]  # an old run's meta has no global batch: nothing invented
+    falling = under_training({"series": {"val/AP50": [[360, 0.5], [720, 0.4]]}}, None, None)
+    assert falling["impact"] == pytest.approx(-10.0)  # add_cause clips it to 0 when ranking

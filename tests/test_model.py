@@ -15,6 +15,7 @@ from mapdet.model import (
     export_weights,
     load_weights_file,
     resolve_config,
+    unweighted_loss,
     weighted_classification_loss,
 )
 
@@ -155,6 +156,24 @@ def test_unit_weights_give_torchvision_loss_exactly():
     other = losses_with_seed(skewed, images, targets)
     assert not torch.equal(other["loss_classifier"], ref["loss_classifier"])
     assert torch.equal(other["loss_box_reg"], ref["loss_box_reg"])
+
+
+def test_unweighted_loss_gives_torchvision_loss_inside_and_weights_after():
+    """The validation loss has one definition: a class-weighted model reports torchvision's plain loss."""
+    torch.manual_seed(0)
+    plain = build_model(small_cfg(), K1)
+    skewed = build_model(small_cfg(class_weights="explicit", class_weights_list=[1.0, 5.0, 0.2, 1.0]), K1)
+    skewed.load_state_dict(plain.state_dict())
+    images, targets = rectangles(2)
+    ref = losses_with_seed(plain, images, targets)
+    with unweighted_loss(skewed):
+        inside = losses_with_seed(skewed, images, targets)
+    after = losses_with_seed(skewed, images, targets)
+    for key in ref:
+        assert torch.equal(inside[key], ref[key]), key
+    assert not torch.equal(after["loss_classifier"], ref["loss_classifier"])  # the weights are back
+    with unweighted_loss(plain):  # a model without weighted heads is left as it is
+        assert torch.equal(losses_with_seed(plain, images, targets)["loss_classifier"], ref["loss_classifier"])
 
 
 def test_weighted_loss_moves_in_the_expected_direction():
