@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 GOAL_AP50 = 0.5
@@ -51,10 +51,13 @@ def main() -> None:
         root = Path(args.out or tmp)
         root.mkdir(parents=True, exist_ok=True)
         plan = [(p, s) for p in args.processes for s in args.seeds]
+        rows = []
         with ThreadPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(lambda ps: run_demo(root / f"demo_p{ps[0]}_s{ps[1]}", *ps), plan))
-    for row in rows:
-        print(json.dumps({"demo_run": row, "cores": os.cpu_count(), "jobs": args.jobs}), flush=True)
+            runs = [pool.submit(run_demo, root / f"demo_p{p}_s{s}", p, s) for p, s in plan]
+            for done in as_completed(runs):  # each line as soon as its run ends: a cut-off run keeps the rest
+                rows.append(done.result())
+                print(json.dumps({"demo_run": rows[-1], "cores": os.cpu_count(), "jobs": args.jobs}), flush=True)
+        rows.sort(key=lambda r: (args.processes.index(r["processes"]), args.seeds.index(r["seed"])))
     for p in args.processes:
         mine = [r for r in rows if r["processes"] == p]
         ap50 = [r.get("AP50", 0.0) for r in mine]

@@ -56,6 +56,16 @@ def main(res: Path, mode: str, total: str) -> None:
     else:
         rows.append(("demo", "not run" if code == "not run" else f"no summary.json (exit {code}, {secs} s)"))
 
+    for line in read("demo_seeds.jsonl").splitlines():  # bench_demo.py: one line per seed, then the verdict
+        r = json.loads(line)
+        if "demo_run" in r:
+            d = r["demo_run"]
+            rows.append((f"  demo seed {d['seed']}", f"AP50 {d.get('AP50')}  AP {d.get('AP')}  train->summary "
+                                                      f"{d.get('train_to_summary_s')} s (exit {d['exit_code']}, {r['jobs']} at once)"))
+        elif "demo" in r:
+            rows.append(("demo seeds", f"min AP50 {r['demo']['min_AP50']} over seeds {r['demo']['seeds']}: "
+                                       f"goal {r['demo']['goal']} {'met' if r['demo']['met'] else 'NOT met'}"))
+
     code, secs = rc("bench")
     rows.append(("benchmark", f"exit {code}, {secs} s"))
     lines = []
