@@ -78,6 +78,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank, in place.
+
+    DDP broadcasts them at the start of each forward, so after the last training step every rank
+    holds its own update of rank 0's statistics. Validating with those would score a model that no
+    checkpoint holds (checkpoints and exports are rank 0's).
+    """
+    if is_dist():
+        for buf in model.buffers():
+            dist.broadcast(buf.data, src=src)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over ranks (in place where distributed; returns ``t`` either way)."""
     if is_dist():

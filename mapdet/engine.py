@@ -171,6 +171,9 @@ def validation_loss(model, images: list[torch.Tensor], targets: list[dict]) -> d
     clean = [{"boxes": t["boxes"][t["iscrowd"] == 0], "labels": t["labels"][t["iscrowd"] == 0]} for t in targets]
     devices = [images[0].device.index] if images[0].is_cuda else []
     with torch.random.fork_rng(devices=devices), unweighted_loss(model):  # RPN/RoI sampling draws random numbers
+        # Seeded by the batch, not by whatever the caller's RNG holds: training's validation at step N
+        # and `mapdet evaluate` of checkpoint N then sample the same anchors and RoIs (same number).
+        torch.manual_seed(int(targets[0]["image_id"]))
         model.train()
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

@@ -163,6 +163,7 @@ def _validation_inputs(cfg, accelerator):
 
 def _validate(accelerator, raw_model, cfg, val, train_manifest, run_dir: Path, step: int) -> None:
     manifest, gt = val
+    comm.broadcast_buffers(raw_model)  # every rank scores the model the checkpoint holds (rank 0's)
     v = validate(raw_model, accelerator.device, cfg.eval, cfg.data.shards, manifest, gt)
     metrics = metrics_dict(v, manifest, train_manifest)
     summary = metrics["bbox"]

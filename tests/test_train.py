@@ -51,6 +51,19 @@ def test_two_process_training_learns_logs_checkpoints_and_exports(shards, tmp_pa
     model = build_model(ModelConfig(arch="small", min_size=128, max_size=160), num_classes=len(json.loads((run / "export" / "classes.json").read_text())["classes"]) + 1)
     model.load_state_dict(state, strict=True)
 
+    # One validation loss and one AP for one model: training's validation at step 16 (2 ranks, each
+    # with its own BatchNorm update until rank 0's are broadcast) = `mapdet evaluate` of checkpoint 16.
+    r = accelerate_launch("evaluate", "--checkpoint", "latest", "--out", str(tmp_path / "eval"),
+                          "--set", f"data.shards={shards}", f"train.out={run}", *TINY)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    during = json.loads((run / "metrics_step_0000016.json").read_text())
+    after = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert during["val_loss"].keys() == after["val_loss"].keys() and "loss_classifier" in after["val_loss"]
+    for key, value in during["val_loss"].items():
+        assert after["val_loss"][key] == pytest.approx(value, rel=1e-5), key
+    for key in ("AP", "AP50", "AP75"):
+        assert after["bbox"][key] == pytest.approx(during["bbox"][key], abs=1e-9), key
+
 
 def _launch_bg(args, log: Path) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("accelerate")
