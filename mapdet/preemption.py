@@ -1,7 +1,7 @@
 """Preemption: SIGTERM or SIGUSR1 asks for one last checkpoint and a clean exit.
 
-The handler only sets a flag. The training loop all-reduces it after every step
-(``comm.any_rank``), so a signal delivered to any single rank makes every rank finish the same
+The handler only sets a flag. The training step sums it over ranks in its one all-reduce
+(``engine.train_step``'s ``shared`` values), so a signal delivered to any single rank makes every rank finish the same
 step, write one checkpoint together and exit with ``EXIT_PREEMPTED``. A second signal of the same
 kind while the checkpoint is being written is ignored (Slurm may repeat it).
 
