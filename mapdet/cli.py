@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("mapdet.evaluate", "distributed COCO evaluation of a checkpoint on packed shards"),
     "cocoeval": ("mapdet.cocoeval", "score a COCO results file against COCO ground truth"),
     "diagnose": ("mapdet.diagnose", "explain low mAP: error decomposition, sweeps, report"),
+    "weights": ("mapdet.weights", "fetch torchvision's pretrained weights into torch's cache; list them"),
     "demo": ("mapdet.demo", "run the whole system end to end on synthetic data"),
 }
 

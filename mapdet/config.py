@@ -75,8 +75,10 @@ class ModelConfig:
     roi_batch_size_per_image: Optional[int] = None  # RoIs sampled per image for the box head
     rpn_post_nms_top_n_train: Optional[int] = None  # proposals kept per image (also pre-NMS per level)
     rpn_post_nms_top_n_test: Optional[int] = None
-    weights: Optional[str] = None  # full detector weights (local file: .pth or .safetensors)
-    backbone_weights: Optional[str] = None  # backbone-only weights (local file)
+    # Start weights: a local file (.pth or .safetensors) or a torchvision name read from torch's cache,
+    # e.g. torchvision:FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1 (`mapdet weights list`; never downloaded here)
+    weights: Optional[str] = None  # full detector weights
+    backbone_weights: Optional[str] = None  # backbone-only weights, e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2
     trainable_backbone_layers: Optional[int] = None  # None = torchvision's default for the arch
     class_weights: str = "none"  # CHOICES: none | inv_sqrt | explicit
     class_weights_list: Optional[list[float]] = None  # with "explicit": K+1 values, index 0 = background

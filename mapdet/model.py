@@ -19,8 +19,11 @@ Archs (``model.arch``):
                             64-channel FPN on strides 8/16/32 (+ max-pool level 64, 4 levels),
                             a 256-d two-layer box head, 128 sampled RoIs, 500 proposals. About
                             0.2-0.3 s per training step (2 images at 512 px, 1-2 threads).
-Weights are never downloaded: both arch families start from random initialisation unless
-``model.weights`` (full detector) or ``model.backbone_weights`` names a local file.
+Start weights: random initialisation unless ``model.weights`` (full detector) or
+``model.backbone_weights`` names a local file or a torchvision weight name
+(``torchvision:FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1``, ``torchvision:ResNet50_Weights.IMAGENET1K_V2``,
+...; see ``mapdet.weights``). Names are read from torch's cache; nothing is ever downloaded here
+(``mapdet weights fetch`` does that).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -44,6 +49,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from mapdet import weights as named_weights
 from mapdet.config import CHOICES, ModelConfig
 
 _STOCK_BUILDERS = {
@@ -81,12 +87,27 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Optional[Seque
     """A Faster R-CNN for ``num_classes`` = K + 1 (index 0 = background).
 
     ``class_counts`` (length K, training instances per class from the shard manifest) is needed by
-    ``model.class_weights: inv_sqrt``. Local weight files are loaded after the anchors are set, so
-    a checkpoint must come from a model with the same anchor count per location.
+    ``model.class_weights: inv_sqrt``. Start weights are loaded after the anchors are set.
+
+    ``model.weights`` as a LOCAL FILE loads strictly: such a file is a mapdet checkpoint or export
+    of this very network (same arch, anchors and class count), so a missing or mis-shaped tensor
+    means the wrong file or config, and an error says so instead of silently training half the
+    network from scratch. As a TORCHVISION NAME (``torchvision:FasterRCNN_..._Weights.COCO_V1``) it
+    is by construction a COCO detector of another class set, so it loads leniently
+    (``load_detector_partially``): every tensor whose name and shape match is loaded, the
+    class-dependent predictor starts fresh, other mismatches (e.g. an RPN head for another anchor
+    count) are skipped, and stderr says how many of each and why. ``model.backbone_weights`` (file
+    or name, classification or detector weights) loads the trunk ``model.backbone.body`` only,
+    ignoring classifier tensors (ResNet ``fc.*``, MobileNetV3 ``classifier.*``). Either kind of start
+    weights makes the backbone "pretrained": the first stages are frozen (torchvision's default of
+    3 trainable stages unless ``model.trainable_backbone_layers`` says otherwise), their BatchNorm
+    replaced by FrozenBatchNorm2d. Named weights that are not in torch's cache stop before anything
+    is built, with the ``mapdet weights fetch`` command to run (FileNotFoundError: exit 2).
     """
     cfg = resolve_config(cfg)
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}: need background + at least one class")
+    _check_named_weights(cfg)
     kwargs = dict(
         min_size=cfg.min_size, max_size=cfg.max_size, box_detections_per_img=cfg.detections_per_img,
         box_score_thresh=cfg.score_thresh, box_nms_thresh=cfg.nms_thresh,
@@ -104,8 +125,16 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Optional[Seque
     if weights is not None:
         model.roi_heads = ClassWeightedRoIHeads(model.roi_heads, weights)
     if cfg.backbone_weights:
-        _load_backbone(model.backbone.body, load_weights_file(cfg.backbone_weights, "model.backbone_weights"))
-    if cfg.weights:
+        key = "model.backbone_weights"
+        if named_weights.is_name(cfg.backbone_weights):
+            state = named_weights.load_named(cfg.backbone_weights, key)[0]
+        else:
+            state = load_weights_file(cfg.backbone_weights, key)
+        _load_backbone(model.backbone.body, state)
+    if cfg.weights and named_weights.is_name(cfg.weights):
+        state = named_weights.load_named(cfg.weights, "model.weights")[0]
+        load_detector_partially(model, state, f"model.weights {cfg.weights}")
+    elif cfg.weights:
         model.load_state_dict(load_weights_file(cfg.weights, "model.weights"))
     pretrained = bool(cfg.weights or cfg.backbone_weights)
     trainable = cfg.trainable_backbone_layers
@@ -114,6 +143,75 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Optional[Seque
     if trainable is not None:
         _freeze_stages(model.backbone.body, trainable)
     return model
+
+
+def _check_named_weights(cfg: ModelConfig) -> None:
+    """Every torchvision name in the config resolves, fits ``cfg.arch`` and the key, and is cached."""
+    for key, spec in (("model.weights", cfg.weights), ("model.backbone_weights", cfg.backbone_weights)):
+        if not named_weights.is_name(spec):
+            continue
+        kind, arch = named_weights.kind_and_arch(named_weights.resolve(spec, key))
+        if arch != cfg.arch:
+            raise ValueError(f"{key}: {spec} is for model.arch={arch}, not {cfg.arch}"
+                             + (" (the small preset has no torchvision weights: its trunk is MobileNetV3 at width "
+                                "0.5)" if cfg.arch == "small" else ""))
+        if key == "model.weights" and kind != "detector":
+            raise ValueError(f"model.weights: {spec} holds classification weights, not a detector: "
+                             f"set model.backbone_weights={spec} instead")
+    named_weights.check_cached(cfg.weights, cfg.backbone_weights)
+
+
+_CLASS_DEPENDENT = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.")
+
+
+def load_detector_partially(model: nn.Module, state: dict[str, Tensor], source: str) -> dict:
+    """Load a detector's weights trained on another class set (torchvision's COCO detectors).
+
+    Every tensor of ``model`` whose name and shape are in ``state`` is loaded; the class-dependent
+    predictor tensors (``roi_heads.box_predictor.cls_score.*``, ``.bbox_pred.*``) keep their fresh
+    initialisation even when the shapes happen to match (the file's classes are not ours); every
+    other tensor the file lacks or holds in another shape is skipped (left fresh), grouped by module
+    with the reason. BatchNorm's ``num_batches_tracked`` counters are not counted. Prints one summary
+    line (plus one per skipped group) to stderr on rank 0 and returns
+    ``{"loaded": [...], "fresh": [...], "skipped": {module: (count, reason)}, "unused": [...]}``.
+    """
+    own = model.state_dict()
+    take, fresh, skipped = {}, [], {}
+    for name, mine in own.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name.startswith(_CLASS_DEPENDENT):
+            fresh.append(name)
+            continue
+        theirs = state.get(name)
+        if theirs is not None and theirs.shape == mine.shape:
+            take[name] = theirs
+            continue
+        group = name.rsplit(".", 1)[0]
+        if theirs is None:
+            reason = "not in the file"
+        else:
+            reason = f"shape {tuple(theirs.shape)} in the file, {tuple(mine.shape)} here"
+            if group.startswith("rpn.head."):
+                reason += " (another anchor count per location: model.aspect_ratios)"
+        count, first = skipped.get(group, (0, reason))
+        skipped[group] = (count + 1, first)
+    unused = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    model.load_state_dict(take, strict=False)
+    if os.environ.get("RANK", "0") == "0":  # once per job under a launcher, not once per process
+        file_classes = state.get("roi_heads.box_predictor.cls_score.weight")
+        classes = "" if file_classes is None else (
+            f" (class-dependent predictor: {file_classes.shape[0]} classes in the file, "
+            f"{own['roi_heads.box_predictor.cls_score.weight'].shape[0]} here)")
+        n_skipped = sum(c for c, _ in skipped.values())
+        print(f"{source}: {len(take)} tensors loaded, {len(fresh)} kept fresh{classes}, {n_skipped} skipped",
+              file=sys.stderr)
+        for group, (count, reason) in skipped.items():
+            print(f"  skipped {group} ({count} tensor{'s' * (count != 1)}): {reason}", file=sys.stderr)
+        if unused:
+            print(f"  {len(unused)} tensors of the file have no place in this model (first: {unused[:3]})",
+                  file=sys.stderr)
+    return {"loaded": sorted(take), "fresh": fresh, "skipped": skipped, "unused": unused}
 
 
 def build_inference_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
