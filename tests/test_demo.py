@@ -30,6 +30,13 @@ def test_quick_demo_leaves_every_artefact(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["AP50"] == metrics["bbox"]["AP50"]
     assert set(summary["stage_seconds"]) >= {"synthesize", "train", "evaluate", "diagnose"}
+    assert "global batch 8 images per step = 2 process(es) x data.batch_size 4" in r.stdout + r.stderr
+    meta = json.loads((out / "run/checkpoints/step_0000006/meta.json").read_text())
+    assert (meta["global_batch"], meta["processes"]) == (8, 2)
+    causes = {c["cause"]: c for c in json.loads((out / "report/diagnosis.json").read_text())["causes"]}
+    # one validation in 6 steps: whether AP still rose is not measurable, and the report says why
+    assert "not measurable (set train.eval_every)" in causes["under_training"]["evidence"]
+    assert "48 images in 6 steps" in causes["under_training"]["evidence"]
     figures = list((out / "report").glob("*.png"))
     assert figures and all(Image.open(f).format == "PNG" for f in figures)
 
