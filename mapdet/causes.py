@@ -14,8 +14,13 @@ import numpy as np
 from mapdet import tide
 
 METHODS = {
-    "detection_cap": "best AP50 with a larger per-image cap (results truncated to the top k per image "
-                     "over all classes, k in 1..1000) minus AP50 at the model's cap",
+    "detection_cap": "the larger of two AP50 gains. Measured: best AP50 with a larger per-image cap (results "
+                     "truncated to the top k per image over all classes, k in 1..1000) minus AP50 at the model's cap, "
+                     "when the results hold more detections than that cap. Estimated: the results cannot show what "
+                     "lies beyond their own cap (given, or inferred from many images holding exactly the same "
+                     "largest number of detections), so TIDE's miss fix restricted to the missed objects in images "
+                     "whose results reach that cap and that hold more objects than it: the AP50 gained if those "
+                     "objects were found (an upper bound: found objects would also bring false positives)",
     "class_imbalance": "(mean AP50 of frequent classes - mean AP50 of rare classes) x share of rare classes, "
                        "rare = in fewer than t of the training images (t = the repeat threshold): the mAP "
                        "gained if rare classes reached the frequent classes' AP",
@@ -24,8 +29,9 @@ METHODS = {
     "classification": "TIDE Cls dAP (AP50 gained by relabelling boxes on a box of another class)",
     "duplicates": "TIDE Dupe dAP (AP50 gained by removing second detections of an already matched box)",
     "background": "TIDE Bkg dAP (AP50 gained by removing detections on no object, IoU < 0.1)",
-    "missed": "TIDE Miss dAP restricted to misses no other cause explains: ground truth that is not of a "
-              "rare class, not small and not in an image whose detections reached the cap",
+    "missed": "TIDE Miss dAP restricted to misses no other cause explains (the 'unexplained' group of the miss "
+              "breakdown): ground truth that is not in an image over the per-image cap, not of a rare class and not "
+              "small; the other groups are the detection cap's, class imbalance's and small objects'",
     "small_objects": "(AP50 medium - AP50 small) x share of small ground truth (area < 32^2): the mAP "
                      "gained if small objects were found as well as medium ones",
     "under_training": "(with --run) validation AP50 at the last validation minus at the one before, from the "
@@ -38,7 +44,7 @@ def rank_causes(d: dict, td: tide.TideResult, settings) -> list[dict]:
     """All causes in ``METHODS``, sorted by impact (largest first; ties keep METHODS order)."""
     causes = [
         _detection_cap(d["max_dets"]),
-        _class_imbalance(d["per_class"]),
+        _with_misses(_class_imbalance(d["per_class"]), d, "rare_class"),
         _localization(d, td),
         _tide_cause(td, "cls", "classification", "model.class_weights=inv_sqrt, data.repeat_threshold "
                     "(confusions often involve rare classes), or longer training"),
@@ -47,12 +53,21 @@ def rank_causes(d: dict, td: tide.TideResult, settings) -> list[dict]:
         _tide_cause(td, "bkg", "background", f"raise model.score_thresh (now {settings.model.score_thresh}); "
                     "check the ground truth for unlabelled objects"),
         _missed(d, td, settings),
-        _small_objects(d["size"]),
+        _with_misses(_small_objects(d["size"]), d, "small"),
     ]
     for c in causes:
         c["impact"] = round(max(float(c["impact"]), 0.0), 3)
         c["method"] = METHODS[c["cause"]]
     return sorted(causes, key=lambda c: -c["impact"])
+
+
+def _with_misses(c: dict, d: dict, group: str) -> dict:
+    """``c`` with its share of the missed objects (its group of the miss breakdown) in the evidence."""
+    g = next((g for g in d.get("miss_breakdown", {}).get("groups", []) if g["group"] == group), None)
+    if g and g["count"]:
+        c["evidence"] += (f"; {g['count']} missed objects are {g['definition']}: dAP {g['dAP']:.1f} if found "
+                          "(miss breakdown)")
+    return c
 
 
 def _cause(cause: str, impact: float, evidence: str, advice: str) -> dict:
@@ -64,14 +79,23 @@ def _detection_cap(md: dict) -> dict:
     cap = md["model_cap"]
     at_cap = ap50[caps.index(cap)]
     best_k, best = max(((k, a) for k, a in zip(caps, ap50) if k >= cap), key=lambda ka: ka[1])
-    evidence = (f"AP50 {at_cap:.1f} at {cap} detections per image, {best:.1f} at {best_k}; "
-                f"{md['share_images_gt_over_cap']:.0%} of images have more than {cap} objects "
+    measured = best - at_cap
+    evidence = (f"cap {cap} ({md['cap_source']}); AP50 {at_cap:.1f} at {cap} detections per image, {best:.1f} at "
+                f"{best_k}; {md['share_images_gt_over_cap']:.0%} of images have more than {cap} objects "
                 f"({md['share_images_gt_over_100']:.0%} more than 100), "
                 f"{md['share_images_at_cap']:.0%} of images fill the cap")
-    if md["most_dets_per_image"] <= cap and md["share_images_at_cap"] > 0 and md["share_images_gt_over_cap"] > 0:
-        evidence += (f"; the results hold at most {cap} detections per image, so the gain beyond the cap is not "
-                     "measurable from them: evaluate with model.detections_per_img=1000 or pass --checkpoint")
-    return _cause("detection_cap", best - at_cap, evidence,
+    if md.get("cap_note"):
+        evidence += f"; note: {md['cap_note']}"
+    est = md["estimate"]
+    if est["images"]:
+        evidence += (f"; the results cannot show what lies beyond their cap of {est['cap']}: {est['missed_gt']} "
+                     f"objects are missed in the {est['images']} images that reach it and hold more objects than it, "
+                     f"worth {est['dAP']:.1f} AP50 if found (TIDE's miss fix on them, at {est['tide_max_dets']} "
+                     "detections per image)")
+        evidence += (f"; impact = this estimate (the measured gain is {measured:.1f})" if est["dAP"] > measured else
+                     f"; impact = the measured gain (the estimate is {est['dAP']:.1f})")
+        evidence += "; to measure it, evaluate with model.detections_per_img=1000 or pass --checkpoint"
+    return _cause("detection_cap", max(measured, est["dAP"]), evidence,
                   f"raise model.detections_per_img (now {cap}; e.g. 300-1000) and evaluate at that maxDets")
 
 
@@ -112,19 +136,14 @@ def _tide_cause(td: tide.TideResult, kind: str, cause: str, advice: str) -> dict
 
 
 def _missed(d: dict, td: tide.TideResult, settings) -> dict:
-    m = td.matching
-    g = m.gt
-    rare = np.isin(g.labels, np.asarray(d["per_class"]["rare"], dtype=np.int64))
-    small = g.area < 32.0**2
-    full = min(d["max_dets"]["model_cap"], settings.tide_max_dets)
-    capped = (m.dets_per_image >= full)[g.image]
-    unexplained = ~rare & ~small & ~capped
-    gain = tide.fixed_ap(m, "miss", unexplained) - td.ap
-    n = int((m.miss & unexplained).sum())
+    mb = d["miss_breakdown"]
+    groups = {g["group"]: g for g in mb["groups"]}
+    un = groups["unexplained"]
+    split = ", ".join(f"{g['group']} {g['count']} (dAP {g['dAP']:.1f})" for g in mb["groups"])
     evidence = (f"{td.counts['miss']} ground-truth boxes have no detection near them (all: dAP "
-                f"{td.errors['miss']:.1f}); {n} of them are not of a rare class, not small and not in an "
-                f"image at the detection cap (dAP {max(gain, 0.0):.1f})")
-    return _cause("missed", gain, evidence, "more proposals (model.rpn_post_nms_top_n_test), a lower "
+                f"{td.errors['miss']:.1f}); by cause, in precedence order: {split}; {un['count']} of them are not "
+                f"in an image over the cap of {mb['cap']}, not of a rare class and not small (dAP {un['dAP']:.1f})")
+    return _cause("missed", un["dAP"], evidence, "more proposals (model.rpn_post_nms_top_n_test), a lower "
                   f"model.score_thresh (now {settings.model.score_thresh}), a larger input (model.min_size)")
 
 

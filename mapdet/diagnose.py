@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="latest (of train.out) | a checkpoint folder | a weights file "
                         "(.safetensors/.pth): enables proposal recall and the post-processing sweep (needs --config)")
     parser.add_argument("--detections-per-img", type=int, help="the model's per-image cap that produced the "
-                        "results (default: the config's model.detections_per_img)")
+                        "results (default: the config's model.detections_per_img; without --config, the cap the "
+                        "results show: many images holding exactly the same largest number of detections). A cap "
+                        "the results contradict is reported, and the results' cap used")
     parser.add_argument("--repeat-threshold", type=float, help="t for repeat factors and the 'rare' cut-off "
                         "(default: the config's data.repeat_threshold, else 0.1)")
     parser.add_argument("--sweep-images", type=int, default=200, help="validation images for the model checks")
@@ -56,8 +58,11 @@ def run(args) -> int:
     if gt is None or results is None or (args.train_manifest and manifest is None):
         return 2
     t = args.repeat_threshold or cfg.data.repeat_threshold or 0.1
-    settings = diagnosis.DiagnoseSettings(model=cfg.model, cap=args.detections_per_img, repeat_threshold=t,
-                                          progress=True)
+    cap_from = ("--detections-per-img" if args.detections_per_img is not None else
+                "the config's model.detections_per_img" if args.config or any(
+                    kv.startswith("model.detections_per_img=") for kv in args.set) else None)
+    settings = diagnosis.DiagnoseSettings(model=cfg.model, cap=args.detections_per_img, cap_from=cap_from,
+                                          repeat_threshold=t, progress=True)
     try:
         dets = Detections.from_coco_results(results)
         d = diagnosis.diagnose(gt, dets, manifest, settings)
@@ -129,6 +134,10 @@ def _print_summary(d: dict, report_path: Path) -> None:
     s = d["summary"]
     print(f"AP {s['AP']:.1f}  AP50 {s['AP50']:.1f}  ({s['num_images']} images)" if s["AP"] is not None
           else "AP undefined: no ground truth")
+    md = d["max_dets"]
+    print(f"detection cap {md['model_cap']}: {md['cap_source']}")
+    if md.get("cap_note"):
+        print(f"  note: {md['cap_note']}")
     for c in d["causes"]:
         if c["impact"] > 0:
             print(f"  {c['cause']:<16} {c['impact']:6.1f}  {c['advice']}")

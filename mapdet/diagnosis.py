@@ -3,14 +3,17 @@
 ``diagnose(gt, dets, ...)`` returns one JSON-ready dict (the body of ``diagnosis.json``); every
 number comes from ``mapdet.evaluator`` (COCO AP) or ``mapdet.tide`` (error decomposition).
 Sections: ``summary`` (COCO AP/AP50/...), ``errors``/``counts`` (TIDE dAP and counts),
-``per_class`` (AP vs training frequency), ``iou_curve``, ``max_dets``, ``size``, then ``causes``
-(ranked by ``mapdet.causes``). Boxes are xyxy pixel-edge in the frame of the ground-truth image;
+``per_class`` (AP vs training frequency), ``iou_curve``, ``max_dets`` (with the per-image cap the
+results show, see ``infer_cap``, and the cap's estimate from the misses), ``miss_breakdown`` (TIDE's
+missed objects split over the causes that explain them), ``size``, then ``causes`` (ranked by
+``mapdet.causes``). Boxes are xyxy pixel-edge in the frame of the ground-truth image;
 sizes are ``sqrt(area)`` in pixels, also rescaled to the model's input frame (torchvision's
 resize: shorter side to ``min_size`` unless the longer would exceed ``max_size``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,14 +27,33 @@ from mapdet.manifest import class_image_fractions, class_instance_counts
 CAPS = (1, 10, 100, 300, 1000)  # detections per image (and COCO maxDets) on the curves
 SMALL, MEDIUM = 32.0**2, 96.0**2  # COCO area ranges
 ZERO_AP = 1.0  # AP50 below this many points counts as "never detected"
+# A per-image cap shows in the results as a pile of images holding exactly the same, largest number of
+# detections. Without a cap the count has a long tail whose maximum one or a few images reach, so
+# "many" images at the maximum is the cap's signature: at least CAP_PILE_SHARE of the images with
+# detections (on Vistas val, 200 of 2000: far beyond chance) AND at least CAP_PILE_MIN_IMAGES of
+# them (one image is always "at the maximum", and two tie at it by chance in small sets with a
+# narrow range of counts: 2 of 12 images did in a test set). Only images whose count differs from
+# their own number of ground-truth objects count as evidence (a detector that finds exactly every
+# object of uniform scenes is not capped), and the maximum must be at least MIN_INFERRED_CAP: caps
+# are set in the tens to thousands (torchvision's default is 100), while identical counts below 10
+# come from small uniform scenes.
+CAP_PILE_SHARE = 0.10
+CAP_PILE_MIN_IMAGES = 3
+MIN_INFERRED_CAP = 10
 
 
 @dataclass
 class DiagnoseSettings:
-    """What the diagnosis needs besides the data; ``cap`` None = ``model.detections_per_img``."""
+    """What the diagnosis needs besides the data; ``cap`` None = ``model.detections_per_img``.
+
+    ``cap_from`` names where the cap comes from (``--detections-per-img``, the config); None with
+    ``cap`` None means nobody gave one (the config default stands in): the cap the results show,
+    when they show one, is then used without a note.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cap: int | None = None
+    cap_from: str | None = None
     repeat_threshold: float = 0.1  # t of r(c) = max(1, sqrt(t / f(c))); also the "rare" cut-off
     pos_thr: float = 0.5
     bkg_thr: float = 0.1
@@ -48,14 +70,20 @@ def diagnose(gt: dict, dets: Detections, train_manifest: dict | None = None,
     result = evaluate_coco(gt, dets, max_dets=CAPS)
     g = tide.GroundTruth.from_coco(gt)
     td = tide.decompose(g, dets, s.pos_thr, s.bkg_thr, s.tide_max_dets, s.progress)
+    cap = resolve_cap(g, dets, s)
+    pc = per_class(gt, result, train_manifest, s.repeat_threshold)
+    md = max_dets_curves(gt, g, dets, result, cap["model_cap"], extra_caps=[cap["results_cap"] or cap["model_cap"]])
+    md.update(cap)
+    md["estimate"] = cap_estimate(g, dets, td, cap["results_cap"], s)
     out = {
         "summary": _summary(result, gt, dets),
         "tide": td.to_dict() | {"pos_thr": s.pos_thr, "bkg_thr": s.bkg_thr, "max_dets": s.tide_max_dets},
         "errors": td.errors,
         "counts": td.counts,
-        "per_class": per_class(gt, result, train_manifest, s.repeat_threshold),
+        "per_class": pc,
         "iou_curve": iou_curve(result),
-        "max_dets": max_dets_curves(gt, g, dets, result, s.cap or s.model.detections_per_img),
+        "max_dets": md,
+        "miss_breakdown": miss_breakdown(td, pc["rare"], cap["results_cap"] or cap["model_cap"], s.tide_max_dets),
         "size": size_stats(gt, g, result, s.model),
     }
     out["causes"] = rank_causes(out, td, s)
@@ -170,7 +198,7 @@ def cap_per_image(dets: Detections, k: int) -> Detections:
                       labels=dets.labels[keep])
 
 
-def max_dets_curves(gt: dict, g: tide.GroundTruth, dets: Detections, result, cap: int) -> dict:
+def max_dets_curves(gt: dict, g: tide.GroundTruth, dets: Detections, result, cap: int, extra_caps=()) -> dict:
     """AP and AP50 against COCO maxDets (per image AND class) and against a per-image cap.
 
     The per-image curve truncates the results and re-evaluates at maxDets 1000, so the COCO
@@ -179,7 +207,7 @@ def max_dets_curves(gt: dict, g: tide.GroundTruth, dets: Detections, result, cap
     ids = np.asarray(dets.image_id)
     per_image = np.unique(ids, return_counts=True)[1] if len(ids) else np.zeros(0, int)
     most = int(per_image.max(initial=0))
-    caps = sorted(set(CAPS) | {cap})
+    caps = sorted(set(CAPS) | {cap} | {int(k) for k in extra_caps})
     img_ap, img_ap50 = [], []
     for k in caps:
         r = result if k >= most else evaluate_coco(gt, cap_per_image(dets, k), max_dets=(CAPS[-1],))
@@ -198,6 +226,156 @@ def max_dets_curves(gt: dict, g: tide.GroundTruth, dets: Detections, result, cap
         "gt_per_image_mean": float(gt_per_image.mean()) if len(gt_per_image) else 0.0,
         "gt_per_image_max": int(gt_per_image.max(initial=0)),
     }
+
+
+def _counts_per_image(g: tide.GroundTruth, dets: Detections) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) detections and (N,) non-crowd ground-truth objects per image (json order)."""
+    img = tide._image_index(g.image_ids, np.asarray(dets.image_id, dtype=np.int64))
+    n = len(g.image_ids)
+    return np.bincount(img[img >= 0], minlength=n), np.bincount(g.image[~g.crowd], minlength=n)
+
+
+def infer_cap(g: tide.GroundTruth, dets: Detections) -> dict | None:
+    """The per-image cap the results show, or None (see CAP_PILE_SHARE for the rule).
+
+    Returns ``cap`` (the largest count), ``images_at_cap`` (images holding exactly that many),
+    ``evidence`` (those of them whose count is not their own number of objects), ``images_with_dets``.
+    """
+    dets_n, gt_n = _counts_per_image(g, dets)
+    most = int(dets_n.max(initial=0))
+    if most < MIN_INFERRED_CAP:
+        return None
+    at = dets_n == most
+    evidence = int((at & (gt_n != most)).sum())
+    with_dets = int((dets_n > 0).sum())
+    if evidence < max(CAP_PILE_MIN_IMAGES, math.ceil(CAP_PILE_SHARE * with_dets)):
+        return None
+    return {"cap": most, "images_at_cap": int(at.sum()), "evidence": evidence, "images_with_dets": with_dets}
+
+
+def _inferred_text(inf: dict) -> str:
+    return (f"{inf['images_at_cap']} of {inf['images_with_dets']} images with detections hold exactly "
+            f"{inf['cap']} detections, none more")
+
+
+def resolve_cap(g: tide.GroundTruth, dets: Detections, s: DiagnoseSettings) -> dict:
+    """The cap the diagnosis uses, reconciled with what the results show.
+
+    ``model_cap``: the cap whose cost the per-image curve measures; ``results_cap``: the cap the
+    results were produced with (inferred; the model cap when they hold no more than it, None when
+    they exceed it and show no cap); ``cap_source``: how the cap was chosen; ``cap_note``: None, or
+    how a given cap disagrees with the results; ``inferred``: ``infer_cap``'s answer.
+
+    - nothing given, the results show a cap: it is used;
+    - a cap given (``--detections-per-img`` or the config), the results show a smaller one (many
+      images at a smaller maximum, none above): results from cap C hold no more than C, so the
+      results' cap is used, with a note;
+    - the results hold more than a given cap (shown or not): they were produced with a larger cap,
+      which is how the cost of the given one is measured (truncating them to its top C per image, as
+      the cap's evidence advises), so the given cap stays the measured one and the note says so;
+      what lies beyond the results' own cap is estimated from the misses (``cap_estimate``).
+    """
+    given = s.cap if s.cap is not None else s.model.detections_per_img
+    given_from = s.cap_from or ("settings.cap" if s.cap is not None else None)
+    inf = infer_cap(g, dets)
+    most = int(_counts_per_image(g, dets)[0].max(initial=0))
+    out = {"given_cap": given if given_from else None, "given_from": given_from, "inferred": inf}
+    if given_from is None:  # nobody gave a cap: the config default is only an assumption
+        if inf:
+            return out | {"model_cap": inf["cap"], "results_cap": inf["cap"], "cap_note": None,
+                          "cap_source": f"inferred: {_inferred_text(inf)} (no cap given; model.detections_per_img "
+                                        f"defaults to {given})"}
+        source = f"assumed: model.detections_per_img defaults to {given} (no cap given and none shown by the results)"
+        return out | {"model_cap": given, "results_cap": given if most <= given else None, "cap_note": None,
+                      "cap_source": source}
+    named = f"{given_from} = {given}"
+    if inf and inf["cap"] == given:
+        return out | {"model_cap": given, "results_cap": given, "cap_note": None,
+                      "cap_source": f"given: {named}, confirmed by the results ({_inferred_text(inf)})"}
+    if inf and inf["cap"] < given:
+        note = (f"the given cap ({named}) disagrees with the results: {_inferred_text(inf)}; a cap of {given} "
+                f"does not stop that many images at exactly {inf['cap']}, so the diagnosis uses {inf['cap']}")
+        return out | {"model_cap": inf["cap"], "results_cap": inf["cap"], "cap_note": note,
+                      "cap_source": f"inferred: {_inferred_text(inf)}"}
+    if most > given:
+        shown = (f"they show a cap of {inf['cap']}: {_inferred_text(inf)}" if inf else "or none: they show no cap")
+        note = (f"the results hold up to {most} detections per image, more than the given cap ({named}): they were "
+                f"produced with a larger cap ({shown}); the cost of {given} is measured by truncating them to the "
+                f"top {given} per image")
+        return out | {"model_cap": given, "results_cap": inf["cap"] if inf else None, "cap_note": note,
+                      "cap_source": f"given: {named}; results' own cap: "
+                                    + (f"inferred {inf['cap']}" if inf else "none")}
+    return out | {"model_cap": given, "results_cap": given, "cap_note": None, "cap_source": f"given: {named}"}
+
+
+def cap_estimate(g: tide.GroundTruth, dets: Detections, td: tide.TideResult, cap: int | None,
+                 s: DiagnoseSettings) -> dict:
+    """What the objects beyond the results' cap would add: TIDE's miss fix (AP50 with those
+    objects no longer counted as missed) restricted to the missed ground truth in images whose
+    results reach ``cap`` and that hold more non-crowd objects than ``cap``. The TIDE matching
+    counts ``max(cap, tide_max_dets)`` detections per image (a second matching when ``cap`` is the
+    larger). ``dAP`` 0 when no image is over the cap or the results show no cap (``cap`` None)."""
+    out = {"cap": cap, "images": 0, "missed_gt": 0, "dAP": 0.0, "tide_max_dets": max(cap or 0, s.tide_max_dets)}
+    if cap is None:
+        return out
+    dets_n, gt_n = _counts_per_image(g, dets)
+    over = (dets_n >= cap) & (gt_n > cap)
+    if not over.any():
+        return out
+    if cap <= s.tide_max_dets:
+        m, base = td.matching, td.ap
+    else:
+        m = tide.match(g, dets, s.pos_thr, s.bkg_thr, cap)
+        base = tide.fixed_ap(m)
+    mask = over[g.image]
+    return out | {"images": int(over.sum()), "missed_gt": int((m.miss & mask).sum()),
+                  "dAP": max(tide.fixed_ap(m, "miss", mask) - base, 0.0)}
+
+
+# miss breakdown groups in precedence order: (group, cause that owns it, definition)
+MISS_GROUPS = (
+    ("detection_cap", "detection_cap", "in an image whose detections reach the per-image cap and that holds more "
+                                       "objects than it"),
+    ("rare_class", "class_imbalance", "of a rare class (in fewer than t of the training images)"),
+    ("small", "small_objects", "small (area < 32^2)"),
+    ("unexplained", "missed", "none of the above"),
+)
+
+
+def miss_breakdown(td: tide.TideResult, rare_ids, cap: int, tide_max_dets: int) -> dict:
+    """TIDE's missed ground truth split into disjoint groups (``MISS_GROUPS``, first match wins:
+    a missed object of an image over the cap is the cap's whatever its class or size, since no
+    model with that cap could detect every object there; then rare class, then small).
+
+    Per group: ``count`` of missed boxes (the counts partition TIDE's miss count), ``dAP`` = TIDE's
+    miss fix restricted to the group alone, and ``dAP_in_order`` = what fixing the group adds after
+    fixing the groups before it. dAPs are not additive, so the ``dAP`` column need not sum to the
+    total; ``dAP_in_order`` sums exactly to TIDE's Miss dAP. Every dAP is >= 0 (fewer positives
+    never lower AP). The cap in force in TIDE's matching (``cap`` of the result) is min(``cap``, the
+    results' or model's, ``tide_max_dets``); when TIDE's is the smaller, the group says so.
+    """
+    fill = min(cap, tide_max_dets)
+    m = td.matching
+    g = m.gt
+    gt_n = np.bincount(g.image[~g.crowd], minlength=len(g.image_ids))
+    capped = ((m.dets_per_image >= fill) & (gt_n > fill))[g.image]
+    rare = np.isin(g.labels, np.asarray(list(rare_ids), dtype=np.int64))
+    small = g.area < SMALL
+    masks = [capped, rare & ~capped, small & ~rare & ~capped, ~small & ~rare & ~capped]
+    groups, done, prev = [], np.zeros(len(g.labels), dtype=bool), td.ap
+    for (name, cause, definition), mask in zip(MISS_GROUPS, masks):
+        done |= mask
+        now = tide.fixed_ap(m, "miss", done)
+        if name == "detection_cap":
+            definition += f" ({fill} detections per image" + (
+                f": TIDE counts at most {tide_max_dets} per image, fewer than the results' cap of {cap}; the "
+                "detection_cap cause estimates the model's cap from a matching at that cap instead)"
+                if fill < cap else ")")
+        groups.append({"group": name, "cause": cause, "definition": definition, "count": int((m.miss & mask).sum()),
+                       "dAP": tide.fixed_ap(m, "miss", mask) - td.ap, "dAP_in_order": now - prev})
+        prev = now
+    return {"cap": fill, "precedence": [x[0] for x in MISS_GROUPS], "count": int(m.miss.sum()),
+            "dAP": prev - td.ap, "groups": groups}
 
 
 def _share(mask: np.ndarray) -> float:

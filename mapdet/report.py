@@ -94,7 +94,26 @@ def _tide_section(d: dict, fig) -> list[str]:
              "only that error type minus the baseline.")
     if t["dropped_by_cap"]:
         notes += f" {t['dropped_by_cap']} detections beyond {t['max_dets']} per image were not counted."
-    return ["## 1. Error decomposition", notes, _table(["error", "dAP50", "count"], rows), *_img(fig, "tide_errors")]
+    return ["## 1. Error decomposition", notes, _table(["error", "dAP50", "count"], rows), *_img(fig, "tide_errors"),
+            *_miss_section(d)]
+
+
+def _miss_section(d: dict) -> list[str]:
+    mb = d.get("miss_breakdown")
+    if not mb:
+        return []
+    total = max(mb["count"], 1)
+    rows = [[g["group"], g["cause"], g["definition"], g["count"], f"{g['count'] / total:.1%}", _f(g["dAP"], 2),
+             _f(g["dAP_in_order"], 2)] for g in mb["groups"]]
+    rows.append(["all misses", "", "TIDE Miss", mb["count"], "100.0%" if mb["count"] else "0.0%",
+                 _f(d["errors"]["miss"], 2), _f(mb["dAP"], 2)])
+    text = (f"Missed objects by cause: every missed ground-truth box falls in exactly one group, the first that "
+            f"applies in this order: {', '.join(mb['precedence'])} (the cap in force in TIDE's matching is "
+            f"{mb['cap']} detections per image). dAP50 alone: TIDE's miss fix on that group only; in order: what "
+            "it adds after the groups above it, so that column sums to the Miss dAP (dAPs are not additive). "
+            "The 'unexplained' group is the **missed** cause.")
+    head = ["group", "cause", "which missed objects", "count", "share", "dAP50 alone", "dAP50 in order"]
+    return [text, _table(head, rows)]
 
 
 def _class_section(d: dict, fig) -> list[str]:
@@ -129,6 +148,10 @@ def _thresholds_section(d: dict, fig) -> list[str]:
             f"{m['model_cap']} detections per image, the results hold up to {m['most_dets_per_image']} and "
             f"{m['share_images_at_cap']:.1%} of images fill the cap. COCO's maxDets caps each image AND class, "
             "the model's cap (model.detections_per_img) each image over all classes: both curves are shown.")
+    if "cap_source" in m:
+        text += f" Cap: {m['cap_source']}."
+    if m.get("cap_note"):
+        text += f" **Note:** {m['cap_note']}."
     return ["## 3. AP vs IoU threshold and detection cap", iou, *_img(fig, "ap_vs_iou"), text, caps, coco,
             *_img(fig, "ap_vs_max_dets")]
 
@@ -194,6 +217,8 @@ def log_tensorboard(d: dict, report_text: str, figures: dict[str, Path], log_dir
             writer.add_scalar(f"diagnose/count/{kind}", d["counts"][kind], step)
         for c in d["causes"]:
             writer.add_scalar(f"diagnose/cause/{c['cause']}", c["impact"], step)
+        for g in d.get("miss_breakdown", {}).get("groups", []):
+            writer.add_scalar(f"diagnose/miss/{g['group']}", g["dAP"], step)
         writer.add_text("diagnose/report", report_text, step)
         for name, path in figures.items():
             with Image.open(path) as im:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mapdet import cli
-from tests.test_diagnosis import detect, manifest, scene
+from tests.test_diagnosis import capped_scene, detect, manifest, scene
 
 
 def run_cli(*argv) -> int:
@@ -47,6 +47,39 @@ def test_cli_writes_report_json_and_tensorboard(inputs, capsys):
     assert len((out / "report.md").read_text()) > 1000 and (out / "loss_vs_map.png").stat().st_size > 0
     assert list((run / "tensorboard" / "diagnose").glob("events.out.tfevents.*"))
     assert "class_imbalance" in capsys.readouterr().out
+
+
+def test_cli_infers_the_cap_the_results_show_and_reports_a_given_one_that_disagrees(tmp_path, capsys):
+    gt, dets = capped_scene()  # 150 objects per image, results kept to 100 per image
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dt.json").write_text(json.dumps(dets.to_coco_results()))
+    files = ("--gt", tmp_path / "gt.json", "--results", tmp_path / "dt.json")
+    assert run_cli(*files, "--out", tmp_path / "a") == 0  # no cap given: inferred
+    d = json.loads((tmp_path / "a" / "diagnosis.json").read_text())
+    md = d["max_dets"]
+    assert md["model_cap"] == 100 and md["cap_note"] is None
+    assert md["cap_source"].startswith("inferred: 5 of 5 images with detections hold exactly 100 detections")
+    assert d["causes"][0]["cause"] == "detection_cap" and d["causes"][0]["impact"] > 30
+    assert "inferred" in d["causes"][0]["evidence"]
+    assert "detection cap 100: inferred" in capsys.readouterr().out
+    text = (tmp_path / "a" / "report.md").read_text()
+    assert "Missed objects by cause" in text and "| detection_cap | detection_cap |" in text
+    assert [g["group"] for g in d["miss_breakdown"]["groups"]] == ["detection_cap", "rare_class", "small",
+                                                                   "unexplained"]
+
+    assert run_cli(*files, "--detections-per-img", 300, "--out", tmp_path / "b") == 0
+    md = json.loads((tmp_path / "b" / "diagnosis.json").read_text())["max_dets"]
+    assert md["model_cap"] == 100 and md["given_cap"] == 300
+    assert md["cap_note"].startswith("the given cap (--detections-per-img = 300) disagrees with the results")
+    assert "note: the given cap" in capsys.readouterr().out
+    assert "**Note:** the given cap" in (tmp_path / "b" / "report.md").read_text()
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text("model:\n  detections_per_img: 100\n")
+    assert run_cli(*files, "--config", config, "--out", tmp_path / "c") == 0
+    md = json.loads((tmp_path / "c" / "diagnosis.json").read_text())["max_dets"]
+    assert md["model_cap"] == 100 and md["cap_note"] is None
+    assert md["cap_source"].startswith("given: the config's model.detections_per_img = 100, confirmed")
 
 
 def test_cli_fails_with_a_message_on_bad_input(inputs, capsys):

@@ -66,11 +66,153 @@ def test_detection_cap_ranks_first_when_images_hold_more_objects_than_the_cap():
     assert next(c for c in d["causes"] if c["cause"] == "missed")["impact"] == 0
 
 
-def test_unmeasurable_cap_says_so():
+def test_cap_filled_by_the_results_is_estimated_from_the_misses():
+    # results capped at 100, 120 objects per image: what lies beyond the cap is not in the results,
+    # so the cap's impact is estimated from the objects missed there, never 0
     gt, objs = scene(2, lambda i: [1, 2, 3] * 40)
     d = diagnosis.diagnose(gt, diagnosis.cap_per_image(detect(objs), 100), settings=DiagnoseSettings(cap=100))
     cap = next(c for c in d["causes"] if c["cause"] == "detection_cap")
-    assert cap["impact"] == 0 and "not measurable" in cap["evidence"]
+    assert d["causes"][0] is cap
+    est = d["max_dets"]["estimate"]
+    assert est["images"] == 2 and est["missed_gt"] == 40
+    assert cap["impact"] == pytest.approx(100.0 - d["tide"]["ap50"], abs=1e-3)  # fixing them leaves no error
+    assert "cannot show what lies beyond their cap of 100" in cap["evidence"]
+    assert d["max_dets"]["cap_note"] is None  # 2 images are too few to infer a cap: the given one stands
+
+
+def capped_scene(n_img: int = 5, objects: int = 150, cap: int = 100):
+    """``n_img`` images of ``objects`` objects each, every one detected, results kept to ``cap`` per image."""
+    gt, objs = scene(n_img, lambda i: ([1, 2, 3] * objects)[:objects])
+    return gt, diagnosis.cap_per_image(detect(objs), cap)
+
+
+def test_cap_is_inferred_from_results_when_none_is_given():
+    gt, dets = capped_scene()
+    d = diagnosis.diagnose(gt, dets)  # no cap given: the default 300 is only an assumption
+    md = d["max_dets"]
+    assert md["model_cap"] == 100 and md["results_cap"] == 100 and md["given_cap"] is None
+    assert md["inferred"] == {"cap": 100, "images_at_cap": 5, "evidence": 5, "images_with_dets": 5}
+    assert md["cap_source"].startswith("inferred: 5 of 5 images with detections hold exactly 100 detections, none more")
+    assert md["cap_note"] is None and md["share_images_at_cap"] == 1.0
+    top = d["causes"][0]
+    assert top["cause"] == "detection_cap" and top["impact"] > 30  # a third of the objects lie beyond the cap
+    assert "inferred" in top["evidence"]
+    assert md["estimate"]["missed_gt"] == 5 * 50
+    assert next(c for c in d["causes"] if c["cause"] == "missed")["impact"] == 0
+
+
+def test_cap_above_tides_count_is_estimated_from_a_matching_at_that_cap():
+    gt, dets = capped_scene(n_img=3, objects=320, cap=300)
+    d = diagnosis.diagnose(gt, dets)
+    md = d["max_dets"]
+    assert md["model_cap"] == 300 and md["inferred"]["cap"] == 300
+    est = md["estimate"]
+    assert est["tide_max_dets"] == 300 and est["images"] == 3 and est["missed_gt"] == 3 * 20
+    assert 0 < est["dAP"] < 10  # 20 of 320 objects lie beyond the cap
+    cap = next(c for c in d["causes"] if c["cause"] == "detection_cap")
+    assert cap["impact"] == pytest.approx(est["dAP"], abs=1e-3)
+    group = d["miss_breakdown"]["groups"][0]  # TIDE's own 100 per image bind first: said, not hidden
+    assert d["miss_breakdown"]["cap"] == 100 and group["count"] == 3 * 220
+    assert "TIDE counts at most 100 per image, fewer than the results' cap of 300" in group["definition"]
+
+
+def test_given_cap_that_disagrees_with_the_results_is_reported_and_replaced():
+    gt, dets = capped_scene()
+    d = diagnosis.diagnose(gt, dets, settings=DiagnoseSettings(cap=300, cap_from="--detections-per-img"))
+    md = d["max_dets"]
+    assert md["model_cap"] == 100 and md["given_cap"] == 300
+    assert "--detections-per-img = 300" in md["cap_note"] and "uses 100" in md["cap_note"]
+    top = d["causes"][0]
+    assert top["cause"] == "detection_cap" and top["impact"] > 30 and "note: the given cap" in top["evidence"]
+
+
+def test_given_cap_that_matches_the_results_has_no_note():
+    gt, dets = capped_scene()
+    d = diagnosis.diagnose(gt, dets, settings=DiagnoseSettings(cap=100, cap_from="--detections-per-img"))
+    md = d["max_dets"]
+    assert md["model_cap"] == 100 and md["cap_note"] is None
+    assert md["cap_source"].startswith("given: --detections-per-img = 100, confirmed by the results")
+    assert "note:" not in d["causes"][0]["evidence"]
+
+
+def test_results_without_a_cap_pattern_infer_nothing():
+    gt, objs = scene(12, lambda i: [1, 2, 3] * (2 + i))  # 9..42 objects per image, all found
+    rng = np.random.default_rng(1)
+    dets = detect([o for o in objs if rng.uniform() < 0.8])  # varying counts, the largest in one image
+    d = diagnosis.diagnose(gt, dets)
+    md = d["max_dets"]
+    assert md["inferred"] is None and md["model_cap"] == 300 and md["cap_note"] is None
+    assert md["cap_source"].startswith("assumed: model.detections_per_img defaults to 300")
+    assert md["estimate"]["dAP"] == 0 and md["share_images_at_cap"] == 0
+    cap = next(c for c in d["causes"] if c["cause"] == "detection_cap")
+    assert cap["impact"] == 0 and "beyond" not in cap["evidence"]
+    assert d["miss_breakdown"]["groups"][0]["count"] == 0  # no image over the cap
+    un = d["miss_breakdown"]["groups"][-1]
+    assert un["count"] == d["counts"]["miss"] > 0
+    assert next(c for c in d["causes"] if c["cause"] == "missed")["impact"] == pytest.approx(un["dAP"], abs=1e-3)
+
+
+def test_infer_cap_needs_many_images_at_the_maximum_that_their_objects_do_not_explain():
+    from mapdet import tide
+
+    def counts(per_image: list[int], objects: int = 150):
+        gt, objs = scene(len(per_image), lambda i: [1] * objects)
+        by_image = {i + 1: n for i, n in enumerate(per_image)}
+        seen: dict[int, int] = {}
+        rows = []
+        for o in objs:
+            seen[o[0]] = seen.get(o[0], 0) + 1
+            if seen[o[0]] <= by_image[o[0]]:
+                rows.append(o)
+        return diagnosis.infer_cap(tide.GroundTruth.from_coco(gt), detect(rows))
+
+    # 20 images with detections: "many" = max(3, 10% of 20) = 3 images at the maximum
+    assert counts([100] * 3 + [50 + i for i in range(17)])["cap"] == 100
+    assert counts([100] * 2 + [50 + i for i in range(18)]) is None  # two may tie at the maximum by chance
+    # 40 images: 10% is 4, so 3 at the maximum are not enough
+    assert counts([100] * 3 + [50 + i for i in range(37)]) is None
+    assert counts([100] * 4 + [50 + i for i in range(36)])["cap"] == 100
+    assert counts([9] * 10) is None  # below MIN_INFERRED_CAP
+    assert counts([150] * 10) is None  # every image's count is its own number of objects: not a cap
+
+
+def test_miss_breakdown_partitions_the_misses_over_the_causes():
+    # images 1-3: 150 objects, results capped at 100; images 4-9: 9 common medium objects (one never
+    # found), a rare class-4 object (never found) and two small objects (never found)
+    def classes(i):
+        return ([1, 2, 3] * 50) if i <= 3 else [1, 2, 3] * 3 + [4, 1, 2]
+
+    gt, objs = scene(9, classes)
+    small = set()
+    for a in gt["annotations"]:
+        if a["image_id"] > 3 and a["bbox"][0] >= 10 * PITCH:  # the 11th and 12th box: small
+            a["bbox"][2:] = [10, 10]
+            a["area"] = 100
+            small.add((a["image_id"], a["bbox"][0]))
+    objs = [o for o in objs if (o[0], o[1][0]) not in small and not (o[0] > 3 and o[1][0] in (0, 9 * PITCH))]
+    dets = detect(objs)
+    dets = diagnosis.cap_per_image(dets, 100)
+    m = manifest({1: 20, 2: 20, 3: 20, 4: 1}, 20)
+    d = diagnosis.diagnose(gt, dets, m)
+    assert d["max_dets"]["model_cap"] == 100  # inferred: 3 of 9 images hold exactly 100
+    mb = d["miss_breakdown"]
+    assert mb["precedence"] == ["detection_cap", "rare_class", "small", "unexplained"]
+    counts = {g["group"]: g["count"] for g in mb["groups"]}
+    assert counts == {"detection_cap": 150, "rare_class": 6, "small": 12, "unexplained": 6}
+    assert sum(counts.values()) == mb["count"] == d["counts"]["miss"]
+    total = d["errors"]["miss"]
+    for g in mb["groups"]:
+        assert 0 <= g["dAP"] <= total + 1e-9 and g["dAP_in_order"] >= -1e-9
+    # each group alone is not additive, the in-order increments are: they sum to TIDE's Miss dAP
+    assert sum(g["dAP_in_order"] for g in mb["groups"]) == pytest.approx(total, abs=1e-9)
+    assert mb["dAP"] == pytest.approx(total, abs=1e-9)
+    by_cause = {c["cause"]: c for c in d["causes"]}
+    groups = {g["group"]: g for g in mb["groups"]}
+    assert groups["unexplained"]["dAP"] > 0 and groups["detection_cap"]["dAP"] > 0
+    assert by_cause["missed"]["impact"] == pytest.approx(groups["unexplained"]["dAP"], abs=1e-3)
+    assert by_cause["detection_cap"]["impact"] == pytest.approx(groups["detection_cap"]["dAP"], abs=1e-3)
+    assert "6 missed objects are of a rare class" in by_cause["class_imbalance"]["evidence"]
+    assert "12 missed objects are small" in by_cause["small_objects"]["evidence"]
 
 
 def test_rare_classes_never_detected_rank_class_imbalance_first():
