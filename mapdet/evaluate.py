@@ -20,7 +20,7 @@ from mapdet import checkpoint, comm, tracking
 from mapdet.config import load_config, to_dict, to_yaml
 from mapdet.data import eval_loader
 from mapdet.evaluator import format_summary, format_table
-from mapdet.manifest import class_names, coco_path, load_manifest
+from mapdet.manifest import class_names, classes_mismatch, coco_path, load_manifest
 from mapdet.model import build_inference_model
 from mapdet.validation import metrics_dict, validate
 
@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     accelerator = comm.make_accelerator(log_with="tensorboard", project_dir=str(run_dir))
     manifest = load_manifest(cfg.data.shards, split)
     train_manifest = _optional_manifest(cfg.data.shards, cfg.data.train_split)
+    if train_manifest is not None and (why := classes_mismatch(train_manifest, manifest)):
+        raise ValueError(f"{cfg.data.shards}: {why}; the model's classes are the training split's")
     names = class_names(manifest)
     gt = json.loads(coco_path(cfg.data.shards, split).read_text())
 

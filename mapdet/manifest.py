@@ -3,7 +3,10 @@
 ``OUT/{split}.manifest.json`` (schema in shards/README.md)::
 
     {"format": "mapdet-shards/1", "split": "training", "version": "v2.0", "source": "panoptic",
+     "class_set": "evaluated",                                             # or "all-instances"
      "classes": [{"id": 1, "name": "object--vehicle--car"}, ...],          # ids 1..K, 0 = background
+     "not_evaluated": {"classes": ["object--sign--ambiguous", ...], "objects": {name: n},
+                       "handling": "left-out"},                            # or "kept" (as classes)
      "num_samples": 18000, "num_instances": 1.2e6,
      "shards": [{"name": "training-000000.tar", "num_samples": 1000, "bytes": ..., "sha256": ...,
                  "keys": ["stem", ...]}, ...],                             # keys in tar order
@@ -97,6 +100,20 @@ def class_image_fractions(manifest: dict) -> dict[int, float]:
     return {int(c["id"]): int(stats.get(str(c["id"]), {}).get("images", 0)) / n for c in manifest["classes"]}
 
 
+def classes_mismatch(a: dict, b: dict) -> str | None:
+    """Why two splits' manifests cannot share a model (different classes or class sets), or None.
+
+    Training and validation must be packed with the same class set: label ids are positions in it.
+    """
+    if a["classes"] == b["classes"]:
+        return None
+    set_a, set_b = a.get("class_set", "all-instances"), b.get("class_set", "all-instances")
+    fix = ("pack both with the same --all-instance-classes setting" if set_a != set_b
+           else "pack both from the same Vistas config and version")
+    return (f"{a['split']} ({len(a['classes'])} classes, class set {set_a}) and {b['split']} "
+            f"({len(b['classes'])} classes, class set {set_b}) have different classes: {fix}")
+
+
 def describe(manifest: dict) -> str:
     """A few lines for the terminal: size, classes, and every fault the packer counted."""
     lines = [
@@ -104,6 +121,13 @@ def describe(manifest: dict) -> str:
         f"{len(manifest['shards'])} shards, {len(manifest['classes'])} classes "
         f"({manifest['version']}, boxes from {manifest['source']})"
     ]
+    ne = manifest.get("not_evaluated")
+    if ne and ne["classes"]:
+        n = sum(ne["objects"].values())
+        what = ("left out (not classes; --all-instance-classes keeps them)" if ne["handling"] == "left-out"
+                else "kept as classes (--all-instance-classes)")
+        lines.append(f"class set {manifest['class_set']}: {len(ne['classes'])} instance class(es) Vistas does not "
+                     f"evaluate ({', '.join(ne['classes'])}) with {n} object(s) {what}")
     if manifest["skipped"]:
         lines.append(f"skipped {len(manifest['skipped'])} bad input(s) (listed in the manifest's 'skipped'):")
         lines += [f"  {s['key']}: {s['reason']}" for s in manifest["skipped"][:10]]

@@ -4,6 +4,11 @@ Writes OUT/{split}-NNNNNN.tar, and (once every shard of the split is finished) t
 OUT/{split}.manifest.json and COCO ground truth OUT/{split}.coco.json. Rerunning the same command
 after a kill finishes the job without redoing finished shards. With --num-jobs N, run jobs
 --job-index 0..N-1 (e.g. a SLURM array), then `mapdet merge OUT --split SPLIT`.
+
+Classes: those Vistas' instance benchmark scores ("instances" and "evaluate" in the config: 70 in
+v2.0, 37 in v1.2); objects of instance classes it does not evaluate (v2.0's ambiguous signs) are
+left out and counted in the manifest. --all-instance-classes keeps every instance class. Every job
+of a split must use the same setting (merge refuses a mix).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", choices=["v1.2", "v2.0"], default=None, help="annotation version (default: detect; v2.0 if both)")
     p.add_argument("--source", choices=["auto", "panoptic", "instances"], default="auto",
                    help="where boxes come from: panoptic JSON (fast) or 16-bit instance PNGs (default: panoptic when present)")
+    p.add_argument("--all-instance-classes", action="store_true",
+                   help="keep every config label with \"instances\": true as a class (v2.0: 72, the two ambiguous "
+                        "sign classes included); default: only those Vistas evaluates (\"evaluate\": true; v2.0: 70, "
+                        "v1.2: 37), whose other objects are left out")
     p.add_argument("--max-side", type=int, default=None, metavar="PX",
                    help="resize so the longest side is at most PX (boxes scaled exactly); default: keep full size")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for resized images (default 95)")
@@ -41,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         num_jobs=args.num_jobs,
         version=args.version or detect_version(args.root),
         source=args.source,
+        class_set="all-instances" if args.all_instance_classes else "evaluated",
     )
     done = pack(args.root, args.out, args.split, opts)
     print(f"packed {len(done)} shard(s) of {args.split} into {args.out} (job {opts.job_index + 1}/{opts.num_jobs})")

@@ -13,6 +13,13 @@ the part files into the manifest and the COCO ground truth once every shard is f
 Samples: ``__key__`` = image stem, ``jpg`` = the original JPEG bytes when no resize is needed
 (else re-encoded at ``quality``), ``json`` = {image_id, width, height (stored image),
 orig_width, orig_height, boxes (xyxy pixel-edge, stored image), labels (1..K), iscrowd}.
+
+Class set: by default the classes Vistas' instance benchmark evaluates (``"instances"`` and
+``"evaluate"`` in the config; ``class_set="evaluated"``); objects of the instance classes it does
+not evaluate (v2.0's two ambiguous sign classes) are left out of records and COCO ground truth and
+counted in the manifest's ``not_evaluated``. ``class_set="all-instances"`` (``mapdet pack
+--all-instance-classes``) keeps every instance class. The plan, every part file and the manifest
+record the class set; a resume or a merge over parts with another class set is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from tqdm import tqdm
 
 from mapdet import boxes as box_ops
 from mapdet.manifest import sha256_file, shard_name, write_json_atomic
-from mapdet.vistas import BadSample, RawSample, VistasReader
+from mapdet.vistas import CLASS_SETS, BadSample, RawSample, VistasReader
+
+LEGACY_CLASS_SET = "all-instances"  # what a plan or part file written before class sets were recorded used
 
 
 @dataclass
@@ -44,6 +53,7 @@ class PackOptions:
     num_jobs: int = 1
     version: str | None = None  # None: detect from the download
     source: str = "auto"  # where boxes come from: auto | panoptic | instances
+    class_set: str = "evaluated"  # evaluated (the benchmark's classes) | all-instances
 
     def content_key(self) -> dict:
         """The options that change shard bytes (a resume must use the same ones)."""
@@ -68,9 +78,11 @@ def pack(root: str | Path, out: str | Path, split: str, opts: PackOptions) -> li
         raise ValueError(f"--job-index {opts.job_index} must be in [0, --num-jobs={opts.num_jobs})")
     if opts.samples_per_shard < 1:
         raise ValueError("--samples-per-shard must be at least 1")
+    if opts.class_set not in CLASS_SETS:
+        raise ValueError(f"class_set must be one of {CLASS_SETS}, got {opts.class_set!r}")
     out = Path(out)
     parts_dir(out).mkdir(parents=True, exist_ok=True)
-    reader = VistasReader(root, split, version=opts.version, source=opts.source)
+    reader = VistasReader(root, split, version=opts.version, source=opts.source, class_set=opts.class_set)
     stems = reader.stems()
     if not stems:
         raise ValueError(f"{Path(root) / split / 'images'} holds no .jpg images: nothing to pack")
@@ -104,7 +116,9 @@ def _write_plan(out: Path, split: str, reader: VistasReader, opts: PackOptions, 
         "num_inputs": n_inputs,
         "num_shards": n_shards,
         "options": opts.content_key(),
+        "class_set": reader.class_set,
         "classes": [{"id": c.id, "name": c.name} for c in reader.classes],
+        "not_evaluated": reader.not_evaluated,  # instance classes Vistas does not evaluate
     }
     path = plan_path(out, split)
     if path.exists():
@@ -128,7 +142,7 @@ def _pack_shard(task: tuple[int, list[str], int]) -> None:
     index, stems, first_image_id = task
     out, split, opts = _TASK_CONTEXT
     name = shard_name(split, index)
-    samples, skipped, counts = [], [], box_ops.SanitizeCounts()
+    samples, skipped, counts, left_out = [], [], box_ops.SanitizeCounts(), {}
     for offset, stem in enumerate(stems):
         try:
             raw = _READER.read(stem)
@@ -137,8 +151,11 @@ def _pack_shard(task: tuple[int, list[str], int]) -> None:
             skipped.append({"key": stem, "reason": str(e)})
             continue
         counts.add(sanitized)
+        for cls, n in (raw.left_out or {}).items():
+            left_out[cls] = left_out.get(cls, 0) + n
         samples.append((stem, jpg, record))
-    part = {"index": index, "name": None, "num_samples": len(samples), "bytes": 0, "sha256": None}
+    part = {"index": index, "name": None, "num_samples": len(samples), "bytes": 0, "sha256": None,
+            "class_set": _READER.class_set}
     if samples:
         part.update(_write_tar(Path(out) / name, samples))
     part.update(
@@ -146,6 +163,7 @@ def _pack_shard(task: tuple[int, list[str], int]) -> None:
         records=[s[2] for s in samples],
         skipped=skipped,
         sanitized=asdict(counts),
+        left_out=dict(sorted(left_out.items())),
     )
     write_json_atomic(part_path(out, split, index), part, indent=None)
 
@@ -227,10 +245,43 @@ def merge(out: str | Path, split: str, root: str | None = None) -> dict:
             f"{len(missing)} of {plan['num_shards']} {split} shards are not finished: "
             f"{', '.join(missing[:5])}{more}; rerun the pack job(s) that own them"
         )
+    _check_class_sets(out, split, plan, parts)
     manifest = _manifest(plan, parts, split, root)
     write_json_atomic(out / f"{split}.coco.json", _coco(plan, parts), indent=None)
     write_json_atomic(out / f"{split}.manifest.json", manifest)
     return manifest
+
+
+def _check_class_sets(out: Path, split: str, plan: dict, parts: list[dict]) -> None:
+    """Refuse a merge over shards packed with different class sets (their label ids differ).
+
+    The plan already refuses a job whose options differ from the first job's, but two jobs that
+    start at once, or a plan deleted between jobs, can still leave parts of both kinds.
+    """
+    want = plan.get("class_set", LEGACY_CLASS_SET)
+    sets: dict[str, list[str]] = {}
+    for part in parts:
+        sets.setdefault(part.get("class_set", LEGACY_CLASS_SET), []).append(shard_name(split, part["index"]))
+    if set(sets) != {want}:
+        found = "; ".join(f"{cs}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                          for cs, names in sorted(sets.items()))
+        raise ValueError(
+            f"{out}: the {split} shards were packed with different class sets ({found}; the plan "
+            f"says {want}); their label ids do not agree, so they cannot be merged. Repack the "
+            f"split into a fresh folder with the same --all-instance-classes setting for every job"
+        )
+
+
+def _not_evaluated(plan: dict, parts: list[dict], stats: dict) -> dict:
+    """The manifest's account of Vistas' not-evaluated instance classes and their objects."""
+    class_set = plan.get("class_set", LEGACY_CLASS_SET)
+    names = plan.get("not_evaluated", [])
+    if class_set == "evaluated":
+        objects = {name: sum(p.get("left_out", {}).get(name, 0) for p in parts) for name in names}
+        return {"classes": names, "objects": objects, "handling": "left-out"}
+    ids = {c["name"]: str(c["id"]) for c in plan["classes"]}
+    objects = {name: stats[ids[name]]["instances"] + stats[ids[name]]["crowd"] for name in names if name in ids}
+    return {"classes": names, "objects": objects, "handling": "kept"}
 
 
 def _manifest(plan: dict, parts: list[dict], split: str, root: str | None) -> dict:
@@ -254,7 +305,9 @@ def _manifest(plan: dict, parts: list[dict], split: str, root: str | None) -> di
         "split": split,
         "version": plan["version"],
         "source": plan["source"],
+        "class_set": plan.get("class_set", LEGACY_CLASS_SET),
         "classes": plan["classes"],
+        "not_evaluated": _not_evaluated(plan, parts, stats),
         "num_samples": sum(s["num_samples"] for s in shards),
         "num_instances": sum(v["instances"] for v in stats.values()),
         "num_inputs": plan["num_inputs"],

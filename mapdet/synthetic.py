@@ -52,13 +52,20 @@ class SynthConfig:
     noise_std: float = 6.0  # per-pixel Gaussian noise on the whole image
     jpeg_quality: int = 90
     class_shares: dict[str, float] = field(default_factory=dict)  # thing name (v1.2 or v2.0) -> share
+    # Thing names (v1.2 or v2.0) written with "evaluate": false, as real v2.0 does for its two ambiguous
+    # sign classes (which the generator does not draw): instance classes Vistas does not evaluate.
+    not_evaluated: tuple[str, ...] = ()
 
 
-def config_labels(version: str) -> list[dict]:
-    """The config's label list for ``version``: Vistas names sorted, as in the real releases."""
+def config_labels(version: str, not_evaluated=()) -> list[dict]:
+    """The config's label list for ``version``: Vistas names sorted, as in the real releases.
+
+    Every label but ``void--*`` and the things named in ``not_evaluated`` has ``"evaluate": true``.
+    """
+    skip = set(not_evaluated)
     labels = [
         {"name": names[version == "v2.0"], "readable": readable, "instances": thing,
-         "evaluate": not names[1].startswith("void--"), "color": list(color)}
+         "evaluate": not names[1].startswith("void--") and not skip & set(names), "color": list(color)}
         for names, readable, color, thing in scene.label_table(version)
     ]
     return sorted(labels, key=lambda lab: lab["name"])
@@ -77,7 +84,7 @@ def synthesize(out, version: str = "v2.0", n_train: int = 20, n_val: int = 5, se
     _check(cfg)
     out = Path(out)
     _clear(out, overwrite)
-    labels = config_labels(version)
+    labels = config_labels(version, cfg.not_evaluated)
     config = {"labels": labels, "version": version,
               "mapdet_synthetic": {"seed": seed, "size": list(cfg.size)}}
     config_path(out, version).write_text(json.dumps(config, indent=1))
@@ -145,6 +152,9 @@ def _check(cfg: SynthConfig) -> None:
     unknown = sorted(set(cfg.class_shares) - known)
     if unknown:
         raise ValueError(f"class_shares names unknown classes {unknown}; known: {sorted(known)}")
+    unknown = sorted(set(cfg.not_evaluated) - known)
+    if unknown:
+        raise ValueError(f"not_evaluated names unknown classes {unknown}; known: {sorted(known)}")
     if min(cfg.size) < 16:
         raise ValueError(f"size {cfg.size[0]}x{cfg.size[1]} is too small; use at least 16x16")
 

@@ -1,7 +1,8 @@
 """mapdet verify OUT [--split SPLIT]: check every shard against its manifest, decode every sample.
 
 Checks each shard's presence, byte size, sha256 and sample count, that keys appear in manifest
-order, and that every image and record decodes with boxes inside the image and labels in 1..K.
+order, and that every image and record decodes with boxes inside the image and labels in 1..K,
+and that the splits checked together have the same classes (the same class set).
 Also flags tar files in OUT that no manifest lists. Exits 1 listing every problem, 0 when clean.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mapdet.manifest import ManifestError, load_manifest, sha256_file
+from mapdet.manifest import ManifestError, classes_mismatch, load_manifest, sha256_file
 from mapdet.shardread import CorruptSample, decode_sample, read_shard
 
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if not splits:
         print(f"mapdet verify: error: no *.manifest.json in {out} (run `mapdet pack` first)", file=sys.stderr)
         return 1
-    problems, listed = [], set()
+    problems, listed, loaded = [], set(), []
     for split in splits:
         try:
             manifest = load_manifest(out, split)
@@ -38,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         listed |= {s["name"] for s in manifest["shards"]}
         problems += check_split(out, manifest)
+        # splits of one folder train and evaluate one model: their classes must agree
+        problems += [why for other in loaded if (why := classes_mismatch(other, manifest))]
+        loaded.append(manifest)
     problems += [f"{p.name}: not listed in any manifest" for p in sorted(out.glob("*.tar")) if p.name not in listed]
     for line in problems:
         print(f"PROBLEM {line}")

@@ -1,8 +1,16 @@
 """Read one split of a raw Mapillary Vistas download (v1.2 or v2.0) into boxes per image.
 
-Layout, encodings and known traps: ``../shared/notes/vistas-format.md``. Object classes are the
-config labels with ``"instances": true``, numbered 1..K in config order (0 = background); stuff
-labels never become objects.
+Layout, encodings and known traps: ``../shared/notes/vistas-format.md``.
+
+Object classes (``class_set``): by default (``"evaluated"``) the classes Vistas' own instance
+benchmark scores, the config labels with ``"instances": true`` *and* ``"evaluate": true`` (70 in
+v2.0, 37 in v1.2; a label without an ``"evaluate"`` key counts as evaluated). With
+``"all-instances"`` every label with ``"instances": true`` (72 in v2.0: the two ambiguous sign
+classes as well). The chosen classes are numbered 1..K in config order (0 = background). Objects
+of an instance class outside the set (``not_evaluated``) are left out, exactly as stuff labels
+are, and counted per image in ``RawSample.left_out`` so the packer can report them: in COCO
+evaluation an ignore (crowd) region only absorbs detections of its own category, so one of a
+category that is not evaluated would ignore nothing, and training drops crowd regions anyway.
 
 Boxes are ``float64 (N, 4)`` xyxy, pixel-edge, in ORIGINAL image pixels: a one-pixel object at
 column c spans [c, c+1]. Two sources give identical boxes, labels and order (sorted by
@@ -35,6 +43,7 @@ from PIL import Image
 VERSIONS = ("v2.0", "v1.2")  # preference order when both are present
 PANOPTIC_JSON = {"v2.0": "panoptic_2020.json", "v1.2": "panoptic_2018.json"}
 SOURCES = ("auto", "panoptic", "instances")
+CLASS_SETS = ("evaluated", "all-instances")  # default first
 _CHECK_IMAGES = 2  # images with objects compared when checking the JSON bbox convention
 
 
@@ -59,6 +68,7 @@ class RawSample:
     boxes: np.ndarray  # float64 (N, 4) xyxy pixel-edge, original image pixels
     labels: np.ndarray  # int64 (N,) in 1..K
     iscrowd: np.ndarray  # uint8 (N,)
+    left_out: dict | None = None  # name -> objects (crowd included) of instance classes outside the class set
 
 
 def config_path(root, version: str) -> Path:
@@ -86,19 +96,38 @@ def detect_version(root) -> str:
     )
 
 
-def load_classes(config_file: Path) -> tuple[list[VistasClass], list[str]]:
-    """The object classes of a config file, and the names of all its labels (stuff included)."""
+def load_classes(config_file: Path, class_set: str = "evaluated") -> tuple[list[VistasClass], list[str]]:
+    """The object classes of a config file in ``class_set``, and the names of all its labels.
+
+    ``class_set``: ``"evaluated"`` (labels with ``"instances"`` and ``"evaluate"``, the benchmark's
+    classes; a missing ``"evaluate"`` counts as true) or ``"all-instances"`` (every ``"instances"``
+    label). Ids are 1..K in config order among the chosen labels.
+    """
+    if class_set not in CLASS_SETS:
+        raise ValueError(f"class_set must be one of {CLASS_SETS}, got {class_set!r}")
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: the reader needs the release's config file")
     labels = json.loads(config_file.read_text())["labels"]
     things = [(i, lab) for i, lab in enumerate(labels) if lab.get("instances")]
     if not things:
         raise ValueError(f"{config_file}: no label has \"instances\": true, so there are no object classes")
+    if class_set == "evaluated":
+        things = [(i, lab) for i, lab in things if lab.get("evaluate", True)]
+        if not things:
+            raise ValueError(f"{config_file}: no instance label has \"evaluate\": true; pack with "
+                             "--all-instance-classes to keep every instance class")
     classes = [
         VistasClass(id=k, name=lab["name"], config_index=i, color=tuple(lab.get("color", (0, 0, 0))))
         for k, (i, lab) in enumerate(things, start=1)
     ]
     return classes, [lab["name"] for lab in labels]
+
+
+def not_evaluated_classes(config_file: Path) -> list[tuple[int, str]]:
+    """(config index, name) of the labels with ``"instances": true`` and ``"evaluate": false``."""
+    labels = json.loads(Path(config_file).read_text())["labels"]
+    return [(i, lab["name"]) for i, lab in enumerate(labels)
+            if lab.get("instances") and not lab.get("evaluate", True)]
 
 
 def value_boxes(values_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,7 +181,8 @@ class VistasReader:
     Build it before forking worker processes: the parsed panoptic JSON is then shared.
     """
 
-    def __init__(self, root, split: str, version: str | None = None, source: str = "auto"):
+    def __init__(self, root, split: str, version: str | None = None, source: str = "auto",
+                 class_set: str = "evaluated"):
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         self.root = Path(root)
@@ -163,9 +193,15 @@ class VistasReader:
         self.image_dir = self.root / split / "images"
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"{self.image_dir} not found: is {split!r} a split of {self.root}?")
-        self.classes, self.label_names = load_classes(config_path(self.root, self.version))
+        self.class_set = class_set
+        self.classes, self.label_names = load_classes(config_path(self.root, self.version), class_set)
+        # instance classes that Vistas does not evaluate, and those of them left out of the class set
+        not_evaluated = not_evaluated_classes(config_path(self.root, self.version))
+        self.not_evaluated = [name for _, name in not_evaluated]
+        kept = {c.config_index for c in self.classes}
+        self._left_out = {i: name for i, name in not_evaluated if i not in kept}  # config index -> name
         self.num_labels = len(self.label_names)
-        self._class_of_index = np.zeros(self.num_labels, np.int64)  # config index -> 1..K, 0 = stuff
+        self._class_of_index = np.zeros(self.num_labels, np.int64)  # config index -> 1..K, 0 = stuff or left out
         for c in self.classes:
             self._class_of_index[c.config_index] = c.id
         self.instance_dir = labels_dir(self.root, split, self.version, "instances")
@@ -181,14 +217,24 @@ class VistasReader:
     def read(self, stem: str) -> RawSample:
         image_path = self.image_dir / f"{stem}.jpg"
         width, height = _image_size(image_path)
+        left_out: dict = {}
         if self.source == "panoptic":
-            boxes, labels, iscrowd = self._panoptic_targets(stem, (width, height))
+            boxes, labels, iscrowd = self._panoptic_targets(stem, (width, height), left_out)
         elif self.source == "instances":
-            boxes, labels, iscrowd = self._instance_targets(stem, (width, height))
+            boxes, labels, iscrowd = self._instance_targets(stem, (width, height), left_out=left_out)
         else:
             boxes, labels, iscrowd = np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, np.uint8)
         boxes, labels, iscrowd = _canonical(boxes, labels, iscrowd)
-        return RawSample(stem, image_path, width, height, boxes, labels, iscrowd)
+        return RawSample(stem, image_path, width, height, boxes, labels, iscrowd, left_out)
+
+    def _count_left_out(self, index: np.ndarray, left_out: dict | None) -> None:
+        """Add the objects of left-out instance classes among config indices ``index`` to ``left_out``."""
+        if left_out is None or not self._left_out:
+            return
+        for i in index.tolist():
+            if i in self._left_out:
+                name = self._left_out[i]
+                left_out[name] = left_out.get(name, 0) + 1
 
     # -- which source ---------------------------------------------------------------------------
     def _choose_source(self, source: str) -> str:
@@ -260,22 +306,28 @@ class VistasReader:
             index[cat["id"]] = by_name[0] if by_name else fallback
         return segments, index
 
-    def _thing_segments(self, stem: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(config_index, xyxy boxes, iscrowd) of the thing segments the JSON lists for ``stem``."""
+    def _thing_segments(self, stem: str, left_out: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(config_index, xyxy boxes, iscrowd) of the thing segments the JSON lists for ``stem``.
+
+        Segments of left-out instance classes are counted into ``left_out`` (name -> n).
+        """
         if stem not in self._segments:
             raise BadSample(f"{self.json_path}: no entry for image {stem}")
-        rows = []
+        rows, dropped = [], []
         for seg in self._segments[stem]:
             try:
                 index = self._category_index.get(seg["category_id"])
                 if index is None:
                     raise BadSample(f"{self.json_path}: image {stem} segment {seg['id']} has unknown "
                                     f"category_id {seg['category_id']}")
+                if index in self._left_out:
+                    dropped.append(index)
                 if self._class_of_index[index]:
                     x, y, w, h = (float(v) for v in seg["bbox"])
                     rows.append((index, x, y, w, h, float(seg["area"]), int(seg.get("iscrowd", 0)), seg["id"]))
             except (KeyError, TypeError, ValueError) as e:
                 raise BadSample(f"{self.json_path}: image {stem} has a malformed segment {seg!r} ({e!r})") from e
+        self._count_left_out(np.asarray(dropped, np.int64), left_out)
         rows = np.asarray(rows, np.float64).reshape(-1, 8)
         x, y = rows[:, 1], rows[:, 2]
         w, h = rows[:, 3] + self._wh_offset, rows[:, 4] + self._wh_offset
@@ -285,16 +337,16 @@ class VistasReader:
                             "or a box of non-positive size")
         return rows[:, 0].astype(np.int64), np.stack([x, y, x + w, y + h], 1), rows[:, 6].astype(np.uint8)
 
-    def _panoptic_targets(self, stem: str, size: tuple[int, int]):
+    def _panoptic_targets(self, stem: str, size: tuple[int, int], left_out: dict | None = None):
         png = self.panoptic_dir / f"{stem}.png"
         _check_mask_header(png, size)
-        index, boxes, iscrowd = self._thing_segments(stem)
+        index, boxes, iscrowd = self._thing_segments(stem, left_out)
         if len(boxes) and ((boxes[:, :2] < 0).any() or (boxes[:, 2:] > size).any()):
             raise BadSample(f"{self.json_path}: image {stem} has a box outside the {size[0]}x{size[1]} image")
         return boxes, self._class_of_index[index], iscrowd
 
     # -- instance PNG -------------------------------------------------------------------------
-    def _instance_targets(self, stem: str, size: tuple[int, int], crowd: bool = True):
+    def _instance_targets(self, stem: str, size: tuple[int, int], crowd: bool = True, left_out: dict | None = None):
         png = self.instance_dir / f"{stem}.png"
         values_map = _read_instance_png(png, size)
         values, boxes, _ = value_boxes(values_map)
@@ -302,6 +354,7 @@ class VistasReader:
         if (index >= self.num_labels).any():
             raise BadSample(f"{png}: label index {int(index.max())} is not in the config's "
                             f"{self.num_labels} labels")
+        self._count_left_out(index, left_out)
         keep = self._class_of_index[index] > 0
         boxes, labels = boxes[keep], self._class_of_index[index[keep]]
         iscrowd = self._crowd_flags(stem, index[keep], boxes) if crowd else np.zeros(len(boxes), np.uint8)
