@@ -32,7 +32,7 @@ from mapdet.augment import BatchAugment
 from mapdet.config import load_config, per_rank_batch, to_dict, to_yaml
 from mapdet.data import TrainStream
 from mapdet.engine import cuda_speedups, train_step
-from mapdet.manifest import class_instance_counts, class_names, coco_path, load_manifest
+from mapdet.manifest import class_instance_counts, class_names, classes_mismatch, coco_path, load_manifest
 from mapdet.model import build_model, export_weights
 from mapdet.optim import make_optimizer, make_scheduler
 from mapdet.validation import metrics_dict, validate
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     batches = _SanitizedTally(iter(TrainStream(cfg.data.shards, train_manifest, cfg.data, rank, world, cfg.train.seed, batches_done)))
     augment = BatchAugment(cfg.augment).to(device)
-    val = _validation_inputs(cfg, accelerator)
+    val = _validation_inputs(cfg, accelerator, train_manifest)
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def _validation_inputs(cfg, accelerator):
-    """(manifest, COCO ground truth) of the validation split, or None when it is not packed or empty."""
+def _validation_inputs(cfg, accelerator, train_manifest: dict):
+    """(manifest, COCO ground truth) of the validation split, or None when it is not packed or empty.
+    Raises ValueError (exit 2, before any step) when its classes differ from training's: label ids are
+    positions in the class list, so validation would score every class as another one."""
     try:
         manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
     except ValueError:
@@ -158,6 +160,8 @@ def _validation_inputs(cfg, accelerator):
     if not manifest["num_samples"]:
         accelerator.print(f"the {cfg.data.val_split} split in {cfg.data.shards} has no images: training without validation")
         return None
+    if why := classes_mismatch(train_manifest, manifest):
+        raise ValueError(why)
     return manifest, json.loads(coco_path(cfg.data.shards, cfg.data.val_split).read_text())
 
 

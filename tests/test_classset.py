@@ -152,6 +152,10 @@ def test_verify_and_evaluate_refuse_splits_packed_with_different_class_sets(raw,
         r = run_cli("evaluate", "--checkpoint", str(tmp_path / "no-checkpoint-needed"), "--set",
                     f"data.shards={tmp_path}", f"train.out={tmp_path / 'run'}")
         assert r.returncode == 2 and "have different classes" in r.stderr, r.stderr[-2000:]
+        r = run_cli("train", "--set", f"data.shards={tmp_path}", f"train.out={tmp_path / 'run'}", "model.arch=small",
+                    "model.min_size=128", "model.max_size=160")
+        assert r.returncode == 2 and "have different classes" in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before the first step
 
 
 def test_a_config_whose_instance_classes_are_all_evaluated_packs_them_all(shards, synth_root):
