@@ -394,7 +394,9 @@ def gpu_phase(v: dict, model0, cfg, manifest, samples, accelerator, warmup: int,
 
 def gpu_grid(args) -> None:
     """The child: every selected variant of GPU_VARIANTS on the same shards, model and weights."""
-    cfg = load_config(args.gpu_config, ["train.mixed_precision=bf16", *args.gpu_set])
+    # Start weights do not change the speed, and a bare GPU machine has no cache to read them from.
+    cfg = load_config(args.gpu_config, ["train.mixed_precision=bf16", "model.weights=null", "model.backbone_weights=null",
+                                        *args.gpu_set])
     manifest = load_manifest(args.gpu_shards, "training")
     # One epoch for the whole phase: TrainStream starts fresh DataLoader workers at every epoch, and a
     # few dozen synthetic images would otherwise end an epoch every few steps (real Vistas: 18k images).

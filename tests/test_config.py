@@ -47,11 +47,35 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "unsafe.yaml")
 
 
+def _plant(name: str, home: Path) -> None:
+    """A random-weights stand-in for a torchvision weights file, where `mapdet weights fetch` puts it."""
+    import torch
+    import torchvision
+
+    from mapdet import weights
+
+    w = weights.resolve(name)
+    kind, arch = weights.kind_and_arch(w)
+    builders = {("detector", "resnet50_fpn_v2"): torchvision.models.detection.fasterrcnn_resnet50_fpn_v2,
+                ("detector", "mobilenet_v3_large_fpn"): torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn}
+    model = builders[kind, arch](weights=None, weights_backbone=None, num_classes=len(w.meta["categories"]))
+    path = weights.cache_path(w)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_loads_and_builds(path):
+def test_every_shipped_config_loads_and_builds(path, tmp_path, monkeypatch, capfd):
     cfg = load_config(path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # never the user's cache, never the network
+    if cfg.model.weights:  # the Vistas configs fine-tune torchvision's COCO detectors
+        assert cfg.model.weights.startswith("torchvision:") and cfg.model.weights.endswith("COCO_V1")
+        _plant(cfg.model.weights, tmp_path)
     model = build_model(cfg.model, num_classes=13, class_counts=[10] * 12)
     assert model.roi_heads.detections_per_img == cfg.model.detections_per_img
+    if cfg.model.weights:  # everything but the class-dependent predictor came from the file
+        err = capfd.readouterr().err
+        assert "4 kept fresh" in err and "0 skipped" in err, err
 
 
 # YAML 1.1 reads these as bool/null/number; a str key must get them as typed.
