@@ -39,9 +39,16 @@ print(load_config(a.config, a.set).train.out)
 EOF
 }
 
-# Exported for node_launch.sh: the first host of the job is rank 0's address on every node.
+# Exported for node_launch.sh: rank 0's address, the same on every node. It is the job's first node
+# as Slurm reaches it (its NodeAddr, which is the host name unless slurm.conf says otherwise; a
+# node name need not resolve). Set MAIN_ADDR yourself to pick another network (e.g. InfiniBand).
 launch_settings() {
-  MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  local first
+  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  if [[ -z ${MAIN_ADDR:-} ]]; then
+    MAIN_ADDR=$(scontrol show node -o "$first" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2 || true)
+    MAIN_ADDR=${MAIN_ADDR:-$first}
+  fi
   export TOPOLOGY PORT MAIN_ADDR PROCS_PER_NODE
 }
 

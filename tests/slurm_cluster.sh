@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# A private single-node Slurm cluster on 127.0.0.1, for tests/test_slurm.py and for trying slurm/.
+# A private Slurm cluster on 127.0.0.1, for tests/test_slurm.py and for trying slurm/.
 #
-#   bash tests/slurm_cluster.sh start [DIR]   # prints SLURM_CONF=DIR/slurm.conf (export it for sbatch & co)
-#   bash tests/slurm_cluster.sh stop DIR      # cancels its jobs, stops the daemons it started
+#   bash tests/slurm_cluster.sh start [DIR] [NODES]  # prints SLURM_CONF=DIR/slurm.conf (export it for sbatch & co)
+#   bash tests/slurm_cluster.sh stop DIR             # cancels its jobs, stops the daemons it started
+#
+# NODES (default 1) slurmd daemons run on this one machine as nodes HOST-0 ... HOST-(N-1) (one node is
+# just HOST), each with its own port, spool folder, log and pid file (slurm.conf's %n), and each
+# claiming the whole machine's CPUs and memory. Multi-node jobs (`sbatch --nodes=2`) then run for
+# real: one srun task per node, SLURM_NODEID 0 and 1, as on separate machines. Debian's slurmd takes
+# `-N NODENAME` for this. All nodes have NodeAddr 127.0.0.1: a slurmd listens on 127.0.0.1 whatever
+# its NodeAddr says, so other loopback addresses would not reach it.
 #
 # `start` installs Debian's slurmctld, slurmd, slurm-client and munge when they are missing
 # (apt-get; needs root), then starts its own munged, slurmctld and slurmd with every file (munge key
@@ -77,16 +84,22 @@ start_munge() {
     || die "munged did not answer on $dir/munge.socket"
 }
 
+# The node names of an N-node cluster on this host, one per line.
+node_names() {
+  local host=$1 n=$2 i
+  if [ "$n" -eq 1 ]; then echo "$host"; return; fi
+  for ((i = 0; i < n; i++)); do echo "$host-$i"; done
+}
+
 write_conf() {
-  local dir=$1 node=$2 hw
+  local dir=$1 host=$2 n=$3 hw port name nodes=""
   # slurmd -C prints this machine's NodeName line (CPUs, sockets, cores, memory); keep its sizes.
   hw=$(slurmd -C | head -n1 | sed -E 's/^NodeName=[^ ]+ //')
   cat >"$dir/slurm.conf" <<EOF
 # Written by tests/slurm_cluster.sh for a private test cluster; see that script.
 ClusterName=mapdet-test
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$(free_port 16817)
-SlurmdPort=$(free_port 16917)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -108,17 +121,30 @@ JobRequeue=1
 MinJobAge=600
 ReturnToService=2
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
-NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$node $hw State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile=$dir/log/slurmd-%n.log
 EOF
+  # The slurmds share 127.0.0.1, so each node gets a port of its own.
+  port=16917
+  for name in $(node_names "$host" "$n"); do
+    port=$(free_port "$port")
+    echo "NodeName=$name NodeAddr=127.0.0.1 NodeHostname=$host Port=$port $hw State=UNKNOWN" >>"$dir/slurm.conf"
+    install -d "$dir/spool/$name"
+    nodes+="${nodes:+,}$name"
+    port=$((port + 1))
+  done
+  echo "PartitionName=debug Nodes=$nodes Default=YES MaxTime=INFINITE State=UP" >>"$dir/slurm.conf"
 }
 
-node_idle() { [ "$(sinfo -h -N -o %t 2>/dev/null)" = idle ]; }
+nodes_idle() { [ "$(sinfo -h -N -o %t 2>/dev/null | sort -u)" = idle ]; }  # every node idle
+
+start_slurmds() {
+  local name
+  for name in $(node_names "$1" "$2"); do slurmd -f "$SLURM_CONF" -N "$name" || return 1; done
+}
 
 show_logs() {
   local f
@@ -126,7 +152,8 @@ show_logs() {
 }
 
 cmd_start() {
-  local dir=${1:-} node
+  local dir=${1:-} n=${2:-1} host
+  [[ $n =~ ^[1-9][0-9]*$ ]] || die "NODES must be a positive number, not '$n'" 2
   [ "$(id -u)" -eq 0 ] || die "a private Slurm cluster needs root (slurmd starts jobs as root here)" 3
   install_packages
   if [ -z "$dir" ]; then dir=$(mktemp -d /tmp/mapdet-slurm.XXXXXX); fi
@@ -135,12 +162,12 @@ cmd_start() {
   [ ! -e "$dir/slurmctld.pid" ] || die "$dir already holds a cluster; stop it first: $0 stop $dir"
   chmod 0755 "$dir"
   install -d "$dir/log" "$dir/state" "$dir/spool"
-  node=$(hostname -s)
+  host=$(hostname -s)
   start_munge "$dir"
-  write_conf "$dir" "$node"
+  write_conf "$dir" "$host" "$n"
   export SLURM_CONF=$dir/slurm.conf
-  if ! slurmctld -f "$SLURM_CONF" -i || ! slurmd -f "$SLURM_CONF" -N "$node" \
-     || ! wait_for 30 scontrol ping || ! wait_for 30 node_idle; then
+  if ! slurmctld -f "$SLURM_CONF" -i || ! start_slurmds "$host" "$n" \
+     || ! wait_for 30 scontrol ping || ! wait_for 30 nodes_idle; then
     show_logs "$dir"
     sinfo -N >&2 || true
     cmd_stop "$dir" >&2 || true
@@ -150,7 +177,7 @@ cmd_start() {
 }
 
 cmd_stop() {
-  local dir=${1:?usage: $0 stop DIR} name pid
+  local dir=${1:?usage: $0 stop DIR} pidfile name pid
   dir=$(cd "$dir" && pwd)
   export SLURM_CONF=$dir/slurm.conf
   if owned_pid "$dir/slurmctld.pid" "$dir" >/dev/null; then
@@ -159,19 +186,20 @@ cmd_stop() {
     wait_for 20 bash -c '[ -z "$(squeue -h -t running,completing -o %i)" ]' \
       || echo "slurm_cluster: jobs still running after 20 s: $(squeue -h -o %i | tr '\n' ' ')" >&2
   fi
-  for name in slurmd slurmctld munged; do
-    pid=$(owned_pid "$dir/$name.pid" "$dir") || continue
+  for pidfile in "$dir"/slurmd-*.pid "$dir"/slurmctld.pid "$dir"/munged.pid; do
+    name=$(basename "$pidfile" .pid)
+    pid=$(owned_pid "$pidfile" "$dir") || continue
     kill "$pid" 2>/dev/null || true
     if ! wait_for 10 bash -c "! kill -0 $pid || [ \"\$(awk '{print \$3}' /proc/$pid/stat)\" = Z ]"; then
       echo "slurm_cluster: $name ($pid) ignored SIGTERM; killing it" >&2
       kill -9 "$pid" 2>/dev/null || true
     fi
   done
-  rm -f "$dir"/slurmctld.pid "$dir"/slurmd.pid "$dir"/munged.pid
+  rm -f "$dir"/slurmctld.pid "$dir"/slurmd-*.pid "$dir"/munged.pid
 }
 
 case "${1:-}" in
-  start) cmd_start "${2:-}" ;;
+  start) cmd_start "${2:-}" "${3:-1}" ;;
   stop) cmd_stop "${2:-}" ;;
-  *) die "usage: $0 start [DIR] | stop DIR" 2 ;;
+  *) die "usage: $0 start [DIR] [NODES] | stop DIR" 2 ;;
 esac

@@ -1,7 +1,8 @@
-"""slurm/*.sbatch submitted for real to a private one-node Slurm cluster (tests/slurm_cluster.sh).
+"""slurm/*.sbatch submitted for real to a private two-node Slurm cluster (tests/slurm_cluster.sh:
+two slurmd daemons on this one machine, so `--nodes=2` jobs run one task per node as on a cluster).
 
 The same scripts a GPU cluster runs, with CPU settings: --gpus-per-node=0, TOPOLOGY=cpu2.yaml and
-PROCS_PER_NODE=2 (two gloo processes). Jobs are polled with `scontrol show job -o` (sbatch --wait
+PROCS_PER_NODE=2 (two gloo processes on one node) or 1 (one on each of two nodes). Jobs are polled with `scontrol show job -o` (sbatch --wait
 polls every 10 s). Skipped, saying why, only where this machine cannot run Slurm at all (not root,
 or Slurm missing and no apt-get); any other failure of the cluster fails the tests.
 """
@@ -90,7 +91,8 @@ class Cluster:
 def cluster(tmp_path_factory):
     # munged needs every folder above its socket searchable by all users; pytest's tmp is 0700.
     home = Path(tempfile.mkdtemp(prefix="mapdet-slurm.", dir="/tmp"))
-    start = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", str(home)], capture_output=True, text=True, timeout=600)
+    start = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", str(home), "2"], capture_output=True, text=True,
+                           timeout=600)
     if start.returncode == 3:
         shutil.rmtree(home, ignore_errors=True)
         pytest.skip(f"this machine cannot run Slurm: {start.stderr.strip()}")
@@ -155,13 +157,16 @@ def test_merge_never_runs_after_a_failed_pack(cluster, tmp_path):
 # ---------------------------------------------------------------- training, requeue, evaluation
 
 
-def submit_accelerate(cluster: Cluster, name: str, script: str, shards: Path, run: Path, sets: str = "", **variables) -> int:
-    """train.sbatch or evaluate.sbatch with the tiny experiment on 2 CPU processes."""
+def submit_accelerate(cluster: Cluster, name: str, script: str, shards: Path, run: Path, sets: str = "", nodes: int = 1,
+                      **variables) -> int:
+    """train.sbatch or evaluate.sbatch with the tiny experiment on 2 CPU processes: both on one node,
+    or one on each of ``nodes=2``."""
     config = run.parent / "tiny.yaml"
     config.write_text(TINY_CONFIG)
-    return cluster.sbatch(script, *cluster.options(name), "--gpus-per-node=0", f"--cpus-per-task={CPUS}",
-                          MAPDET_ENV=sys.prefix, CONFIG=str(config), SETS=f"data.shards={shards} {sets}".strip(),
-                          RUN_DIR=str(run), TOPOLOGY="launch/accelerate/cpu2.yaml", PROCS_PER_NODE="2",
+    return cluster.sbatch(script, *cluster.options(name), f"--nodes={nodes}", "--gpus-per-node=0",
+                          f"--cpus-per-task={CPUS}", MAPDET_ENV=sys.prefix, CONFIG=str(config),
+                          SETS=f"data.shards={shards} {sets}".strip(), RUN_DIR=str(run),
+                          TOPOLOGY="launch/accelerate/cpu2.yaml", PROCS_PER_NODE=str(2 // nodes),
                           PORT=str(free_port()), **variables)
 
 
@@ -217,3 +222,21 @@ def test_evaluate_writes_metrics(cluster, trained, shards, tmp_path):
     assert metrics["images"] == 6 and metrics["images_left_out"] == 0
     assert 0.0 <= metrics["bbox"]["AP50"] <= 1.0
     assert isinstance(json.loads((out / "detections.json").read_text()), list)
+
+
+def test_train_and_evaluate_on_two_nodes(cluster, shards, tmp_path):
+    run = tmp_path / "run"
+    job = submit_accelerate(cluster, "train2", "train.sbatch", shards, run, "train.max_steps=4 train.ckpt_every=2",
+                            nodes=2)
+    log = wait_ok(cluster, job, "train2", timeout=300)
+    assert re.search(r"training on 2 node\(s\) \(\S+-\[0-1\]\)", log), log
+    assert "2 process(es) x data.batch_size 2 x optim.grad_accum 1; 2 node(s)" in log, log
+    assert "weights identical on all 2 rank(s)" in log  # one DDP group across the two nodes
+    assert checkpoint_steps(run)[-1] == 4 and (run / "export" / "model.safetensors").exists()
+
+    out = tmp_path / "eval"
+    job = submit_accelerate(cluster, "eval2", "evaluate.sbatch", shards, run, nodes=2, EVAL_OUT=str(out))
+    log = wait_ok(cluster, job, "eval2", timeout=300)
+    assert "on 2 node(s)" in log, log
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 6 and metrics["images_left_out"] == 0
