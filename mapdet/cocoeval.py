@@ -5,8 +5,10 @@ to pycocotools' COCOeval, much faster. Prints the per-class table and the summar
 AR100 as pycocotools' stats, plus AP at every --max-dets) and writes metrics.json with --out.
 maxDets 1, 10 and 100 are always evaluated.
 
-Under ``accelerate launch --config_file launch/accelerate/cpu2.yaml -m mapdet cocoeval ...`` the
-categories are split across the processes; only the main process prints and writes.
+Under ``accelerate launch --config_file launch/accelerate/cpu2.yaml -m mapdet cocoeval ...`` (or
+torchrun) the processes join one gloo group; each reads both files, packs its contiguous share of
+the results and the categories are split across the processes (``evaluator.evaluate_coco``); only
+the main process prints and writes.
 Exit codes: 0 ok, 2 bad input (missing or malformed file, results that do not fit the GT).
 """
 
@@ -39,12 +41,14 @@ class InputError(ValueError):
 def run(args: argparse.Namespace) -> int:
     from mapdet import comm
 
-    state = _join_processes()
+    joined = _join_processes()
     try:
         return _score(args, comm)
     finally:
-        if state is not None:
-            state.destroy_process_group()
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def _score(args: argparse.Namespace, comm) -> int:
@@ -52,8 +56,8 @@ def _score(args: argparse.Namespace, comm) -> int:
         max_dets = _max_dets(args.max_dets)
         gt = _load_json(args.gt, "ground truth")
         results = _load_json(args.results, "results")
-        result = evaluate_coco(gt, results, max_dets=max_dets, engine=args.engine)
-    except (InputError, ValueError) as e:  # every rank reads the same files and fails alike
+        result = evaluate_coco(gt, _own_share(results, comm), max_dets=max_dets, engine=args.engine)
+    except (InputError, ValueError) as e:  # every rank learns of any rank's bad input
         if comm.is_main_process():
             print(f"mapdet cocoeval: error: {e}", file=sys.stderr)
         return 2
@@ -71,20 +75,27 @@ def _score(args: argparse.Namespace, comm) -> int:
     return 0
 
 
-def _join_processes():
-    """Join the process group when started by a launcher (WORLD_SIZE > 1); its PartialState."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched == 1:
-        return None
-    import torch
-    from accelerate import PartialState
+def _own_share(results, comm):
+    """This rank's contiguous share of the results list (all of it in one process): concatenated
+    in rank order the shares are the file, the order ``evaluate_coco`` scores."""
+    if not isinstance(results, list):
+        return results  # evaluate_coco names the problem
+    lo, hi = comm.share(len(results), comm.get_rank(), comm.get_world_size())
+    return results[lo:hi]
 
-    state = PartialState(cpu=not torch.cuda.is_available())
-    if state.num_processes != launched:
-        raise SystemExit(f"mapdet cocoeval: error: {launched} processes were launched but "
-                         f"{state.num_processes} joined; on a CPU machine use --config_file "
-                         "launch/accelerate/cpu2.yaml")
-    return state
+
+def _join_processes() -> bool:
+    """Join the launcher's gloo group when started with WORLD_SIZE > 1 (accelerate, torchrun).
+
+    The arrays exchanged live on the CPU, so gloo serves on GPU machines too, and the launcher's
+    environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) connects all processes by itself.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return False
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    return True
 
 
 def _max_dets(text: str) -> list[int]:

@@ -1,10 +1,18 @@
 """COCO ground truth and detections as validated arrays for the evaluator (``mapdet.cocoengine``).
 
-Image and category ids become indices into the sorted ids of the ground truth. Detections come
-either as COCO result dicts (``bbox`` [x, y, w, h] read as float64, exactly what pycocotools
-reads) or packed (``mapdet.evaluator.Detections``, whose ``xywh()`` gives the numbers its results
-file carries). Their ids are read and checked for all detections; boxes and scores only for the
-categories a rank scores, so that parsing splits across ranks too.
+Image and category ids become indices into the sorted ids of the ground truth. Ground truth ids
+(annotation, image, category of every annotation) are read and checked for all annotations; boxes,
+areas and crowd flags only for the categories a rank scores (``GroundTruth.boxes``).
+
+Detections become packed rows (``detection_rows``), the unit that ranks route to each other:
+a structured array with ``img`` and ``cat`` (int32 indices) and either
+- ``NARROW`` rows (28 bytes) from ``mapdet.evaluator.Detections``: ``box`` float32 xyxy
+  pixel-edge as the model gave it, ``score`` float32; or
+- ``WIDE`` rows (48 bytes) from COCO result dicts: ``box`` float64 COCO ``[x, y, w, h]`` and
+  ``score`` float64, exactly the numbers pycocotools reads.
+``rows_to_boxes`` turns either into the float64 xywh ``BoxSet`` that is scored; a narrow box
+becomes ``[x1, y1, x2 - x1, y2 - y1]`` in float64 (``xyxy_to_xywh``), the numbers its results
+file carries, so routing float32 loses nothing.
 
 Checks that differ from pycocotools, all loud: detections on images or categories missing from
 the GT raise ``ValueError`` naming them (pycocotools asserts on images and silently drops
@@ -22,13 +30,19 @@ import numpy as np
 from mapdet.cocoengine import BoxSet
 
 
+NARROW = np.dtype([("img", "<i4"), ("cat", "<i4"), ("box", "<f4", (4,)), ("score", "<f4")])
+WIDE = np.dtype([("img", "<i4"), ("cat", "<i4"), ("box", "<f8", (4,)), ("score", "<f8")])
+
+
 @dataclass
 class GroundTruth:
-    """A COCO ground-truth dict as arrays; ``boxes.img``/``boxes.cat`` index the sorted ids."""
+    """A COCO ground-truth dict's ids as arrays; boxes are parsed per category by ``boxes``."""
 
     image_ids: np.ndarray  # int64 (I,) sorted
     cat_ids: np.ndarray  # int64 (K,) sorted
-    boxes: BoxSet  # xywh float64 as in the file, area = the COCO 'area' field
+    ann_img: np.ndarray  # int64 (G,) image index of every annotation, file order
+    ann_cat: np.ndarray  # int64 (G,) category index of every annotation
+    annotations: list  # the dict's annotations (not copied)
 
     @staticmethod
     def parse(gt: dict) -> GroundTruth:
@@ -44,19 +58,36 @@ class GroundTruth:
             ann_ids = np.array([a["id"] for a in anns], np.int64)
             img = np.array([a["image_id"] for a in anns], np.int64)
             cat = np.array([a["category_id"] for a in anns], np.int64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise _malformed_gt(e) from e
+        if len(ann_ids) and (ann_ids.min() < 1 or len(np.unique(ann_ids)) != len(ann_ids)):
+            raise ValueError("ground-truth annotation ids must be unique and >= 1 "
+                             "(COCO matching treats id 0 as 'unmatched')")
+        return GroundTruth(image_ids, cat_ids,
+                           index_of(img, image_ids, "ground-truth annotations", "image"),
+                           index_of(cat, cat_ids, "ground-truth annotations", "category"), anns)
+
+    def counts(self) -> np.ndarray:
+        """int64 (K,): annotations per category (crowd included)."""
+        return np.bincount(self.ann_cat, minlength=len(self.cat_ids))
+
+    def boxes(self, cats: np.ndarray) -> BoxSet:
+        """The annotations of the categories ``cats`` (indices), in file order; xywh float64 as
+        in the file, ``area`` the COCO 'area' field."""
+        sel = np.flatnonzero(np.isin(self.ann_cat, cats))
+        anns = [self.annotations[i] for i in sel]
+        try:
             xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
             area = np.array([a["area"] for a in anns], np.float64)
             crowd = np.array([a.get("iscrowd", 0) for a in anns], bool)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed ground-truth annotation ({type(e).__name__}: {e}); each "
-                             "needs id, image_id, category_id, bbox [x,y,w,h], area") from e
-        if len(ann_ids) and (ann_ids.min() < 1 or len(np.unique(ann_ids)) != len(ann_ids)):
-            raise ValueError("ground-truth annotation ids must be unique and >= 1 "
-                             "(COCO matching treats id 0 as 'unmatched')")
-        boxes = BoxSet(index_of(img, image_ids, "ground-truth annotations", "image"),
-                       index_of(cat, cat_ids, "ground-truth annotations", "category"),
-                       xywh, area, np.zeros(len(anns)), crowd)
-        return GroundTruth(image_ids, cat_ids, boxes)
+            raise _malformed_gt(e) from e
+        return BoxSet(self.ann_img[sel], self.ann_cat[sel], xywh, area, np.zeros(len(sel)), crowd)
+
+
+def _malformed_gt(e: Exception) -> ValueError:
+    return ValueError(f"malformed ground-truth annotation ({type(e).__name__}: {e}); each "
+                      "needs id, image_id, category_id, bbox [x,y,w,h], area")
 
 
 def _unique_ids(ids: list, what: str) -> np.ndarray:
@@ -86,24 +117,13 @@ def _malformed(e: Exception) -> ValueError:
                       "category_id, bbox [x,y,w,h] and score")
 
 
-def _ids(dets) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(dets, list):
-        return dets.image_id, dets.labels
+def _ids(dets: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     n = len(dets)
     try:
         return (np.fromiter((r["image_id"] for r in dets), np.int64, n),
                 np.fromiter((r["category_id"] for r in dets), np.int64, n))
     except (KeyError, TypeError, ValueError) as e:
         raise _malformed(e) from e
-
-
-def detection_indices(dets, truth: GroundTruth) -> tuple[np.ndarray, np.ndarray]:
-    """Image and category index of every detection (COCO result dicts or ``Detections``)."""
-    if not isinstance(dets, list) and not hasattr(dets, "labels"):
-        raise ValueError("COCO results must be a list of detection objects")
-    img, cat = _ids(dets)
-    return (index_of(img, truth.image_ids, "detections", "image"),
-            index_of(cat, truth.cat_ids, "detections", "category"))
 
 
 def boxes_and_scores(results: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -128,13 +148,43 @@ def parse_results(results: list[dict]):
     return (*_ids(results), *boxes_and_scores(results))
 
 
-def detection_boxes(dets, img: np.ndarray, cat: np.ndarray, sel: np.ndarray) -> BoxSet:
-    """The detections ``sel`` (indices) as a BoxSet; ``img``/``cat`` from ``detection_indices``."""
+def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """float64 (M, 4) ``[x1, y1, x2 - x1, y2 - y1]`` of xyxy boxes (float32 widened first)."""
+    b = np.asarray(boxes).astype(np.float64).reshape(-1, 4)
+    return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], 1)
+
+
+def detection_rows(dets, truth: GroundTruth) -> np.ndarray:
+    """Checked packed rows (NARROW for ``Detections``, WIDE for COCO result dicts), input order."""
     if isinstance(dets, list):
-        xywh, score = boxes_and_scores(dets if len(sel) == len(dets) else [dets[i] for i in sel])
+        img, cat, box, score = parse_results(dets)
+        rows = np.empty(len(dets), WIDE)
+    elif hasattr(dets, "labels"):
+        img, cat, box, score = dets.image_id, dets.labels, dets.boxes, dets.scores
+        rows = np.empty(len(dets), NARROW)
     else:
-        xywh, score = dets.xywh(sel), dets.scores[sel].astype(np.float64)
-    if not (np.isfinite(xywh).all() and np.isfinite(score).all()):
+        raise ValueError("COCO results must be a list of detection objects")
+    rows["img"] = index_of(img, truth.image_ids, "detections", "image")
+    rows["cat"] = index_of(cat, truth.cat_ids, "detections", "category")
+    if not (np.isfinite(box).all() and np.isfinite(score).all()):
         raise ValueError("detections contain non-finite boxes or scores")
-    return BoxSet(img[sel], cat[sel], xywh, xywh[:, 2] * xywh[:, 3], score,
-                  np.zeros(len(sel), bool))
+    rows["box"], rows["score"] = box, score
+    return rows
+
+
+def widen(rows: np.ndarray) -> np.ndarray:
+    """NARROW rows as WIDE rows (same numbers as their results file); WIDE rows unchanged."""
+    if rows.dtype == WIDE:
+        return rows
+    out = np.empty(len(rows), WIDE)
+    out["img"], out["cat"], out["score"] = rows["img"], rows["cat"], rows["score"]
+    out["box"] = xyxy_to_xywh(rows["box"])
+    return out
+
+
+def rows_to_boxes(rows: np.ndarray) -> BoxSet:
+    """Detections to score: xywh and score float64, ``area`` w * h as ``loadRes``."""
+    xywh = rows["box"].astype(np.float64) if rows.dtype == WIDE else xyxy_to_xywh(rows["box"])
+    return BoxSet(rows["img"].astype(np.int64), rows["cat"].astype(np.int64), xywh,
+                  xywh[:, 2] * xywh[:, 3], rows["score"].astype(np.float64),
+                  np.zeros(len(rows), bool))

@@ -31,7 +31,8 @@ class CocoResult:
     """The arrays of ``COCOeval.accumulate()`` for bbox, exactly as pycocotools computes them.
 
     precision, scores: (T iou_thrs, R=101 recall points, K cat_ids, A=4 areas, M max_dets);
-    recall: (T, K, A, M); num_gt: (K,) non-crowd GT boxes per category.
+    recall: (T, K, A, M); num_gt: (K,) non-crowd GT boxes per category. ``traffic``: what this
+    rank held and moved to compute it (``mapdet.cocoroute.Traffic`` as a dict).
     """
 
     precision: np.ndarray
@@ -42,6 +43,7 @@ class CocoResult:
     max_dets: list[int]
     area_labels: list[str] = field(default_factory=lambda: ["all", "small", "medium", "large"])
     num_gt: np.ndarray | None = None
+    traffic: dict | None = None
 
     def ap(self, iou: float | None = None, area: str = "all", max_dets: int = 100,
            cat_id: int | None = None) -> float:

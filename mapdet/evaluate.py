@@ -8,6 +8,10 @@ Writes DIR/metrics.json (COCO summary on pycocotools' 0-1 scale, AP at each maxD
 AP with GT and training counts, val loss, images left out) and DIR/detections.json (COCO results
 format), prints the per-class table, and logs scalars and a few images with predictions (red)
 and ground truth (green) to the run's TensorBoard. Default DIR: RUN/eval/step_N.
+
+Memory: scoring never puts all detections on one rank (``validation``). detections.json is
+written by the main process from every rank's detections streamed one rank at a time, in the
+order they were scored; the other ranks wait for it (writing is the only part that is serial).
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from mapdet import checkpoint, comm, tracking
 from mapdet.config import load_config, to_dict, to_yaml
 from mapdet.data import eval_loader
 from mapdet.evaluator import format_summary, format_table
 from mapdet.manifest import class_names, classes_mismatch, coco_path, load_manifest
 from mapdet.model import build_inference_model
-from mapdet.validation import metrics_dict, validate
+from mapdet.evaluator import Detections
+from mapdet.validation import metrics_dict, stream_detections, validate
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,18 +66,45 @@ def run(args: argparse.Namespace) -> int:
     values.update({f"eval/AP_at_maxdets_{m}": ap for m, ap in summary["AP_at_maxdets"].items()})
     values.update({f"eval/{k}": x for k, x in v.loss.items()})
     tracking.scalars(accelerator, values, step)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    main = accelerator.is_main_process
+    batch = _logged_batch(cfg, manifest) if main else None
+    writer = _ResultsWriter(out / "detections.json", batch) if main else None
+    stream_detections(v, writer.add if main else None)
+    if main:
+        writer.close()
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (out / "detections.json").write_text(json.dumps(v.detections.to_coco_results()))
         print(format_table(summary["per_class"]))
         print(format_summary(summary))
         if v.loss:
             print(f"val loss {v.loss['loss']:.4f} over {v.images} images" + (f" ({len(v.left_out)} left out: corrupt)" if v.left_out else ""))
         print(f"wrote {out / 'metrics.json'} and {out / 'detections.json'}")
-        _log_images(accelerator, model, cfg, manifest, names, v, step)
+        if batch is not None:
+            _log_images(accelerator, batch, names, Detections.concat(writer.kept), step)
     tracking.finish(accelerator)
     return 0
+
+
+class _ResultsWriter:
+    """detections.json from one rank's Detections at a time: the bytes ``json.dumps`` gives for
+    the whole list; keeps the detections of the logged images' ``batch``."""
+
+    def __init__(self, path: Path, batch):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.file, self.empty = path, open(path, "w"), True  # noqa: SIM115 - closed in close()
+        self.file.write("[")
+        self.shown = np.array([t["image_id"] for t in batch.targets] if batch else [], np.int64)
+        self.kept: list[Detections] = []
+
+    def add(self, dets: Detections) -> None:
+        items = json.dumps(dets.to_coco_results())[1:-1]
+        if items:
+            self.file.write(items if self.empty else ", " + items)
+            self.empty = False
+        self.kept.append(dets.take(np.isin(dets.image_id, self.shown)))
+
+    def close(self) -> None:
+        self.file.write("]")
+        self.file.close()
 
 
 def _optional_manifest(shards, split):
@@ -80,13 +114,16 @@ def _optional_manifest(shards, split):
         return None
 
 
-def _log_images(accelerator, model, cfg, manifest, names, v, step: int) -> None:
-    """A few validation images with predictions (red, score >= 0.3) and ground truth (green)."""
+def _logged_batch(cfg, manifest):
+    """The first ``eval.num_images_logged`` validation images (pictures only), or None."""
     n = cfg.eval.num_images_logged
     if n <= 0:
-        return
-    batch = next(iter(eval_loader(cfg.data.shards, manifest, n, 0, rank=0, world=1, skip_corrupt=True)))  # pictures only
-    dets = v.detections
+        return None
+    return next(iter(eval_loader(cfg.data.shards, manifest, n, 0, rank=0, world=1, skip_corrupt=True)))
+
+
+def _log_images(accelerator, batch, names, dets: Detections, step: int) -> None:
+    """The batch's images with predictions (red, score >= 0.3) and ground truth (green)."""
     boxes, labels, scores = [], [], []
     for t in batch.targets:
         sel = (dets.image_id == t["image_id"]) & (dets.scores >= 0.3)

@@ -1,11 +1,15 @@
 """One validation pass, shared by ``mapdet train`` (periodic) and ``mapdet evaluate``.
 
 Every rank runs the unwrapped model on its exactly-once share of the validation shards
-(``data.eval_loader``); detections (packed arrays, stored-image coordinates, xyxy pixel-edge),
-image keys and summed losses are gathered; coverage is checked against the manifest (a missing
-or duplicated image is an error naming the keys); the COCO scoring is itself split across ranks
-by category (``evaluator.evaluate_coco``). Ranks with uneven shares never wait inside the loop:
-the only collectives come after it.
+(``data.eval_loader``); image keys and summed losses are gathered; coverage is checked against
+the manifest (a missing or duplicated image is an error naming the keys); the COCO scoring is
+split across ranks by category (``evaluator.evaluate_coco``): each rank's detections (packed
+arrays, stored-image coordinates, xyxy pixel-edge) go to the ranks that score their categories,
+so no rank holds every detection. A rank keeps its own detections (``Validation.detections``);
+``stream_detections`` hands every rank's, one rank at a time, to the main process for writing
+detections.json, so the main process never holds them all either (the price: the other ranks
+wait while it writes). Ranks with uneven shares never wait inside the loop: the only
+collectives come after it.
 
 A corrupt sample or shard on any rank raises ``CorruptSample`` (naming shard and key) on every
 rank. Images left out because ``eval.skip_corrupt`` is on are removed from the ground truth too
@@ -35,7 +39,7 @@ class CoverageError(RuntimeError):
 @dataclass
 class Validation:
     result: CocoResult
-    detections: Detections  # all ranks', on every rank
+    detections: Detections  # this rank's (all of them in one process); see stream_detections
     loss: dict[str, float]  # mean per image ({} without eval.val_loss)
     images: int
     left_out: list[dict]  # corrupt samples skipped (eval.skip_corrupt)
@@ -54,21 +58,29 @@ def validate(model, device, cfg: EvalConfig, shards, manifest: dict, gt: dict) -
     except CorruptSample as e:  # raised on every rank below, so no rank waits in the gather
         preds, error = Predictions(Detections.empty(), [], {}, []), str(e)
     bar.close()
-    parts = comm.all_gather_object((preds.detections, preds.keys, preds.loss_sum, preds.skipped, error))
-    errors = [p[4] for p in parts if p[4]]
+    parts = comm.all_gather_object((preds.keys, preds.loss_sum, preds.skipped, error))
+    errors = [p[3] for p in parts if p[3]]
     if errors:
         raise CorruptSample(errors[0])
-    keys = [k for p in parts for k in p[1]]
-    left_out = [s for p in parts for s in p[3]]
+    keys = [k for p in parts for k in p[0]]
+    left_out = [s for p in parts for s in p[2]]
     _check_coverage(manifest, keys, {s["key"] for s in left_out})
-    detections = Detections.concat([p[0] for p in parts])
     if left_out:
         gt = _without_images(gt, {s["key"] for s in left_out})
-    result = evaluate_coco(gt, detections, max_dets=sorted({1, 10, 100, *cfg.max_dets}))
+    result = evaluate_coco(gt, preds.detections, max_dets=sorted({1, 10, 100, *cfg.max_dets}))
     loss = collections.Counter()
     for p in parts:
-        loss.update(p[2])
-    return Validation(result, detections, {k: v / max(len(keys), 1) for k, v in loss.items()}, len(keys), left_out)
+        loss.update(p[1])
+    return Validation(result, preds.detections, {k: v / max(len(keys), 1) for k, v in loss.items()}, len(keys), left_out)
+
+
+def stream_detections(v: Validation, consume) -> None:
+    """Collective: ``consume(Detections)`` on the main process for every rank's detections, in
+    rank order (the order ``evaluate_coco`` scored them in), one rank's at a time."""
+    def unpack(data):
+        consume(Detections.from_bytes(data))
+
+    comm.stream_to_main(v.detections.to_bytes(), unpack if comm.is_main_process() else None)
 
 
 def _check_coverage(manifest: dict, keys: list[str], skipped: set[str]) -> None:

@@ -13,8 +13,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mapdet import cocoengine, comm
-from mapdet.cocoinput import GroundTruth, detection_boxes, detection_indices
-from mapdet.evaluator import Detections, _assemble, evaluate_coco, format_table, rank_categories, write_metrics
+from mapdet.cocoinput import GroundTruth, detection_rows
+from mapdet.cocoroute import share_categories
+from mapdet.evaluator import Detections, _assemble, _score, evaluate_coco, format_table, write_metrics
 
 STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 CATS = [1, 2, 3, 5, 7]  # 5: crowd GT only; 7: no GT at all
@@ -156,27 +157,28 @@ def test_detections_pack_and_concat():
 
 @pytest.mark.parametrize("world", [2, 3, 9])
 def test_category_split_over_ranks_concatenates_to_the_whole(world):
-    """What every rank of a `world`-process run computes and gathers (9 > 5 categories: idle ranks)."""
+    """What every rank of a `world`-process run computes and gathers (9 > 5 categories: idle
+    ranks), with the routing done in memory (tests/test_evaluator_ranks.py runs real processes)."""
     gt, dets = random_coco(2)
     truth = GroundTruth.parse(gt)
-    img, cat = detection_indices(dets, truth)
-    shares = rank_categories(truth, cat, world)
-    assert sorted(np.concatenate(shares).tolist()) == list(range(len(CATS)))
+    rows = detection_rows(dets, truth)
+    counts = np.bincount(rows["cat"], minlength=len(CATS))[None]
+    owner = share_categories(truth.counts(), counts, world)
+    assert len(owner) == len(CATS) and len(set(owner.tolist())) == min(world, len(CATS))
     max_dets, thrs = [1, 10, 100, 300], cocoengine.IOU_THRS
     parts = []
-    for share in shares:  # each rank parses only its categories' boxes
-        found = detection_boxes(dets, img, cat, np.flatnonzero(np.isin(cat, share)))
-        parts.append((share, cocoengine.evaluate_accumulate(truth.boxes, found, share, len(truth.image_ids),
-                                                            thrs, max_dets)))
+    for rank in range(world):  # each rank parses only its categories' GT boxes
+        cats = np.flatnonzero(owner == rank)
+        parts.append((cats, _score("numpy", gt, truth, rows[owner[rows["cat"]] == rank], cats, thrs, max_dets), None))
     assert_same_as_pycocotools(_assemble(parts, truth, thrs, max_dets), pycocotools_eval(gt, dets, max_dets))
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank(monkeypatch):
-    """Rank 0 sees good data; rank 1's categories hold a NaN: rank 0 must raise, not wait."""
+    """Rank 0 sees good data; rank 1's detections hold a NaN: rank 0 must raise, not wait."""
     gt, dets = random_coco(0)
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)
     monkeypatch.setattr(comm, "get_rank", lambda: 0)
-    monkeypatch.setattr(comm, "all_gather_object", lambda own: [own, (np.array([1]), ValueError("rank 1: NaN"))])
+    monkeypatch.setattr(comm, "all_gather_object", lambda own: [own, (own[0], False, ValueError("rank 1: NaN"))])
     with pytest.raises(ValueError, match="rank 1: NaN"):
         evaluate_coco(gt, dets)
 

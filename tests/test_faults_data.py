@@ -245,6 +245,6 @@ def test_a_corrupt_sample_on_another_rank_fails_this_rank_too(shards, monkeypatc
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)
     monkeypatch.setattr(comm, "get_rank", lambda: 0)
     error = "validation-000001.tar: sample 'k' does not decode: RuntimeError: bad"
-    monkeypatch.setattr(comm, "all_gather_object", lambda own: [own, (*own[:4], error)])
+    monkeypatch.setattr(comm, "all_gather_object", lambda own: [own, (*own[:3], error)])
     with pytest.raises(CorruptSample, match="validation-000001.tar: sample 'k' does not decode"):
         validate(model, "cpu", EvalConfig(workers=0, val_loss=False), shards, m, gt)

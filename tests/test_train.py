@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mapdet.evaluator import evaluate_coco
 from mapdet.model import build_model
 from mapdet.config import ModelConfig
 from tests.conftest import REPO, accelerate_launch, free_port, run_cli
@@ -37,7 +38,8 @@ def _scalars(run: Path, tag: str) -> list[float]:
 
 def test_two_process_training_learns_logs_checkpoints_and_exports(shards, tmp_path):
     run = tmp_path / "run"
-    r = accelerate_launch(*_args(shards, run, "train.max_steps=16", "train.ckpt_every=8", "train.keep_last=1", "train.eval_every=8"))
+    every_box = "model.score_thresh=0.0"  # a barely trained model's detections, for detections.json below
+    r = accelerate_launch(*_args(shards, run, "train.max_steps=16", "train.ckpt_every=8", "train.keep_last=1", "train.eval_every=8", every_box))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "weights identical on all 2 rank(s)" in r.stdout + r.stderr
     losses = _scalars(run, "train/loss")
@@ -54,7 +56,7 @@ def test_two_process_training_learns_logs_checkpoints_and_exports(shards, tmp_pa
     # One validation loss and one AP for one model: training's validation at step 16 (2 ranks, each
     # with its own BatchNorm update until rank 0's are broadcast) = `mapdet evaluate` of checkpoint 16.
     r = accelerate_launch("evaluate", "--checkpoint", "latest", "--out", str(tmp_path / "eval"),
-                          "--set", f"data.shards={shards}", f"train.out={run}", *TINY)
+                          "--set", f"data.shards={shards}", f"train.out={run}", *TINY, every_box)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     during = json.loads((run / "metrics_step_0000016.json").read_text())
     after = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -63,6 +65,10 @@ def test_two_process_training_learns_logs_checkpoints_and_exports(shards, tmp_pa
         assert after["val_loss"][key] == pytest.approx(value, rel=1e-5), key
     for key in ("AP", "AP50", "AP75"):
         assert after["bbox"][key] == pytest.approx(during["bbox"][key], abs=1e-9), key
+    # detections.json, streamed to rank 0 one rank at a time, holds what was scored, in that order
+    written = json.loads((tmp_path / "eval" / "detections.json").read_text())
+    rescored = evaluate_coco(json.loads((shards / "validation.coco.json").read_text()), written).summary()
+    assert len(written) > 0 and [rescored[k] for k in ("AP", "AP50")] == [after["bbox"][k] for k in ("AP", "AP50")]
 
 
 def _launch_bg(args, log: Path) -> subprocess.Popen:
