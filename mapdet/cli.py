@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "peek": ("mapdet.peek", "stream a few batches from packed shards and print them"),
     "train": ("mapdet.train", "train Faster R-CNN (use under `accelerate launch` for DDP)"),
     "evaluate": ("mapdet.evaluate", "distributed COCO evaluation of a checkpoint on packed shards"),
+    "predict": ("mapdet.predict", "run a trained model on a folder of images or on shards: COCO results, drawn images"),
     "cocoeval": ("mapdet.cocoeval", "score a COCO results file against COCO ground truth"),
     "diagnose": ("mapdet.diagnose", "explain low mAP: error decomposition, sweeps, report"),
     "weights": ("mapdet.weights", "fetch torchvision's pretrained weights into torch's cache; list them"),

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 
-def make_accelerator(**kwargs):
-    """An ``accelerate.Accelerator`` that runs on the CPU when no CUDA device exists.
+def make_accelerator(cpu: bool = False, **kwargs):
+    """An ``accelerate.Accelerator`` that runs on the CPU when no CUDA device exists (or ``cpu``).
 
     accelerate's multi-GPU launcher forks N processes even on a CPU machine, but they only join
     one gloo group when the Accelerator is told ``cpu=True``; without it each process silently
@@ -30,7 +30,7 @@ def make_accelerator(**kwargs):
     import torch
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available(), **kwargs)
     launched = int(os.environ.get("WORLD_SIZE", 1))
     if launched != accelerator.num_processes:
         raise RuntimeError(

@@ -49,6 +49,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mapdet.comm import share
 from mapdet.manifest import class_image_fractions, shard_urls
 from mapdet.shardread import CorruptSample, bad_entry, checked_samples, decode_sample, sample_range
 from mapdet.shardread import read_shard  # noqa: F401 - its old home: bench/ and tests import it from here
@@ -218,12 +219,8 @@ class TrainStream:
 def eval_keys(manifest: dict, rank: int, world: int) -> list[str]:
     """The keys rank ``rank`` of ``world`` will evaluate: a contiguous, balanced range."""
     keys = [k for s in manifest["shards"] for k in s["keys"]]
-    lo, hi = _share(len(keys), rank, world)
+    lo, hi = share(len(keys), rank, world)
     return keys[lo:hi]
-
-
-def _share(n: int, i: int, parts: int) -> tuple[int, int]:
-    return n * i // parts, n * (i + 1) // parts
 
 
 class _EvalShare(IterableDataset):
@@ -235,8 +232,8 @@ class _EvalShare(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         total = int(self.manifest["num_samples"])
-        r_lo, r_hi = _share(total, self.rank, self.world)
-        w_lo, w_hi = _share(r_hi - r_lo, wid, nw)
+        r_lo, r_hi = share(total, self.rank, self.world)
+        w_lo, w_hi = share(r_hi - r_lo, wid, nw)
         lo, hi = r_lo + w_lo, r_lo + w_hi
         images, targets, bad = [], [], []
         try:

@@ -141,8 +141,12 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model, loader, device, with_loss: bool, progress=None) -> Predictions:
-    """Run ``model`` (unwrapped) over one rank's evaluation loader."""
+def predict(model, loader, device, with_loss: bool, progress=None, on_batch=None) -> Predictions:
+    """Run ``model`` (unwrapped) over one rank's evaluation loader.
+
+    ``on_batch(batch, detections)``, when given, is called after each batch with the batch (its
+    images still at hand, e.g. to draw on) and one ``Detections`` per image.
+    """
     parts, keys, loss_sum, skipped = [], [], {}, []
     was_training = model.training
     for batch in loader:
@@ -156,6 +160,8 @@ def predict(model, loader, device, with_loss: bool, progress=None) -> Prediction
         for t, out in zip(targets, outputs):
             keys.append(t["key"])
             parts.append(_pack(t["image_id"], out))
+        if on_batch is not None:
+            on_batch(batch, parts[-len(outputs):])
         if with_loss:
             for k, v in validation_loss(model, floats, targets).items():
                 loss_sum[k] = loss_sum.get(k, 0.0) + v * len(images)

@@ -48,8 +48,9 @@ def images_with_boxes(accelerator, tag: str, images, boxes_list, labels_list, na
         writer.add_image(f"{tag}/{i}", canvas, step)
 
 
-def draw(image: torch.Tensor, boxes, labels, names: dict[int, str], scores=None, color="red") -> torch.Tensor:
-    """uint8 (3, H, W) copy of ``image`` with boxes and "name score" captions."""
+def draw(image: torch.Tensor, boxes, labels, names: dict[int, str], scores=None, color="red",
+         width: int = 1) -> torch.Tensor:
+    """uint8 (3, H, W) copy of ``image`` with boxes (lines ``width`` pixels) and "name score" captions."""
     if image.dtype != torch.uint8:
         image = (image.detach().float().clamp(0, 1) * 255).to(torch.uint8)
     image = image.cpu()
@@ -62,7 +63,7 @@ def draw(image: torch.Tensor, boxes, labels, names: dict[int, str], scores=None,
         captions = [names.get(int(k), str(k)).split("--")[-1] for k in labels]
         if scores is not None:
             captions = [f"{c} {float(s):.2f}" for c, s in zip(captions, torch.as_tensor(scores).cpu())]
-    return draw_bounding_boxes(image, boxes, labels=captions, colors=color, width=1)
+    return draw_bounding_boxes(image, boxes, labels=captions, colors=color, width=width)
 
 
 def finish(accelerator) -> None:

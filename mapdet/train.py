@@ -24,16 +24,15 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import InitProcessGroupKwargs, set_seed
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mapdet import checkpoint, comm, preemption, tracking
+from mapdet import checkpoint, comm, preemption, tracking, trained
 from mapdet.augment import BatchAugment
 from mapdet.config import load_config, per_rank_batch, to_dict, to_yaml
 from mapdet.data import TrainStream
 from mapdet.engine import cuda_speedups, train_step
 from mapdet.manifest import class_instance_counts, class_names, classes_mismatch, coco_path, load_manifest
-from mapdet.model import build_model, export_weights
+from mapdet.model import build_model
 from mapdet.optim import make_optimizer, make_scheduler
 from mapdet.validation import metrics_dict, validate
 
@@ -275,9 +274,5 @@ def _check_replicas(accelerator, raw_model) -> None:
 
 
 def _export(raw_model, run_dir: Path, cfg, names: dict[int, str]) -> None:
-    """Plain weights that load into torchvision's builder, with a note saying how."""
-    out = run_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in export_weights(raw_model).items()}, str(out / "model.safetensors"))
-    (out / "classes.json").write_text(json.dumps({"arch": cfg.model.arch, "num_classes": len(names) + 1,
-                                                  "classes": [{"id": k, "name": n} for k, n in names.items()]}, indent=1))
+    """Plain weights + classes.json with the model settings: enough for `mapdet predict --weights`."""
+    trained.write_export(run_dir / "export", raw_model, cfg.model, names)
