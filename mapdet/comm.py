@@ -70,6 +70,11 @@ def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def get_num_nodes() -> int:
+    # The launchers (accelerate launch, torchrun) set LOCAL_WORLD_SIZE: the processes on this node.
+    return max(1, get_world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", get_world_size())))
+
+
 def is_main_process() -> bool:
     return get_rank() == 0
 

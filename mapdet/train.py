@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     cfg.data.batch_size = per_rank_batch(cfg.data, world, cfg.optim.grad_accum)
     global_batch = world * cfg.data.batch_size * cfg.optim.grad_accum
     accelerator.print(f"global batch {global_batch} images per step = {world} process(es) x data.batch_size "
-                      f"{cfg.data.batch_size} x optim.grad_accum {cfg.optim.grad_accum}")
+                      f"{cfg.data.batch_size} x optim.grad_accum {cfg.optim.grad_accum}; {comm.get_num_nodes()} node(s)")
 
     train_manifest = load_manifest(cfg.data.shards, cfg.data.train_split)
     names = class_names(train_manifest)
