@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
+_GROUP_CELLS = 2_000_000  # see _area_groups: about 16 MB per array of float64
 
 
 @dataclass
@@ -57,18 +58,10 @@ def accumulate(cat, score, rank, outside, matches: Matches, npig, T: int, max_de
     # per category by score, stable: ties keep (image, rank) order, as pycocotools' mergesort
     order = np.concatenate([b0 + np.argsort(-score[b0:b1], kind="stable")
                             for b0, b1 in itertools.pairwise(bounds)] + [np.zeros(0, np.int64)])
-    in_order = np.empty(len(cat), np.int64)
-    in_order[order] = np.arange(len(cat))
-    # matches by (category, area, threshold, score order): every subset below stays sorted
-    m_cat = cat[matches.det]
-    key = ((m_cat * A + matches.area) * T + matches.thr) * max(len(cat), 1) + in_order[matches.det]
-    matches = matches.take(np.argsort(key))
+    _sort_matches(matches, cat, order, A, T)
     m_bounds = np.searchsorted(cat[matches.det], np.arange(K + 1))
     position = np.zeros(len(cat), np.int64)
-    for k in range(K):
-        areas = np.flatnonzero(npig[k] > 0)
-        if len(areas) == 0:
-            continue
+    for k, areas in _area_groups(npig, np.diff(bounds), T):
         local_area = np.full(A, -1)
         local_area[areas] = np.arange(len(areas))
         in_cat = order[bounds[k]:bounds[k + 1]]
@@ -85,6 +78,37 @@ def accumulate(cat, score, rank, outside, matches: Matches, npig, T: int, max_de
             recall[:, k, areas, m] = rc.T
             scores[:, :, k, areas, m] = ss.transpose(1, 2, 0)
     return precision, recall, scores
+
+
+def _sort_matches(matches: Matches, cat, order, A: int, T: int) -> None:
+    """Sort ``matches`` in place by (category, area, threshold, score order), so that every
+    subset taken from them stays sorted. In place, field by field: they are the largest arrays
+    here (up to A * T per detection), so no second copy of them is ever alive."""
+    in_order = np.empty(len(cat), np.int64)
+    in_order[order] = np.arange(len(cat))
+    key = ((cat[matches.det] * A + matches.area) * T + matches.thr) * max(len(cat), 1)
+    key += in_order[matches.det]
+    del in_order
+    idx = np.argsort(key)
+    del key
+    for f in ("area", "thr", "det", "ignored"):
+        setattr(matches, f, getattr(matches, f)[idx])
+
+
+def _area_groups(npig, n_dets, T: int):
+    """(category, its area ranges with GT) to accumulate together: all at once, or one at a time
+    for a large category, whose per-call arrays (detections x areas, matches, and the dense
+    (areas x T, true positives) matrices of ``_curves``) would pass ``_GROUP_CELLS``; a category
+    cannot be split across ranks, so this bounds the part of the memory that ranks cannot share.
+    A category without GT in any area range is skipped (it stays -1)."""
+    for k, counts in enumerate(npig):
+        areas = np.flatnonzero(counts > 0)
+        if len(areas) == 0:
+            continue
+        if len(areas) * max(T * counts.max(), n_dets[k]) <= _GROUP_CELLS:
+            yield k, areas
+        else:
+            yield from ((k, areas[i:i + 1]) for i in range(len(areas)))
 
 
 def _curves(row, pos, ignored, outside, score_sorted, npig, T: int):

@@ -22,6 +22,7 @@ over (detection, GT) pairs with IoU >= the lowest threshold, the only pairs that
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from mapdet.cocoaccumulate import Matches, accumulate
 IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 AREA_RANGES = np.array([[0.0, 1e5**2], [0.0, 32.0**2], [32.0**2, 96.0**2], [96.0**2, 1e5**2]])
 AREA_LABELS = ("all", "small", "medium", "large")
-_PAIR_CHUNK = 4_000_000  # (detection, GT) pairs per IoU batch: bounds memory at ~0.5 GB
+_PAIR_CHUNK = 1_000_000  # (detection, GT) pairs per IoU batch: bounds its memory at ~0.15 GB
 
 
 @dataclass
@@ -77,9 +78,10 @@ def evaluate_accumulate(gt: BoxSet, dt: BoxSet, cats: np.ndarray, num_images: in
 
 def _relabel(boxes: BoxSet, local: np.ndarray) -> BoxSet:
     """Only the boxes of the selected categories, ``cat`` renumbered 0..K-1 in their order."""
-    boxes = boxes.take(local[boxes.cat] >= 0)
-    boxes.cat = local[boxes.cat]
-    return boxes
+    keep = local[boxes.cat] >= 0
+    if not keep.all():  # a rank is usually given only its categories' boxes: no copy then
+        boxes = boxes.take(keep)
+    return dataclasses.replace(boxes, cat=local[boxes.cat])
 
 
 def _outside(area: np.ndarray) -> np.ndarray:
@@ -94,11 +96,11 @@ def _rank_detections(dt: BoxSet, num_images: int, max_det: int):
     """
     key = dt.cat * num_images + dt.img
     order = np.lexsort((-dt.score, key))
-    dt, key = dt.take(order), key[order]
+    key = key[order]
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, int)
     rank = np.arange(len(key)) - np.repeat(starts, np.diff(np.r_[starts, len(key)]))
     keep = rank < max_det
-    return dt.take(keep), rank[keep], key[keep]
+    return dt.take(order[keep]), rank[keep], key[keep]  # one copy of the boxes, not two
 
 
 def _edges(boxes: BoxSet) -> tuple[np.ndarray, ...]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from mapdet import comm
 from mapdet.cocoaccumulate import REC_THRS
-from mapdet.cocoengine import IOU_THRS, evaluate_accumulate
+from mapdet.cocoengine import IOU_THRS, BoxSet, evaluate_accumulate
 from mapdet.cocoinput import WIDE, GroundTruth, detection_rows, parse_results, rows_to_boxes, xyxy_to_xywh
 from mapdet.cocoresult import CocoResult, format_summary, format_table, write_metrics
 from mapdet.cocoroute import route, share_categories
@@ -143,7 +143,9 @@ def evaluate_coco(gt: dict, dets: Detections | list[dict], max_dets=(1, 10, 100,
     routed, traffic = route(rows, owner, wide=any(s[1] for s in shared))
     del rows  # the caller's detections stay theirs; this rank's packed copy is no longer needed
     cats = np.flatnonzero(owner == comm.get_rank())
-    part, error = _attempt(_score, engine, gt, truth, routed, cats, iou_thrs, max_dets)
+    found, error = _attempt(rows_to_boxes, routed)
+    del routed  # scored as float64 boxes from here on
+    part, error = _attempt(_score, engine, gt, truth, found, cats, iou_thrs, max_dets) if error is None else (None, error)
     parts = comm.all_gather_object((cats, part, _portable(error)))
     _raise_first(error, [p[2] for p in parts])
     result = _assemble(parts, truth, iou_thrs, max_dets)
@@ -177,9 +179,9 @@ def _raise_first(own: Exception | None, gathered: list) -> None:
             raise e
 
 
-def _score(engine: str, gt: dict, truth: GroundTruth, rows: np.ndarray, cats, iou_thrs, max_dets):
+def _score(engine: str, gt: dict, truth: GroundTruth, found: BoxSet, cats, iou_thrs, max_dets):
     """(precision, recall, scores, num_gt) slices for the categories ``cats`` of this rank."""
-    gt_boxes, found = truth.boxes(cats), rows_to_boxes(rows)
+    gt_boxes = truth.boxes(cats)
     num_gt = np.bincount(gt_boxes.cat[~gt_boxes.crowd], minlength=len(truth.cat_ids))[cats]
     if engine in ("auto", "numpy"):
         arrays = evaluate_accumulate(gt_boxes, found, cats, len(truth.image_ids), iou_thrs, max_dets)

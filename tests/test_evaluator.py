@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mapdet import cocoengine, comm
-from mapdet.cocoinput import GroundTruth, detection_rows
+from mapdet.cocoinput import GroundTruth, detection_rows, rows_to_boxes
 from mapdet.cocoroute import share_categories
 from mapdet.evaluator import Detections, _assemble, _score, evaluate_coco, format_table, write_metrics
 
@@ -169,7 +169,8 @@ def test_category_split_over_ranks_concatenates_to_the_whole(world):
     parts = []
     for rank in range(world):  # each rank parses only its categories' GT boxes
         cats = np.flatnonzero(owner == rank)
-        parts.append((cats, _score("numpy", gt, truth, rows[owner[rows["cat"]] == rank], cats, thrs, max_dets), None))
+        found = rows_to_boxes(rows[owner[rows["cat"]] == rank])
+        parts.append((cats, _score("numpy", gt, truth, found, cats, thrs, max_dets), None))
     assert_same_as_pycocotools(_assemble(parts, truth, thrs, max_dets), pycocotools_eval(gt, dets, max_dets))
 
 
