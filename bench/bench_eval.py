@@ -164,7 +164,8 @@ def arrays(result) -> dict:
 
 
 def worker(args) -> int:
-    """Inside `accelerate launch`: every rank scores the same data; rank 0 saves arrays + time."""
+    """Inside `accelerate launch`: every rank makes the same set and brings its contiguous share
+    of the detections (as after distributed inference); rank 0 saves arrays + time."""
     import torch
     from accelerate import PartialState
 
@@ -175,6 +176,8 @@ def worker(args) -> int:
     gt, dets = make_dataset(args.images, args.classes, args.dets[0], args.seed)
     if args.packed:
         dets = Detections.from_coco_results(dets)
+    lo, hi = comm.share(len(dets), comm.get_rank(), comm.get_world_size())
+    dets = dets[lo:hi] if isinstance(dets, list) else dets.take(slice(lo, hi))
     max_dets = sorted({1, 10, 100, args.dets[0]})
     best = np.full(2, np.inf)
     for _ in range(args.repeat):
