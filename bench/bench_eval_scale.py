@@ -140,7 +140,7 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
     base = _status()["VmRSS"]
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     dets = Detections.concat(make_detections(b, args) for b in range(lo, hi))
-    local, local_mb = len(dets), dets.to_bytes().nbytes / 2**20
+    local, local_mb = len(dets), sum(a.nbytes for a in (dets.image_id, dets.boxes, dets.scores, dets.labels)) / 2**20
     comm.barrier()
     start = time.perf_counter()
     if args.allgather_from:  # the old path: every rank gathers every detection, then scores

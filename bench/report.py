@@ -8,7 +8,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-ORDER = ["data", "train", "eval", "diagnose", "demo"]
+ORDER = ["data", "train", "eval", "command", "eval_scale", "diagnose", "demo"]
 
 
 def flatten(obj, prefix=""):
