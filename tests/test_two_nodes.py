@@ -33,9 +33,12 @@ class TwoNodes:
         self.logs = [log_dir / f"{name}-node{n}.log" for n in (0, 1)]
         self.procs = []
         for node, log in enumerate(self.logs):
+            # torch's launcher gives each process 1 thread only when it starts several on a node; one
+            # process per node would get 2, and another thread count sums conv gradients in another
+            # order (not bit-equal to one node of two processes).
             env = {**os.environ, "SLURM_NNODES": "2", "SLURM_NODEID": str(node), "PROCS_PER_NODE": "1",
                    "TOPOLOGY": "launch/accelerate/cpu2.yaml", "MAIN_ADDR": "127.0.0.1", "PORT": port,
-                   "ACCELERATE": accelerate}
+                   "ACCELERATE": accelerate, "OMP_NUM_THREADS": "1"}
             self.procs.append(subprocess.Popen(["bash", "slurm/node_launch.sh", "-m", "mapdet", *args], cwd=REPO,
                                                env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                                start_new_session=True))
