@@ -20,10 +20,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from mapdet.data import eval_loader
-from mapdet.packer import PackOptions, merge, pack
-from mapdet.synthetic import SynthConfig, synthesize
-from mapdet.vistas import VistasReader
+from mapdet.data.loaders import eval_loader
+from mapdet.shards.writer import PackOptions, merge, pack
+from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
+from mapdet.datasets.vistas import VistasReader
 
 
 def _rate(fn, n_images: int, repeats: int) -> float:

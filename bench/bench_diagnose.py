@@ -1,8 +1,8 @@
-"""Benchmark: mapdet.tide vs the tidecv package, and a whole `diagnose` on a Vistas-sized set.
+"""Benchmark: mapdet.diagnosis.tide vs the tidecv package, and a whole `diagnose` on a Vistas-sized set.
 
 Prints one JSON line per measurement. On the same inputs (a subset small enough for tidecv) it
 times both TIDE implementations side by side and checks that every dAP agrees within 0.5 AP
-points; then it times mapdet.tide and mapdet.diagnosis.diagnose alone on the full set.
+points; then it times mapdet.diagnosis.tide and mapdet.diagnosis.measures.diagnose alone on the full set.
 
     .venv/bin/python bench/bench_diagnose.py                       # 2000 images, 90 GT, 300 dets
     .venv/bin/python bench/bench_diagnose.py --images 300 --tidecv-images 50   # quick
@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from mapdet import diagnosis, tide
-from mapdet.evaluator import Detections
+from mapdet.diagnosis import measures as diagnosis, tide
+from mapdet.evaluation.coco import Detections
 
 
 def make_set(num_images: int, gt_per_image: int, dets_per_image: int, num_classes: int = 37, seed: int = 0):
@@ -105,7 +105,7 @@ def main() -> None:
         worst = max(abs(mine.errors[k] - theirs[k]) for k in tide.ALL_TYPES)
         print(json.dumps({"images": args.tidecv_images, "tidecv_s": round(t_theirs, 2), "mapdet_tide_s": round(t_mine, 3),
                           "speedup": round(t_theirs / t_mine, 1), "max_abs_dAP_diff": round(worst, 4)}))
-        assert worst < 0.5, f"mapdet.tide and tidecv differ by {worst:.3f} AP points"
+        assert worst < 0.5, f"mapdet.diagnosis.tide and tidecv differ by {worst:.3f} AP points"
     result, t_tide = timed(lambda: tide.decompose(gt, dets))
     print(json.dumps({"images": args.images, **info, "mapdet_tide_s": round(t_tide, 2), "ap50": round(result.ap, 2)}))
     d, t_all = timed(lambda: diagnosis.diagnose(gt, dets))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mapdet.cocoresult import CocoResult
+from mapdet.evaluation.metrics import CocoResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def run_reference(name: str, gt: dict, dets: list, max_dets: list[int]):
 
 
 def run_mapdet(gt, dets, max_dets, engine="numpy"):
-    from mapdet.evaluator import evaluate_coco
+    from mapdet.evaluation.coco import evaluate_coco
 
     with Clock() as clock:
         result = evaluate_coco(gt, dets, max_dets=max_dets, engine=engine)
@@ -170,7 +170,7 @@ def worker(args) -> int:
     from accelerate import PartialState
 
     from mapdet import comm
-    from mapdet.evaluator import Detections
+    from mapdet.evaluation.coco import Detections
 
     PartialState(cpu=not torch.cuda.is_available())
     gt, dets = make_dataset(args.images, args.classes, args.dets[0], args.seed)
@@ -224,7 +224,7 @@ def emit(case: dict, engine: str, ranks: int, times, base) -> None:
 
 
 def bench_case(args, dets_per_image: int) -> None:
-    from mapdet.evaluator import Detections
+    from mapdet.evaluation.coco import Detections
 
     gt, dets = make_dataset(args.images, args.classes, dets_per_image, args.seed)
     max_dets = sorted({1, 10, 100, dets_per_image})

@@ -80,7 +80,7 @@ def make_gt(args) -> dict:
 
 def make_detections(block: int, args):
     """One block's detections: exactly min(--dets, made) per image, as Detections arrays."""
-    from mapdet.evaluator import Detections
+    from mapdet.evaluation.coco import Detections
 
     ids, img, cls, xywh, _ = _gt_block(block, args)
     rng = np.random.default_rng([args.seed, block, 1])
@@ -128,7 +128,7 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
     import torch.distributed as dist
 
     from mapdet import comm
-    from mapdet.evaluator import Detections, evaluate_coco
+    from mapdet.evaluation.coco import Detections, evaluate_coco
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

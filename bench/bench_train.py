@@ -1,7 +1,7 @@
 """Training throughput: mapdet's pipeline vs a torchvision-references-style pipeline (issues 3, 11).
 
 Both train the same model on the same synthetic shards with the same batch size, DataLoader workers,
-warmup and step counts, in one process, through the same ``mapdet.engine.train_step``:
+warmup and step counts, in one process, through the same ``mapdet.engine.step.train_step``:
 
 - mapdet:    ``TrainStream`` decodes uint8 images in the workers; ``BatchAugment`` (Kornia) runs
              inside the step on the training device, as ``mapdet train`` does;
@@ -24,7 +24,7 @@ R50-FPN v2, min_size 1024, max_size 2048, its augment/optim and data.workers) in
 1600x1200 images packed at --max-side 2048 (network input 1024x1365), every variant of
 ``GPU_VARIANTS`` in ONE child process from the same initial weights: mapdet and reference at batch 4
 and 8, main's per-step syncs, each speed lever left out in turn, pinned memory, a fused optimizer,
-batch 16. "speedups=train" runs ``mapdet.engine.cuda_speedups``, what ``mapdet train`` applies on
+batch 16. "speedups=train" runs ``mapdet.engine.step.cuda_speedups``, what ``mapdet train`` applies on
 CUDA. Each variant: ``--gpu-warmup`` untimed steps, then ``--gpu-steps`` timed between two
 ``cuda.synchronize()``; images_per_s = images / that wall time, data_wait = time blocked on the next
 batch / that wall time, max_mem_gib = peak allocated. The reference's DataLoader uses torch's
@@ -59,15 +59,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
 from mapdet import comm
-from mapdet.augment import _CROP_ASPECT, BatchAugment
+from mapdet.data.augment import _CROP_ASPECT, BatchAugment
 from mapdet.config import AugmentConfig, DataConfig, load_config
-from mapdet.data import Batch, TrainStream, decode_sample, read_shard
-from mapdet.engine import StepResult, cuda_speedups, to_device, train_step
-from mapdet.manifest import class_instance_counts, load_manifest, shard_urls
-from mapdet.model import build_model
-from mapdet.optim import make_optimizer, make_scheduler
-from mapdet.packer import PackOptions, merge, pack
-from mapdet.synthetic import SynthConfig, synthesize
+from mapdet.data.loaders import Batch, TrainStream, decode_sample, read_shard
+from mapdet.engine.step import StepResult, cuda_speedups, to_device, train_step
+from mapdet.shards.manifest import class_instance_counts, load_manifest, shard_urls
+from mapdet.modeling.detector import build_model
+from mapdet.engine.optim import make_optimizer, make_scheduler
+from mapdet.shards.writer import PackOptions, merge, pack
+from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,9 +254,9 @@ def gpu_comparison(args, tmp: Path) -> None:
 # The grid, in priority order (a variant that would start past --gpu-budget-s is reported as skipped).
 # pipeline: mapdet = TrainStream (uint8 decode in workers) + BatchAugment on the GPU inside the step;
 #           reference = decode + transforms.v2 augmentation in the workers, float images to the GPU.
-# step: "mapdet" = mapdet.engine.train_step (one host sync per step); "main" = the step and loop syncs of
+# step: "mapdet" = mapdet.engine.step.train_step (one host sync per step); "main" = the step and loop syncs of
 #       main before this change (any_rank per micro-batch, float() per loss, 3 all-reduces per step).
-# speedups: "train" = mapdet.engine.cuda_speedups, exactly what `mapdet train` applies on CUDA
+# speedups: "train" = mapdet.engine.step.cuda_speedups, exactly what `mapdet train` applies on CUDA
 #           (channels-last weights + cudnn.benchmark); otherwise the explicit channels_last/benchmark flags.
 GPU_VARIANTS = [
     dict(name="mapdet_b8", pipeline="mapdet", batch=8, speedups="train"),
@@ -316,7 +316,7 @@ def main_train_step(accelerator, model, optimizer, scheduler, batches, augment, 
 
 
 def _fused_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The same optimizer and hyperparameters (from mapdet.optim.make_optimizer) with fused=True."""
+    """The same optimizer and hyperparameters (from mapdet.engine.optim.make_optimizer) with fused=True."""
     accepted = set(inspect.signature(type(opt).__init__).parameters) - {"self", "params", "foreach", "fused"}
     groups = [{k: v for k, v in g.items() if k == "params" or k in accepted} for g in opt.param_groups]
     return type(opt)(groups, **{k: v for k, v in opt.defaults.items() if k in accepted}, fused=True)
@@ -324,11 +324,11 @@ def _fused_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 @contextlib.contextmanager
 def _pinned_loaders(on: bool):
-    """TrainStream's DataLoaders with pin_memory=True (a bench-only patch of mapdet.data._loader)."""
+    """TrainStream's DataLoaders with pin_memory=True (a bench-only patch of mapdet.data.loaders._loader)."""
     if not on:
         yield
         return
-    import mapdet.data as data
+    import mapdet.data.loaders as data
 
     original = data._loader
     data._loader = lambda dataset, workers, **kw: original(dataset, workers, pin_memory=True, **kw)

@@ -3,7 +3,7 @@
 #   1. installs what the image lacks from the wheels in .whl/ (git-ignored; carry it with the tree)
 #      into /tmp/site, PYTHONPATH=/tmp/site:REPO, with the image's python3;
 #   2. the training benchmark: python3 bench/bench_train.py --skip-cpu (its GPU grid), alone on the machine
-#   3. the GPU tests:          python3 -m pytest -m gpu tests/test_gpu.py, beside
+#   3. the GPU tests:          python3 -m pytest -m gpu tests/e2e/test_gpu.py, beside
 #   4. the demo on one GPU:    python3 bench/bench_demo.py --processes 1 --seeds 0 1 2 --jobs 3 (mapdet demo x 3)
 #   5. ONE summary table (tests passed/failed, demo AP50/AP/val loss/seconds, images/s per variant).
 # Raw outputs (logs, JSON lines, summaries) go to $OUT when it is set (the device tool returns it),
@@ -98,7 +98,7 @@ try:
     import accelerate, kornia, webdataset, pycocotools, faster_coco_eval, omegaconf, pytest
     info.update(accelerate=accelerate.__version__, kornia=kornia.__version__, omegaconf=omegaconf.__version__,
                 faster_coco_eval=faster_coco_eval.__version__, pytest=pytest.__version__)
-    import mapdet.train, mapdet.demo  # noqa: F401  every import the stages need
+    import mapdet.commands.train, mapdet.commands.demo  # noqa: F401  every import the stages need
     info["imports"] = "ok"
 except Exception as e:
     info["imports"] = f"FAILED: {type(e).__name__}: {e}"
@@ -141,7 +141,7 @@ fi
 
 if [ "$run_tests" = 1 ]; then
   MAPDET_GPU_REPORT="$res/gpu_tests.jsonl" stage tests "$(min 120 "$(left)")" \
-    "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu.py &
+    "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests/e2e/test_gpu.py &
   tests_pid=$!
 fi
 

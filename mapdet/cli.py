@@ -15,18 +15,18 @@ import sys
 
 # command name -> (wiring module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("mapdet.synth", "write a synthetic dataset in the raw Mapillary Vistas layout"),
-    "pack": ("mapdet.pack", "pack a raw Vistas split into WebDataset shards with a manifest"),
-    "merge": ("mapdet.merge", "merge the slices of a multi-job pack into one manifest"),
-    "verify": ("mapdet.verify", "check every shard against its manifest and decode every sample"),
-    "peek": ("mapdet.peek", "stream a few batches from packed shards and print them"),
-    "train": ("mapdet.train", "train Faster R-CNN (use under `accelerate launch` for DDP)"),
-    "evaluate": ("mapdet.evaluate", "distributed COCO evaluation of a checkpoint on packed shards"),
-    "predict": ("mapdet.predict", "run a trained model on a folder of images or on shards: COCO results, drawn images"),
-    "cocoeval": ("mapdet.cocoeval", "score a COCO results file against COCO ground truth"),
-    "diagnose": ("mapdet.diagnose", "explain low mAP: error decomposition, sweeps, report"),
-    "weights": ("mapdet.weights", "fetch torchvision's pretrained weights into torch's cache; list them"),
-    "demo": ("mapdet.demo", "run the whole system end to end on synthetic data"),
+    "synth": ("mapdet.commands.synth", "write a synthetic dataset in the raw Mapillary Vistas layout"),
+    "pack": ("mapdet.commands.pack", "pack a raw Vistas split into WebDataset shards with a manifest"),
+    "merge": ("mapdet.commands.merge", "merge the slices of a multi-job pack into one manifest"),
+    "verify": ("mapdet.commands.verify", "check every shard against its manifest and decode every sample"),
+    "peek": ("mapdet.commands.peek", "stream a few batches from packed shards and print them"),
+    "train": ("mapdet.commands.train", "train Faster R-CNN (use under `accelerate launch` for DDP)"),
+    "evaluate": ("mapdet.commands.evaluate", "distributed COCO evaluation of a checkpoint on packed shards"),
+    "predict": ("mapdet.commands.predict", "run a trained model on a folder of images or on shards: COCO results, drawn images"),
+    "cocoeval": ("mapdet.commands.cocoeval", "score a COCO results file against COCO ground truth"),
+    "diagnose": ("mapdet.commands.diagnose", "explain low mAP: error decomposition, sweeps, report"),
+    "weights": ("mapdet.modeling.pretrained", "fetch torchvision's pretrained weights into torch's cache; list them"),
+    "demo": ("mapdet.commands.demo", "run the whole system end to end on synthetic data"),
 }
 
 

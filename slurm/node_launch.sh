@@ -12,7 +12,7 @@ if ! [[ $procs =~ ^[1-9][0-9]*$ ]]; then
 fi
 # Slurm delivers a step's signals to EVERY process of the task. The launcher (torch elastic agent)
 # and data-loader workers would die of SIGUSR1, so they inherit "ignore"; mapdet's training
-# processes install their own handler (mapdet/preemption.py), checkpoint and exit.
+# processes install their own handler (mapdet/engine/preemption.py), checkpoint and exit.
 trap '' USR1
 exec "$ACCELERATE" launch --config_file "$TOPOLOGY" \
   --num_machines "$SLURM_NNODES" --num_processes $((SLURM_NNODES * procs)) --machine_rank "$SLURM_NODEID" \

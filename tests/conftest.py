@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mapdet.packer import PackOptions, merge, pack
-from mapdet.synthetic import SynthConfig, synthesize
+from mapdet.shards.writer import PackOptions, merge, pack
+from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = SynthConfig(size=(160, 120))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A private Slurm cluster on 127.0.0.1, for tests/test_slurm.py and for trying slurm/.
+# A private Slurm cluster on 127.0.0.1, for tests/e2e/test_slurm.py and for trying slurm/.
 #
 #   bash tests/slurm_cluster.sh start [DIR] [NODES]  # prints SLURM_CONF=DIR/slurm.conf (export it for sbatch & co)
 #   bash tests/slurm_cluster.sh stop DIR             # cancels its jobs, stops the daemons it started

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mapdet.config import CHOICES, Config, ConfigError, load_config, to_yaml
-from mapdet.model import ARCH_DEFAULTS, build_model
+from mapdet.modeling.detector import ARCH_DEFAULTS, build_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.yaml"))
 
@@ -52,7 +52,7 @@ def _plant(name: str, home: Path) -> None:
     import torch
     import torchvision
 
-    from mapdet import weights
+    from mapdet.modeling import pretrained as weights
 
     w = weights.resolve(name)
     kind, arch = weights.kind_and_arch(w)

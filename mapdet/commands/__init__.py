@@ -1,0 +1,1 @@
+"""The CLI commands, one wiring module each: read arguments, call the library, exit with a code."""

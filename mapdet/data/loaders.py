@@ -1,0 +1,330 @@
+"""Streaming loaders over packed shards: an endless resampled training stream and an exact-once
+evaluation stream (samples are read, checked and decoded by ``mapdet.shards.reader``).
+
+Batches are ``Batch(images, targets, bad)``:
+- ``images``: list of uint8 tensors (3, H, W), RGB, at stored size (sizes differ within a batch);
+- ``targets``: list of dicts: ``boxes`` float32 (N, 4) xyxy pixel-edge in the stored image,
+  ``labels`` int64 (N,) in 1..K, ``iscrowd`` int64 (N,), ``image_id`` int, ``key`` str, ``shard`` str.
+  An image without objects has boxes (0, 4) and labels (0,). Training targets leave crowd
+  regions out (torchvision cannot ignore them; detectron2 does the same);
+- ``bad``: samples or shards that failed to read since the previous batch, as
+  ``mapdet.shards.reader`` bad entries ``{"shard", "key", "reason", "samples"}`` (a truncated shard
+  costs all the samples after the damage), so the training loop can count them (they never
+  vanish silently). Members the manifest does not list for a shard are never used.
+
+Training (``TrainStream``): each DataLoader worker draws shards with replacement from its own
+seeded RNG, optionally repeats images by repeat-factor sampling, shuffles through a buffer and
+batches. Every rank yields exactly ``batches_per_epoch`` batches per epoch, so DDP ranks never
+wait on each other, and the stream is a pure function of (seed, rank, epoch): a resumed run skips
+the batches already consumed (without decoding them) and sees the same data as an unbroken run
+(exactly so when that skipped part holds no corrupt sample: not decoding, the skip cannot know
+how many samples an unbroken run had to pass over).
+
+Evaluation (``eval_loader``): the manifest's keys, in shard order, are cut into contiguous ranges,
+one per (rank, worker); a worker reads only the shards its range overlaps. Every sample is read
+exactly once however many ranks and workers there are (also more than shards), and each rank
+knows its keys up front (``eval_keys``). A fault raises ``CorruptSample`` naming shard and key;
+with ``skip_corrupt`` the images it cost are left out and listed in ``Batch.bad`` instead.
+
+Faults found in a DataLoader worker reach the caller as ``CorruptSample`` raised in the main
+process with the worker's one-line message (not wrapped in the worker's traceback).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import multiprocessing
+import multiprocessing.util  # registers its exit handler before ours (see _kill_workers_at_exit)
+import os
+import random
+import signal
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mapdet.comm import share
+from mapdet.shards.manifest import class_image_fractions, shard_urls
+from mapdet.shards.reader import CorruptSample, bad_entry, checked_samples, decode_sample, sample_range
+from mapdet.shards.reader import read_shard  # noqa: F401 - its old home: bench/ and tests import it from here
+
+
+class Batch(NamedTuple):
+    images: list[torch.Tensor]
+    targets: list[dict]
+    bad: list[dict]
+
+
+def repeat_factors(manifest: dict, threshold: float) -> dict[int, float]:
+    """r(c) = max(1, sqrt(t / f(c))), f(c) = share of training images containing class c (LVIS)."""
+    return {c: max(1.0, math.sqrt(threshold / f)) if f > 0 else 1.0 for c, f in class_image_fractions(manifest).items()}
+
+
+def image_repeat_factor(labels, iscrowd, factors: dict[int, float]) -> float:
+    """r(image) = max over the image's (non-crowd) classes; 1 for an image without objects."""
+    classes = {int(k) for k, c in zip(labels, iscrowd) if not c}
+    return max((factors.get(k, 1.0) for k in classes), default=1.0)
+
+
+@dataclass
+class _TrainPlan:
+    urls: list[str]
+    keys: list[list[str]]  # per shard, as the manifest lists them
+    batch_size: int
+    batches_per_epoch: int
+    shuffle_buffer: int
+    factors: dict[int, float] | None
+    num_classes: int
+    seed: int
+    rank: int
+
+
+# Faults in a row (unreadable shards drawn, or samples that fail to decode) after which a worker
+# gives up: the data cannot fill a batch however many faults train.max_bad_samples tolerates.
+_GIVE_UP = 1000
+
+
+class _TrainEpoch(IterableDataset):
+    """The rest of one epoch of one rank's training stream, after ``skip_batches`` batches."""
+
+    def __init__(self, plan: _TrainPlan, epoch: int, skip_batches: int):
+        self.plan, self.epoch, self.skip = plan, epoch, skip_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        p = self.plan
+        # Batch b of the epoch belongs to lane b % nw. The DataLoader takes worker 0 first, so
+        # after skipping `skip` batches worker w serves lane (w + skip) % nw: the order (and, as
+        # each lane's RNG depends only on its position, the content) is that of an unbroken run.
+        lane = (wid + self.skip) % nw
+        n_batches = len(range(lane, p.batches_per_epoch, nw))
+        n_skip = len(range(lane, min(self.skip, p.batches_per_epoch), nw))
+        rng = random.Random(f"{p.seed}/{p.rank}/{self.epoch}/{lane}")
+        bad: list[dict] = []
+        samples = _train_samples(p, rng, bad)
+        for _ in range(n_skip * p.batch_size):
+            next(samples, None)
+        bad.clear()  # counted by the run that trained on these batches
+        for _ in range(n_batches - n_skip):
+            images, targets = [], []
+            while len(images) < p.batch_size:
+                sample = next(samples, None)
+                if sample is None or len(bad) >= _GIVE_UP:
+                    yield _fatal(f"no readable training sample in the last {len(bad)} tries (lost per shard: {_lost_per_shard(bad)})")
+                    return
+                try:
+                    image, target = decode_sample(sample, p.num_classes)
+                except CorruptSample as e:
+                    bad.append(bad_entry(sample["__url__"], sample["__key__"], str(e)))
+                    continue
+                keep = target["iscrowd"] == 0
+                for k in ("boxes", "labels", "iscrowd"):
+                    target[k] = target[k][keep]
+                images.append(image)
+                targets.append(target)
+            yield Batch(images, targets, bad[:])
+            bad.clear()
+
+
+def _fatal(reason: str) -> Batch:
+    """A batch that only carries a fault the consumer must raise (see ``_RaiseFatal``)."""
+    return Batch([], [], [{"shard": None, "key": None, "reason": reason, "samples": 0, "fatal": True}])
+
+
+def _lost_per_shard(bad: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for b in bad:
+        counts[b["shard"]] = counts.get(b["shard"], 0) + b["samples"]
+    return ", ".join(f"{s}: {n}" for s, n in sorted(counts.items()))
+
+
+def _train_samples(p: _TrainPlan, rng: random.Random, bad: list[dict]) -> Iterator[dict]:
+    """Endless raw samples: resampled shards -> checked tar members -> repeat-factor copies -> shuffle.
+
+    Ends only when ``_GIVE_UP`` shards in a row yield nothing (every shard unreadable).
+    """
+
+    def raw():
+        empty = 0
+        while empty < _GIVE_UP:
+            i = rng.randrange(len(p.urls))
+            empty += 1
+            for sample in checked_samples(p.urls[i], p.keys[i], bad):
+                empty = 0
+                yield sample
+
+    stream = raw()
+    if p.factors:
+        stream = _repeat(stream, p.factors, rng, bad)
+    if p.shuffle_buffer > 1:
+        stream = wds.shuffle(p.shuffle_buffer, p.shuffle_buffer, rng=rng)(stream)
+    return iter(stream)
+
+
+def _repeat(stream, factors, rng: random.Random, bad: list[dict]):
+    for sample in stream:
+        try:
+            rec = json.loads(sample["json"])
+            r = image_repeat_factor(rec["labels"], rec.get("iscrowd", [0] * len(rec["labels"])), factors)
+        except Exception:  # leave the verdict to decode_sample, which names the fault
+            r = 1.0
+        copies = int(r) + (rng.random() < r - int(r))  # stochastic rounding, as in LVIS/detectron2
+        for _ in range(copies):
+            yield sample
+
+
+class TrainStream:
+    """Endless batches for one rank, epoch after epoch; ``batches_seen`` is the resume position.
+
+    Raises ``CorruptSample`` when the shards cannot fill a batch at all (see ``_GIVE_UP``).
+    """
+
+    def __init__(self, shards_dir: str | Path, manifest: dict, data_cfg, rank: int, world: int, seed: int, start_batch: int = 0):
+        n = int(manifest["num_samples"])
+        if n == 0 or not manifest["shards"]:
+            raise ValueError(f"the {manifest['split']} split in {shards_dir} has no samples to train on")
+        per_rank = data_cfg.samples_per_epoch or math.ceil(n / world)
+        thr = data_cfg.repeat_threshold
+        self.plan = _TrainPlan(
+            urls=shard_urls(shards_dir, manifest),
+            keys=[s["keys"] for s in manifest["shards"]],
+            batch_size=data_cfg.batch_size,
+            batches_per_epoch=max(1, per_rank // data_cfg.batch_size),
+            shuffle_buffer=data_cfg.shuffle_buffer,
+            factors=repeat_factors(manifest, thr) if thr else None,
+            num_classes=len(manifest["classes"]),
+            seed=seed,
+            rank=rank,
+        )
+        self.workers = data_cfg.workers
+        self.batches_seen = start_batch
+        self.hint = f"; run `mapdet verify {shards_dir}` and repack the shards it names"
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            epoch, skip = divmod(self.batches_seen, self.plan.batches_per_epoch)
+            loader = _loader(_TrainEpoch(self.plan, epoch, skip), self.workers, prefetch_factor=4 if self.workers else None)
+            for batch in _RaiseFatal(loader, self.hint):
+                self.batches_seen += 1
+                yield batch
+
+
+def eval_keys(manifest: dict, rank: int, world: int) -> list[str]:
+    """The keys rank ``rank`` of ``world`` will evaluate: a contiguous, balanced range."""
+    keys = [k for s in manifest["shards"] for k in s["keys"]]
+    lo, hi = share(len(keys), rank, world)
+    return keys[lo:hi]
+
+
+class _EvalShare(IterableDataset):
+    def __init__(self, shards_dir, manifest, rank, world, batch_size, skip_corrupt):
+        self.urls, self.manifest = shard_urls(shards_dir, manifest), manifest
+        self.rank, self.world, self.batch_size, self.skip_corrupt = rank, world, batch_size, skip_corrupt
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        total = int(self.manifest["num_samples"])
+        r_lo, r_hi = share(total, self.rank, self.world)
+        w_lo, w_hi = share(r_hi - r_lo, wid, nw)
+        lo, hi = r_lo + w_lo, r_lo + w_hi
+        images, targets, bad = [], [], []
+        try:
+            for sample in self._samples(lo, hi, bad if self.skip_corrupt else None):
+                try:
+                    image, target = decode_sample(sample, len(self.manifest["classes"]))
+                except CorruptSample as e:
+                    if not self.skip_corrupt:
+                        raise
+                    bad.append(bad_entry(sample["__url__"], sample["__key__"], str(e)))
+                    continue
+                images.append(image)
+                targets.append(target)
+                if len(images) == self.batch_size:
+                    yield Batch(images, targets, bad[:])
+                    images, targets = [], []
+                    bad.clear()
+        except CorruptSample as e:
+            yield _fatal(str(e))
+            return
+        if images or bad:
+            yield Batch(images, targets, bad)
+
+    def _samples(self, lo: int, hi: int, lost: list | None) -> Iterator[dict]:
+        start = 0
+        for url, shard in zip(self.urls, self.manifest["shards"]):
+            end = start + shard["num_samples"]
+            if start < hi and end > lo:
+                yield from sample_range(url, shard, max(lo - start, 0), min(hi, end) - start, lost)
+            start = end
+
+
+def eval_loader(shards_dir: str | Path, manifest: dict, batch_size: int, workers: int, rank: int, world: int,
+                skip_corrupt: bool = False) -> Iterable[Batch]:
+    """Rank ``rank``'s exactly-once share of a split, as ``Batch``es (targets keep crowd regions).
+
+    Raises ``CorruptSample`` at the first fault unless ``skip_corrupt``.
+    """
+    dataset = _EvalShare(shards_dir, manifest, rank, world, batch_size, skip_corrupt)
+    hint = "" if skip_corrupt else " (eval.skip_corrupt=true leaves such images out and counts them)"
+    return _RaiseFatal(_loader(dataset, workers), hint)
+
+
+class _RaiseFatal:
+    """Iterates a loader and raises a worker's fatal fault (see ``_fatal``) here, as ``CorruptSample``
+    with its one-line message: an exception raised in a worker would arrive wrapped in its traceback."""
+
+    def __init__(self, loader: DataLoader, hint: str = ""):
+        self.loader, self.hint = loader, hint
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            for b in batch.bad:
+                if b.get("fatal"):
+                    raise CorruptSample(b["reason"] + self.hint)
+            yield batch
+
+
+def _loader(dataset: IterableDataset, workers: int, **kwargs) -> DataLoader:
+    """A DataLoader over a dataset that yields whole ``Batch``es, with stop-signal-proof workers."""
+    if workers:
+        _kill_workers_at_exit()
+    # A private generator: DataLoader would otherwise draw its worker seed from the global RNG when
+    # an epoch starts, shifting the augmentation RNG of a resumed training run.
+    return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                      worker_init_fn=_ignore_stop_signals, **kwargs)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Slurm's SIGTERM (and scancel) reaches every process of the job, DataLoader workers too; a
+    worker that died of it would crash the training process before it could checkpoint. The
+    training process decides when to stop; workers exit with it (PyTorch watches the parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+_exit_hook: list[bool] = []
+
+
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing SIGTERMs its daemonic children (DataLoader workers) and
+    waits for them. Ours ignore SIGTERM, so a process ending while a loader is alive (an uncaught
+    error keeps it referenced from the traceback, e.g. a collective failing when another rank
+    died) would wait forever. This handler runs first (atexit is last in, first out) and kills them."""
+    if not _exit_hook:
+        atexit.register(_kill_daemon_children)
+        _exit_hook.append(True)
+
+
+def _kill_daemon_children() -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's handler would call the kill a worker failure
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            os.kill(child.pid, signal.SIGKILL)

@@ -1,0 +1,1 @@
+"""A synthetic Mapillary Vistas download: street scenes, shapes, the raw layout writer."""

@@ -1,0 +1,1 @@
+"""Why the mAP is low: measurements, TIDE errors, model sweeps, ranked causes, the report."""

@@ -1,0 +1,180 @@
+"""Measurements that need the model: RPN proposal recall by size and a post-processing sweep.
+
+Both run the network once per image (``head_outputs``: transform, backbone, RPN, box head) on a
+torchvision ``FasterRCNN`` in eval mode, over an iterable of batches ``(images, targets, ...)``:
+images uint8 (3, H, W); targets dicts with ``boxes`` float (N, 4) xyxy pixel-edge in that image,
+``labels`` int64 (N,) category ids 1..K, ``image_id`` int, optional ``iscrowd`` (N,).
+
+The sweep then reruns only torchvision's own ``RoIHeads.postprocess_detections`` (score threshold,
+per-class NMS, top-k) and ``transform.postprocess`` for each (NMS IoU, score threshold) pair, at
+the largest detections-per-image value; smaller caps are the top-k prefix of that output (the
+postprocess keeps detections sorted by score), so every grid point equals a full model run with
+those three settings.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from mapdet.diagnosis.measures import SMALL, MEDIUM, cap_per_image, points
+from mapdet.evaluation.coco import Detections, evaluate_coco
+
+
+@dataclass
+class HeadOutputs:
+    """One batch after the network, before post-processing (resized-image frame)."""
+
+    class_logits: torch.Tensor  # (sum P_i, K+1)
+    box_regression: torch.Tensor  # (sum P_i, 4 (K+1))
+    proposals: list[torch.Tensor]  # P_i x 4 xyxy, resized frame
+    image_sizes: list[tuple[int, int]]  # resized (H, W)
+    original_sizes: list[tuple[int, int]]  # stored (H, W)
+    targets: list[dict] | None  # boxes resized into the model's frame
+
+
+@torch.no_grad()
+def head_outputs(model, images: list[torch.Tensor], targets: list[dict] | None = None) -> HeadOutputs:
+    """Backbone + RPN + box head once, exactly as ``GeneralizedRCNN.forward`` runs them in eval."""
+    model.eval()
+    device = next(model.parameters()).device
+    floats = [im.to(device).float() / 255 for im in images]
+    original = [tuple(im.shape[-2:]) for im in floats]
+    resized_in = None if targets is None else [{"boxes": t["boxes"].to(device).float()} for t in targets]
+    image_list, resized = model.transform(floats, resized_in)
+    features = model.backbone(image_list.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    proposals, _ = model.rpn(image_list, features)
+    heads = model.roi_heads
+    pooled = heads.box_roi_pool(features, proposals, image_list.image_sizes)
+    class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
+    return HeadOutputs(class_logits, box_regression, proposals, image_list.image_sizes, original, resized)
+
+
+def postprocess(model, out: HeadOutputs, nms_thresh: float, score_thresh: float, detections_per_img: int):
+    """torchvision's post-processing with these settings: per image dicts in the stored frame."""
+    heads = model.roi_heads
+    saved = heads.nms_thresh, heads.score_thresh, heads.detections_per_img
+    heads.nms_thresh, heads.score_thresh, heads.detections_per_img = nms_thresh, score_thresh, detections_per_img
+    try:
+        boxes, scores, labels = heads.postprocess_detections(out.class_logits, out.box_regression, out.proposals,
+                                                             out.image_sizes)
+    finally:
+        heads.nms_thresh, heads.score_thresh, heads.detections_per_img = saved
+    result = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
+    return model.transform.postprocess(result, out.image_sizes, out.original_sizes)
+
+
+def _to_detections(image_ids: list[int], outputs: list[dict]) -> Detections:
+    return Detections.concat(
+        Detections(np.full(len(o["scores"]), i), o["boxes"].cpu().numpy(), o["scores"].cpu().numpy(),
+                   o["labels"].cpu().numpy()) for i, o in zip(image_ids, outputs))
+
+
+def coco_from_targets(targets: list[dict], cat_ids: list[int]) -> dict:
+    """COCO ground truth of the images seen (area = box area: size ranges are by box, not mask)."""
+    images, anns = [], []
+    for t in targets:
+        h, w = t.get("size", (0, 0))
+        images.append({"id": int(t["image_id"]), "width": int(w), "height": int(h)})
+        crowd = t.get("iscrowd", torch.zeros(len(t["labels"]), dtype=torch.int64))
+        for (x1, y1, x2, y2), c, cr in zip(t["boxes"].tolist(), t["labels"].tolist(), crowd.tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": int(t["image_id"]), "category_id": int(c),
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(cr)})
+    return {"images": images, "annotations": anns, "categories": [{"id": int(k)} for k in cat_ids]}
+
+
+def _grid_values(values) -> list[float]:
+    return sorted({float(v) for v in values})
+
+
+def run_model_checks(model, batches, cat_ids: list[int], nms_thresh=(0.3, 0.5, 0.7), score_thresh=(0.0, 0.05, 0.3),
+                     detections_per_img=(100, 300, 1000), current=None, iou: float = 0.5,
+                     max_images: int | None = None, progress: bool = False) -> tuple[dict, dict]:
+    """(sweep, proposal_recall) over ``batches``; ``current`` = (nms, score, dets) of the model config.
+
+    sweep: ``ap`` (len(nms), len(score), len(dets)) COCO AP points, ``ap50`` the same, ``best``,
+    ``current_ap``. proposal_recall: share of non-crowd GT boxes (by COCO size of the stored box)
+    with IoU >= ``iou`` to some RPN proposal.
+    """
+    nms_v, score_v, caps = _grid_values(nms_thresh), _grid_values(score_thresh), sorted({int(c) for c in detections_per_img})
+    if current is not None:
+        nms_v, score_v = _grid_values(nms_v + [current[0]]), _grid_values(score_v + [current[1]])
+        caps = sorted(set(caps) | {int(current[2])})
+    grid = list(itertools.product(nms_v, score_v))
+    found = {p: [] for p in grid}
+    seen_targets, recall_hits, n_props = [], [], []
+    bar = tqdm(desc="diagnose: model pass", unit="img", disable=not progress, total=max_images)
+    for batch in batches:
+        images, targets = batch[0], batch[1]
+        if max_images is not None:
+            room = max_images - len(seen_targets)
+            images, targets = images[:room], targets[:room]
+        if not images:
+            break
+        out = head_outputs(model, images, targets)
+        ids = [int(t["image_id"]) for t in targets]
+        for p in grid:
+            found[p].append(_to_detections(ids, postprocess(model, out, p[0], p[1], caps[-1])))
+        recall_hits.append(_proposal_hits(out, targets, iou))
+        n_props += [len(p) for p in out.proposals]
+        seen_targets += [{**t, "size": tuple(im.shape[-2:])} for t, im in zip(targets, images)]
+        bar.update(len(images))
+    bar.close()
+    if not seen_targets:
+        raise ValueError("the model checks saw no image: the loader is empty")
+    gt = coco_from_targets(seen_targets, cat_ids)
+    sweep = _evaluate_grid(gt, {p: Detections.concat(v) for p, v in found.items()}, nms_v, score_v, caps, current)
+    sweep["num_images"] = len(seen_targets)
+    return sweep, _recall_by_size(recall_hits, iou, float(np.mean(n_props)))
+
+
+def _evaluate_grid(gt: dict, found: dict, nms_v, score_v, caps, current) -> dict:
+    ap = np.zeros((len(nms_v), len(score_v), len(caps)))
+    ap50 = np.zeros_like(ap)
+    for (i, n), (j, s) in itertools.product(enumerate(nms_v), enumerate(score_v)):
+        for k, cap in enumerate(caps):
+            r = evaluate_coco(gt, cap_per_image(found[(n, s)], cap), max_dets=(caps[-1],))
+            ap[i, j, k] = points(r.ap(max_dets=caps[-1])) or 0.0
+            ap50[i, j, k] = points(r.ap(iou=0.5, max_dets=caps[-1])) or 0.0
+    i, j, k = np.unravel_index(int(np.argmax(ap)), ap.shape)
+    best = {"nms_thresh": nms_v[i], "score_thresh": score_v[j], "detections_per_img": caps[k], "ap": float(ap[i, j, k])}
+    cur = None
+    if current is not None:
+        cur = float(ap[nms_v.index(float(current[0])), score_v.index(float(current[1])), caps.index(int(current[2]))])
+    return {"nms_thresh": nms_v, "score_thresh": score_v, "detections_per_img": caps, "ap": ap.tolist(),
+            "ap50": ap50.tolist(), "best": best, "current_ap": cur,
+            "current": None if current is None else {"nms_thresh": float(current[0]), "score_thresh": float(current[1]),
+                                                      "detections_per_img": int(current[2])}}
+
+
+def _proposal_hits(out: HeadOutputs, targets: list[dict], iou: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per non-crowd GT box: (covered by a proposal at ``iou``, COCO area in the stored frame)."""
+    hits, areas = [], []
+    for props, resized, t in zip(out.proposals, out.targets, targets):
+        crowd = t.get("iscrowd", torch.zeros(len(t["labels"]), dtype=torch.int64)).bool().cpu()
+        boxes = resized["boxes"].cpu()[~crowd]
+        stored = t["boxes"].float().cpu()[~crowd]
+        if len(boxes) == 0:
+            continue
+        best = box_iou(boxes, props.cpu()).max(dim=1).values if len(props) else torch.zeros(len(boxes))
+        hits.append((best >= iou).numpy())
+        areas.append(((stored[:, 2] - stored[:, 0]) * (stored[:, 3] - stored[:, 1])).numpy())
+    return (np.concatenate(hits) if hits else np.zeros(0, bool)), (np.concatenate(areas) if areas else np.zeros(0))
+
+
+def _recall_by_size(parts, iou: float, proposals_per_image: float) -> dict:
+    hits = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, bool)
+    area = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
+    ranges = {"all": np.ones(len(area), bool), "small": area < SMALL, "medium": (area >= SMALL) & (area < MEDIUM),
+              "large": area >= MEDIUM}
+    return {"iou": iou, "proposals_per_image": proposals_per_image,
+            "recall": {k: (float(hits[m].mean()) if m.any() else None) for k, m in ranges.items()},
+            "num_gt": {k: int(m.sum()) for k, m in ranges.items()}}

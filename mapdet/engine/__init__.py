@@ -1,0 +1,1 @@
+"""Running the model: the training step, inference, optimizer, checkpoints, preemption."""

@@ -1,0 +1,203 @@
+"""Exact COCO bbox evaluation, split over ranks by category: ``evaluate_coco`` and its inputs.
+
+``evaluate_coco(gt, dets)`` returns the arrays of pycocotools' ``COCOeval.evaluate()`` +
+``accumulate()`` (bitwise identical with the default numpy engine) for the COCO ground-truth dict
+``gt`` and the detections ``dets``. In a single process ``dets`` are all the detections. Under
+``torch.distributed`` every rank passes the same ``gt`` and its OWN detections; the set scored is
+all ranks' detections concatenated in rank order. Each rank scores a balanced share of the
+categories (categories are independent in evaluate/accumulate): it parses the ground-truth boxes
+of those categories only, receives their detections from every rank as packed rows
+(``mapdet.evaluation.routing``, one all-to-all), and the ranks gather only the small per-category
+precision/recall/scores slices, so every rank returns the full result, identical to one process,
+while no rank holds more detections than its own plus those of its categories.
+
+Boxes: ``Detections.boxes`` are float32 xyxy pixel-edge in stored-image coordinates (a one-pixel
+object at column c spans [c, c+1]); COCO results use ``[x, y, w, h]`` with ``w = x2 - x1``. Both
+evaluation and ``to_coco_results`` derive xywh in float64 by ``cocoinput.xyxy_to_xywh`` so scoring
+a ``Detections`` equals pycocotools on the written results file. Results given as dicts are scored
+from their own float64 xywh numbers.
+
+Input checks are in ``mapdet.evaluation.inputs``; no input makes the ranks hang (errors are gathered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mapdet import comm
+from mapdet.evaluation.accumulate import REC_THRS
+from mapdet.evaluation.matching import IOU_THRS, BoxSet, evaluate_accumulate
+from mapdet.evaluation.inputs import WIDE, GroundTruth, detection_rows, parse_results, rows_to_boxes, xyxy_to_xywh
+from mapdet.evaluation.metrics import CocoResult, format_summary, format_table, write_metrics
+from mapdet.evaluation.routing import route, share_categories
+
+__all__ = [
+    "ENGINES",
+    "CocoResult",
+    "Detections",
+    "evaluate_coco",
+    "format_summary",
+    "format_table",
+    "write_metrics",
+]
+ENGINES = ("auto", "numpy", "faster-coco-eval", "pycocotools")
+_PACKED = np.dtype([("image_id", "<i8"), ("boxes", "<f4", (4,)), ("scores", "<f4"), ("labels", "<i8")])
+
+
+@dataclass
+class Detections:
+    """Packed detections of many images (what ranks exchange; never per-box dicts).
+
+    image_id: int64 (M,); boxes: float32 (M, 4) xyxy pixel-edge, stored-image coordinates;
+    scores: float32 (M,); labels: int64 (M,) category ids (1..K).
+    """
+
+    image_id: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        self.image_id = np.asarray(self.image_id, np.int64).reshape(-1)
+        self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
+        self.scores = np.asarray(self.scores, np.float32).reshape(-1)
+        self.labels = np.asarray(self.labels, np.int64).reshape(-1)
+        sizes = {len(self.image_id), len(self.boxes), len(self.scores), len(self.labels)}
+        if len(sizes) != 1:
+            raise ValueError(f"Detections fields differ in length: {sorted(sizes)}")
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+    @staticmethod
+    def empty() -> Detections:
+        return Detections(np.zeros(0), np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+
+    @staticmethod
+    def concat(parts) -> Detections:
+        parts = list(parts)
+        if not parts:
+            return Detections.empty()
+        return Detections(*(np.concatenate([getattr(p, f) for p in parts])
+                            for f in ("image_id", "boxes", "scores", "labels")))
+
+    @staticmethod
+    def from_coco_results(results: list[dict]) -> Detections:
+        """From COCO results dicts (bbox xywh -> xyxy, rounded to float32)."""
+        img, cat, xywh, score = parse_results(results)
+        return Detections(img, np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                          score, cat)
+
+    def take(self, idx) -> Detections:
+        """The detections selected by ``idx`` (indices or a boolean mask)."""
+        return Detections(self.image_id[idx], self.boxes[idx], self.scores[idx], self.labels[idx])
+
+    def to_bytes(self) -> np.ndarray:
+        """uint8 (36 M,): the four fields packed row by row (``from_bytes`` reads them back)."""
+        rows = np.empty(len(self), _PACKED)
+        rows["image_id"], rows["boxes"], rows["scores"], rows["labels"] = (
+            self.image_id, self.boxes, self.scores, self.labels)
+        return rows.view(np.uint8)
+
+    @staticmethod
+    def from_bytes(data: np.ndarray) -> Detections:
+        rows = np.asarray(data, np.uint8).view(_PACKED)
+        return Detections(rows["image_id"], rows["boxes"], rows["scores"], rows["labels"])
+
+    def xywh(self, idx=slice(None)) -> np.ndarray:
+        """float64 (M, 4) ``[x1, y1, x2 - x1, y2 - y1]``: the numbers COCO results carry."""
+        return xyxy_to_xywh(self.boxes[idx])
+
+    def to_coco_results(self) -> list[dict]:
+        """Standard COCO results: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
+        return [{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in
+                zip(self.image_id.tolist(), self.labels.tolist(), self.xywh().tolist(),
+                    self.scores.astype(np.float64).tolist())]
+
+
+def evaluate_coco(gt: dict, dets: Detections | list[dict], max_dets=(1, 10, 100, 300),
+                  iou_thrs=None, engine: str = "auto") -> CocoResult:
+    """Score ``dets`` against the COCO ground-truth dict ``gt``; see the module docstring.
+
+    ``max_dets`` always gains 1, 10 and 100 so the standard summary is pycocotools' ``stats``.
+    ``engine``: "auto"/"numpy" (exact re-implementation, fastest), "faster-coco-eval" or
+    "pycocotools" (run on this rank's categories). Collective: every rank passes the same ``gt``,
+    ``max_dets``, ``iou_thrs`` and ``engine``, and its own ``dets``. ``result.traffic`` says what
+    this rank held and moved (``cocoroute.Traffic``).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {ENGINES}")
+    max_dets = sorted({int(m) for m in max_dets} | {1, 10, 100})
+    iou_thrs = IOU_THRS if iou_thrs is None else np.asarray(iou_thrs, np.float64).reshape(-1)
+    if not (len(iou_thrs) and (iou_thrs > 0).all() and (iou_thrs <= 1).all()):
+        raise ValueError(f"IoU thresholds must lie in (0, 1], got {iou_thrs.tolist()}")
+    truth = GroundTruth.parse(gt)  # same input, same outcome on every rank
+    K = len(truth.cat_ids)
+    rows, error = _attempt(detection_rows, dets, truth)
+    counts = np.bincount(rows["cat"], minlength=K) if error is None else np.zeros(K, np.int64)
+    shared = comm.all_gather_object((counts, error is None and rows.dtype == WIDE, _portable(error)))
+    _raise_first(error, [s[2] for s in shared])
+    owner = share_categories(truth.counts(), np.stack([s[0] for s in shared]), len(shared))
+    routed, traffic = route(rows, owner, wide=any(s[1] for s in shared))
+    del rows  # the caller's detections stay theirs; this rank's packed copy is no longer needed
+    cats = np.flatnonzero(owner == comm.get_rank())
+    found, error = _attempt(rows_to_boxes, routed)
+    del routed  # scored as float64 boxes from here on
+    part, error = _attempt(_score, engine, gt, truth, found, cats, iou_thrs, max_dets) if error is None else (None, error)
+    parts = comm.all_gather_object((cats, part, _portable(error)))
+    _raise_first(error, [p[2] for p in parts])
+    result = _assemble(parts, truth, iou_thrs, max_dets)
+    result.traffic = traffic.to_dict()
+    return result
+
+
+def _attempt(fn, *args):
+    """``(fn(*args), None)``, or ``(None, error)``: a rank that fails must still join the next
+    collective, where every rank learns of the error, so that none waits forever."""
+    try:
+        return fn(*args), None
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank by _raise_first
+        return None, e
+
+
+def _portable(e: Exception | None) -> Exception | None:
+    """A picklable stand-in for another rank's error: ValueError for bad input, else RuntimeError."""
+    if e is None:
+        return None
+    text = f"on rank {comm.get_rank()}: {e}"
+    return ValueError(text) if isinstance(e, ValueError) else RuntimeError(f"{type(e).__name__} {text}")
+
+
+def _raise_first(own: Exception | None, gathered: list) -> None:
+    """Raise this rank's own error (with its traceback), else the first rank's that failed."""
+    if own is not None:
+        raise own
+    for e in gathered:
+        if e is not None:
+            raise e
+
+
+def _score(engine: str, gt: dict, truth: GroundTruth, found: BoxSet, cats, iou_thrs, max_dets):
+    """(precision, recall, scores, num_gt) slices for the categories ``cats`` of this rank."""
+    gt_boxes = truth.boxes(cats)
+    num_gt = np.bincount(gt_boxes.cat[~gt_boxes.crowd], minlength=len(truth.cat_ids))[cats]
+    if engine in ("auto", "numpy"):
+        arrays = evaluate_accumulate(gt_boxes, found, cats, len(truth.image_ids), iou_thrs, max_dets)
+        return (*arrays, num_gt)
+    from mapdet.evaluation.reference import reference_arrays
+
+    return (*reference_arrays(engine, gt, truth, found, cats, iou_thrs, max_dets), num_gt)
+
+
+def _assemble(parts, truth: GroundTruth, iou_thrs, max_dets) -> CocoResult:
+    """The full result from every rank's ``(cats, (precision, recall, scores, num_gt), error)``."""
+    T, K, M = len(iou_thrs), len(truth.cat_ids), len(max_dets)
+    R = len(REC_THRS)
+    precision, recall, scores = -np.ones((T, R, K, 4, M)), -np.ones((T, K, 4, M)), -np.ones((T, R, K, 4, M))
+    num_gt = np.zeros(K, np.int64)
+    for cats, (p, r, s, n), _ in parts:
+        precision[:, :, cats], recall[:, cats], scores[:, :, cats], num_gt[cats] = p, r, s, n
+    return CocoResult(precision, recall, scores, iou_thrs, truth.cat_ids.tolist(), max_dets,
+                      num_gt=num_gt)

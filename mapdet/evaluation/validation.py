@@ -1,0 +1,111 @@
+"""One validation pass, shared by ``mapdet train`` (periodic) and ``mapdet evaluate``.
+
+Every rank runs the unwrapped model on its exactly-once share of the validation shards
+(``data.eval_loader``); image keys and summed losses are gathered; coverage is checked against
+the manifest (a missing or duplicated image is an error naming the keys); the COCO scoring is
+split across ranks by category (``evaluator.evaluate_coco``): each rank's detections (packed
+arrays, stored-image coordinates, xyxy pixel-edge) go to the ranks that score their categories,
+so no rank holds every detection. A rank keeps its own detections (``Validation.detections``);
+``stream_detections`` hands every rank's, one rank at a time, to the main process for writing
+detections.json, so the main process never holds them all either (the price: the other ranks
+wait while it writes). Ranks with uneven shares never wait inside the loop: the only
+collectives come after it.
+
+A corrupt sample or shard on any rank raises ``CorruptSample`` (naming shard and key) on every
+rank. Images left out because ``eval.skip_corrupt`` is on are removed from the ground truth too
+(their objects would otherwise count as misses) and reported as ``images_left_out``.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from mapdet import comm
+from mapdet.config import EvalConfig
+from mapdet.data.loaders import eval_keys, eval_loader
+from mapdet.engine.step import Predictions, predict
+from mapdet.evaluation.coco import CocoResult, Detections, evaluate_coco
+from mapdet.shards.manifest import class_names
+from mapdet.shards.reader import CorruptSample
+
+
+class CoverageError(RuntimeError):
+    """Evaluation did not see every validation image exactly once."""
+
+
+@dataclass
+class Validation:
+    result: CocoResult
+    detections: Detections  # this rank's (all of them in one process); see stream_detections
+    loss: dict[str, float]  # mean per image ({} without eval.val_loss)
+    images: int
+    left_out: list[dict]  # corrupt samples skipped (eval.skip_corrupt)
+
+
+def validate(model, device, cfg: EvalConfig, shards, manifest: dict, gt: dict) -> Validation:
+    """Collective: every rank calls it with the same arguments; every rank gets the result."""
+    if not manifest["num_samples"]:  # COCO would score it -1 (no ground truth): no number is better
+        raise ValueError(f"the {manifest['split']} split in {shards} has no images to evaluate")
+    rank, world = comm.get_rank(), comm.get_world_size()
+    loader = eval_loader(shards, manifest, cfg.batch_size, cfg.workers, rank, world, cfg.skip_corrupt)
+    bar = tqdm(total=len(eval_keys(manifest, rank, world)), desc="validate", unit="img",
+               disable=not comm.is_main_process(), leave=False)
+    try:
+        preds, error = predict(model, loader, device, with_loss=cfg.val_loss, progress=bar), None
+    except CorruptSample as e:  # raised on every rank below, so no rank waits in the gather
+        preds, error = Predictions(Detections.empty(), [], {}, []), str(e)
+    bar.close()
+    parts = comm.all_gather_object((preds.keys, preds.loss_sum, preds.skipped, error))
+    errors = [p[3] for p in parts if p[3]]
+    if errors:
+        raise CorruptSample(errors[0])
+    keys = [k for p in parts for k in p[0]]
+    left_out = [s for p in parts for s in p[2]]
+    _check_coverage(manifest, keys, {s["key"] for s in left_out})
+    if left_out:
+        gt = _without_images(gt, {s["key"] for s in left_out})
+    result = evaluate_coco(gt, preds.detections, max_dets=sorted({1, 10, 100, *cfg.max_dets}))
+    loss = collections.Counter()
+    for p in parts:
+        loss.update(p[1])
+    return Validation(result, preds.detections, {k: v / max(len(keys), 1) for k, v in loss.items()}, len(keys), left_out)
+
+
+def stream_detections(v: Validation, consume) -> None:
+    """Collective: ``consume(Detections)`` on the main process for every rank's detections, in
+    rank order (the order ``evaluate_coco`` scored them in), one rank's at a time."""
+    def unpack(data):
+        consume(Detections.from_bytes(data))
+
+    comm.stream_to_main(v.detections.to_bytes(), unpack if comm.is_main_process() else None)
+
+
+def _check_coverage(manifest: dict, keys: list[str], skipped: set[str]) -> None:
+    expected = [k for s in manifest["shards"] for k in s["keys"]]
+    counts = collections.Counter(keys)
+    duplicated = sorted(k for k, c in counts.items() if c > 1)
+    missing = sorted(set(expected) - set(counts) - skipped)
+    unknown = sorted(set(counts) - set(expected))
+    if duplicated or missing or unknown:
+        parts = [f"{name} {len(v)}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+                 for name, v in (("duplicated", duplicated), ("missing", missing), ("not in the manifest", unknown)) if v]
+        raise CoverageError(f"evaluation did not see each {manifest['split']} image exactly once: " + "; ".join(parts))
+
+
+def _without_images(gt: dict, keys: set[str]) -> dict:
+    drop = {im["id"] for im in gt["images"] if im["file_name"].rsplit(".", 1)[0] in keys}
+    return {**gt, "images": [im for im in gt["images"] if im["id"] not in drop],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] not in drop]}
+
+
+def metrics_dict(v: Validation, manifest: dict, train_manifest: dict | None = None) -> dict:
+    """metrics.json content: COCO summary, AP at each maxDets, per-class rows, val loss, coverage."""
+    num_train = None
+    if train_manifest is not None:
+        num_train = {int(c): s["instances"] for c, s in train_manifest["class_stats"].items()}
+    bbox = {**v.result.summary(), "per_class": v.result.per_class(class_names(manifest), num_train)}
+    return {"bbox": bbox, "val_loss": v.loss, "images": v.images, "images_left_out": len(v.left_out),
+            "left_out": v.left_out}

@@ -1,0 +1,1 @@
+"""The detector: torchvision Faster R-CNN builders, pretrained weights by name, trained models."""

@@ -1,0 +1,85 @@
+"""`mapdet cocoeval`: exit codes, printed table, metrics.json, and 2 processes equal to 1."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from mapdet.cli import main
+from mapdet.evaluation.coco import evaluate_coco
+from tests.conftest import accelerate_launch
+from tests.evaluation.test_evaluator import STATS, random_coco
+
+
+def cocoeval(*args: str) -> int:
+    with pytest.raises(SystemExit) as stop:
+        main(["cocoeval", *args])
+    return stop.value.code
+
+
+@pytest.fixture
+def files(tmp_path):
+    gt, dets = random_coco(0)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dt.json").write_text(json.dumps(dets))
+    return tmp_path, gt, dets
+
+
+def test_scores_prints_and_writes_metrics(files, capsys):
+    tmp, gt, dets = files
+    assert cocoeval("--gt", str(tmp / "gt.json"), "--results", str(tmp / "dt.json"),
+                    "--max-dets", "300", "--out", str(tmp / "out" / "metrics.json")) == 0
+    bbox = json.loads((tmp / "out" / "metrics.json").read_text())["bbox"]
+    expected = evaluate_coco(gt, dets, max_dets=(300,))
+    assert [bbox[k] for k in STATS] == [expected.summary()[k] for k in STATS]
+    assert bbox["AP_at_maxdets"] == {str(m): expected.ap(max_dets=m) for m in (1, 10, 100, 300)}
+    assert [r["name"] for r in bbox["per_class"]] == [f"class{c}" for c in (1, 2, 3, 5, 7)]
+    out = capsys.readouterr().out
+    assert "class7" in out and f"AP@300 {expected.ap(max_dets=300):7.3f}" in out
+
+
+def test_empty_results_score_zero(files):
+    tmp, _, _ = files
+    (tmp / "empty.json").write_text("[]")
+    assert cocoeval("--gt", str(tmp / "gt.json"), "--results", str(tmp / "empty.json"),
+                    "--out", str(tmp / "m.json")) == 0
+    assert json.loads((tmp / "m.json").read_text())["bbox"]["AP"] == 0.0
+
+
+@pytest.mark.parametrize("results, max_dets, message", [
+    ("missing.json", "100", "results file not found"),
+    ("broken.json", "100", "not valid JSON"),
+    ("object.json", "100", "must be a list"),
+    ("alien.json", "100", "category ids not in the ground truth: \\[99\\]"),
+    ("dt.json", "100,x", "--max-dets must be comma-separated integers"),
+    ("dt.json", "0", "must be >= 1"),
+])
+def test_bad_input_exits_2_with_a_message(files, capsys, results, max_dets, message):
+    tmp, _, dets = files
+    (tmp / "broken.json").write_text('[{"image_id": 1,')
+    (tmp / "object.json").write_text('{"image_id": 1}')
+    (tmp / "alien.json").write_text(json.dumps([{**dets[0], "category_id": 99}]))
+    code = cocoeval("--gt", str(tmp / "gt.json"), "--results", str(tmp / results), "--max-dets", max_dets,
+                    "--out", str(tmp / "m.json"))
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp / "m.json").exists()
+
+
+def test_missing_ground_truth_exits_2(files, capsys):
+    tmp, _, _ = files
+    assert cocoeval("--gt", str(tmp / "nope.json"), "--results", str(tmp / "dt.json")) == 2
+    assert "ground truth file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_metrics(files):
+    tmp, _, _ = files
+    args = ["cocoeval", "--gt", str(tmp / "gt.json"), "--results", str(tmp / "dt.json")]
+    assert cocoeval(*args[1:], "--out", str(tmp / "one.json")) == 0
+    run = accelerate_launch(*args, "--out", str(tmp / "two.json"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "2 process(es)" in run.stdout and run.stdout.count("AP@300") == 1  # rank 0 prints
+    assert (tmp / "two.json").read_text() == (tmp / "one.json").read_text()
