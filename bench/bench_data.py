@@ -21,9 +21,10 @@ import torchvision
 from PIL import Image
 
 from mapdet.data.loaders import eval_loader
-from mapdet.shards.writer import PackOptions, merge, pack
 from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
 from mapdet.datasets.vistas import VistasReader
+from mapdet.shards.merge import merge
+from mapdet.shards.writer import PackOptions, pack
 
 
 def _rate(fn, n_images: int, repeats: int) -> float:
@@ -41,7 +42,9 @@ def _decode_pil(b: bytes) -> torch.Tensor:
 
 
 def _decode_tv(b: bytes) -> torch.Tensor:
-    return torchvision.io.decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=torchvision.io.ImageReadMode.RGB)
+    return torchvision.io.decode_jpeg(
+        torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=torchvision.io.ImageReadMode.RGB
+    )
 
 
 def main() -> None:
@@ -80,12 +83,23 @@ def main() -> None:
             for b in jpegs:
                 _decode_tv(b)
 
-        r = {"shards": _rate(shards, n, args.repeats), "raw_folder": _rate(raw_folder, n, args.repeats),
-             "bare_decode": _rate(bare, n, args.repeats)}
+        r = {
+            "shards": _rate(shards, n, args.repeats),
+            "raw_folder": _rate(raw_folder, n, args.repeats),
+            "bare_decode": _rate(bare, n, args.repeats),
+        }
         print(json.dumps({"loader_images_per_s": {k: round(v, 1) for k, v in r.items()}}))
-        print(json.dumps({"ratios": {"shards_vs_raw_folder": round(r["shards"] / r["raw_folder"], 2),
-                                     "shards_vs_bare_decode": round(r["shards"] / r["bare_decode"], 3),
-                                     "goal": "shards >= 5x raw folder, >= 0.85x bare decode"}}))
+        print(
+            json.dumps(
+                {
+                    "ratios": {
+                        "shards_vs_raw_folder": round(r["shards"] / r["raw_folder"], 2),
+                        "shards_vs_bare_decode": round(r["shards"] / r["bare_decode"], 3),
+                        "goal": "shards >= 5x raw folder, >= 0.85x bare decode",
+                    }
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -27,16 +27,34 @@ GOAL_AP50 = 0.5
 
 
 def run_demo(out: Path, processes: int, seed: int) -> dict:
-    cmd = [sys.executable, "-m", "mapdet", "demo", "--out", str(out), "--processes", str(processes), "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mapdet",
+        "demo",
+        "--out",
+        str(out),
+        "--processes",
+        str(processes),
+        "--seed",
+        str(seed),
+    ]
     start = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     row = {"processes": processes, "seed": seed, "exit_code": code, "wall_s": round(time.perf_counter() - start, 1)}
     if code == 0:
         s = json.loads((out / "summary.json").read_text())
-        row.update({"AP50": round(s["AP50"], 3), "AP": round(s["AP"], 3), "val_loss": round(s["val_loss"], 3),
-                    "train_to_summary_s": s["train_to_summary_s"], "stage_seconds": s["stage_seconds"],
-                    "top_cause": (s["top_cause"] or {}).get("cause")})
+        row.update(
+            {
+                "AP50": round(s["AP50"], 3),
+                "AP": round(s["AP"], 3),
+                "val_loss": round(s["val_loss"], 3),
+                "train_to_summary_s": s["train_to_summary_s"],
+                "stage_seconds": s["stage_seconds"],
+                "top_cause": (s["top_cause"] or {}).get("cause"),
+            }
+        )
     return row
 
 
@@ -61,10 +79,22 @@ def main() -> None:
     for p in args.processes:
         mine = [r for r in rows if r["processes"] == p]
         ap50 = [r.get("AP50", 0.0) for r in mine]
-        print(json.dumps({"demo": {"processes": p, "seeds": [r["seed"] for r in mine], "AP50": ap50,
-                                   "min_AP50": min(ap50), "goal": f"AP50 >= {GOAL_AP50} for every seed",
-                                   "met": all(r["exit_code"] == 0 for r in mine) and min(ap50) >= GOAL_AP50,
-                                   "train_to_summary_s": [r.get("train_to_summary_s") for r in mine]}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "demo": {
+                        "processes": p,
+                        "seeds": [r["seed"] for r in mine],
+                        "AP50": ap50,
+                        "min_AP50": min(ap50),
+                        "goal": f"AP50 >= {GOAL_AP50} for every seed",
+                        "met": all(r["exit_code"] == 0 for r in mine) and min(ap50) >= GOAL_AP50,
+                        "train_to_summary_s": [r.get("train_to_summary_s") for r in mine],
+                    }
+                }
+            ),
+            flush=True,
+        )
     if any(r["exit_code"] for r in rows):
         sys.exit(1)
 

@@ -59,15 +59,18 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
 from mapdet import comm
-from mapdet.data.augment import _CROP_ASPECT, BatchAugment
 from mapdet.config import AugmentConfig, DataConfig, load_config
-from mapdet.data.loaders import Batch, TrainStream, decode_sample, read_shard
-from mapdet.engine.step import StepResult, cuda_speedups, to_device, train_step
-from mapdet.shards.manifest import class_instance_counts, load_manifest, shard_urls
-from mapdet.modeling.detector import build_model
-from mapdet.engine.optim import make_optimizer, make_scheduler
-from mapdet.shards.writer import PackOptions, merge, pack
+from mapdet.data.augment import _CROP_ASPECT, BatchAugment
+from mapdet.data.loaders import TrainStream
 from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
+from mapdet.engine.optim import make_optimizer, make_scheduler
+from mapdet.engine.step import StepResult, TrainParts, cuda_speedups, to_device, train_step
+from mapdet.modeling.detector import build_model
+from mapdet.shards.manifest import class_instance_counts, load_manifest, shard_urls
+from mapdet.shards.merge import merge
+from mapdet.shards.reader import decode_sample, read_shard
+from mapdet.shards.writer import PackOptions, pack
+from mapdet.structures import Batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,8 +93,13 @@ class ReferenceDataset(Dataset):
         boxes = tv_tensors.BoundingBoxes(target["boxes"][plain], format="XYXY", canvas_size=size, clamping_mode="hard")
         if size not in self._transforms:
             self._transforms[size] = reference_transform(self.cfg, size)
-        image, out = self._transforms[size](tv_tensors.Image(image), {"boxes": boxes, "labels": target["labels"][plain]})
-        return image.as_subclass(torch.Tensor), {"boxes": out["boxes"].as_subclass(torch.Tensor), "labels": out["labels"]}
+        image, out = self._transforms[size](
+            tv_tensors.Image(image), {"boxes": boxes, "labels": target["labels"][plain]}
+        )
+        return image.as_subclass(torch.Tensor), {
+            "boxes": out["boxes"].as_subclass(torch.Tensor),
+            "labels": out["labels"],
+        }
 
 
 def reference_transform(cfg: AugmentConfig, size: tuple[int, int]) -> T.Compose:
@@ -101,9 +109,13 @@ def reference_transform(cfg: AugmentConfig, size: tuple[int, int]) -> T.Compose:
     ops = [T.RandomHorizontalFlip(cfg.hflip)]
     if cfg.scale_jitter > 0:
         ratio = (w / h * _CROP_ASPECT[0], w / h * _CROP_ASPECT[1])  # the crop aspect range BatchAugment draws
-        ops.append(T.RandomApply([T.RandomResizedCrop((h, w), scale=(cfg.scale_min, 1.0), ratio=ratio)], p=cfg.scale_jitter))
+        ops.append(
+            T.RandomApply([T.RandomResizedCrop((h, w), scale=(cfg.scale_min, 1.0), ratio=ratio)], p=cfg.scale_jitter)
+        )
     if cfg.color_jitter > 0:
-        ops.append(T.RandomApply([T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.color_jitter))
+        ops.append(
+            T.RandomApply([T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.color_jitter)
+        )
     ops += [T.ToDtype(torch.float32, scale=True), T.SanitizeBoundingBoxes(min_size=cfg.min_box_size)]
     return T.Compose(ops)
 
@@ -113,12 +125,27 @@ def _collate(items) -> Batch:
     return Batch(list(images), list(targets), [])
 
 
-def reference_batches(samples: list[dict], cfg: AugmentConfig, num_classes: int, batch_size: int, workers: int, seed: int,
-                      prefetch: int = 4):
+def reference_batches(
+    samples: list[dict],
+    cfg: AugmentConfig,
+    num_classes: int,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    prefetch: int = 4,
+):
     dataset = ReferenceDataset(samples, cfg, num_classes)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                        collate_fn=_collate, persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
-                        generator=torch.Generator().manual_seed(seed))  # CPU: prefetch as TrainStream's
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        collate_fn=_collate,
+        persistent_workers=workers > 0,
+        prefetch_factor=prefetch if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+    )  # CPU: prefetch as TrainStream's
     while True:
         yield from loader
 
@@ -158,7 +185,7 @@ def run_phase(name: str, batches, augment, model0, cfg, accelerator, warmup: int
     for i in range(warmup + steps):
         if i == warmup:
             aug_s, main0 = timed.seconds, _cpu_s(resource.RUSAGE_SELF)
-        res = train_step(accelerator, model, optimizer, scheduler, batches, timed, cfg.optim.grad_accum, cfg.optim.clip_norm)
+        res = train_step(TrainParts(accelerator, model, model, optimizer, scheduler, timed), batches, cfg.optim)
         if i < warmup:
             warm_images += res.images
         else:
@@ -166,33 +193,53 @@ def run_phase(name: str, batches, augment, model0, cfg, accelerator, warmup: int
     main_cpu = _cpu_s(resource.RUSAGE_SELF) - main0
     batches.close()  # the DataLoader's workers exit and are reaped, so RUSAGE_CHILDREN counts them
     workers_cpu = _cpu_s(resource.RUSAGE_CHILDREN) - children0
-    return {"pipeline": name, "steps": steps, "images": images, "step_s": step_s / steps, "wait_s": wait,
-            "time_s": step_s, "augment_s": timed.seconds - aug_s, "main_cpu_s": main_cpu,
-            "worker_cpu_s_per_image": workers_cpu / (images + warm_images),
-            "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+    return {
+        "pipeline": name,
+        "steps": steps,
+        "images": images,
+        "step_s": step_s / steps,
+        "wait_s": wait,
+        "time_s": step_s,
+        "augment_s": timed.seconds - aug_s,
+        "main_cpu_s": main_cpu,
+        "worker_cpu_s_per_image": workers_cpu / (images + warm_images),
+        "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
+    }
 
 
 def summary(phases: list[dict]) -> dict:
     t = sum(p["time_s"] for p in phases)
     n = sum(p["images"] for p in phases)
-    return {"pipeline": phases[0]["pipeline"], "images_per_s": round(n / t, 3), "data_wait": round(sum(p["wait_s"] for p in phases) / t, 4),
-            "step_s": round(t / sum(p["steps"] for p in phases), 4),
-            "augment_in_step": round(sum(p["augment_s"] for p in phases) / t, 4),
-            "main_cpu_s_per_image": round(sum(p["main_cpu_s"] for p in phases) / n, 4),
-            "worker_cpu_s_per_image": round(sum(p["worker_cpu_s_per_image"] for p in phases) / len(phases), 4)}
+    return {
+        "pipeline": phases[0]["pipeline"],
+        "images_per_s": round(n / t, 3),
+        "data_wait": round(sum(p["wait_s"] for p in phases) / t, 4),
+        "step_s": round(t / sum(p["steps"] for p in phases), 4),
+        "augment_in_step": round(sum(p["augment_s"] for p in phases) / t, 4),
+        "main_cpu_s_per_image": round(sum(p["main_cpu_s"] for p in phases) / n, 4),
+        "worker_cpu_s_per_image": round(sum(p["worker_cpu_s_per_image"] for p in phases) / len(phases), 4),
+    }
 
 
 def make_shards(root: Path, n: int, size: tuple[int, int], max_side: int | None = None, workers: int = 2) -> dict:
     raw = synthesize(root / "raw", "v2.0", n_train=n, n_val=0, seed=0, cfg=SynthConfig(size=size))
-    pack(raw, root / "shards", "training", PackOptions(samples_per_shard=max(1, n // 4), workers=workers, max_side=max_side))
+    pack(
+        raw,
+        root / "shards",
+        "training",
+        PackOptions(samples_per_shard=max(1, n // 4), workers=workers, max_side=max_side),
+    )
     return merge(root / "shards", "training")
 
 
 def cpu_comparison(args, tmp: Path) -> None:
     cfg = load_config(args.config)
-    cfg.data = DataConfig(shards=str(tmp / "shards"), batch_size=args.batch_size or cfg.data.batch_size,
-                          workers=cfg.data.workers if args.workers is None else args.workers,
-                          shuffle_buffer=cfg.data.shuffle_buffer)  # no repeat factors: both see plain data
+    cfg.data = DataConfig(
+        shards=str(tmp / "shards"),
+        batch_size=args.batch_size or cfg.data.batch_size,
+        workers=cfg.data.workers if args.workers is None else args.workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )  # no repeat factors: both see plain data
     manifest = make_shards(tmp, args.images, args.size)
     samples = [s for url in shard_urls(cfg.data.shards, manifest) for s in read_shard(url)]
     k = len(manifest["classes"])
@@ -200,14 +247,39 @@ def cpu_comparison(args, tmp: Path) -> None:
     torch.manual_seed(0)
     model0 = build_model(cfg.model, k + 1, class_instance_counts(manifest))
     accelerator = comm.make_accelerator(mixed_precision="no")
-    print(json.dumps({"setup": {"images": len(samples), "size": list(args.size), "shards": len(manifest["shards"]),
-                                "arch": cfg.model.arch, "min_size": model0.transform.min_size[0], "max_size": model0.transform.max_size,
-                                "batch_size": cfg.data.batch_size, "workers": cfg.data.workers, "torch_threads": args.threads,
-                                "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "cpus": os.cpu_count(),
-                                "load_avg": [round(x, 2) for x in os.getloadavg()], "config": args.config}}), flush=True)
+    print(
+        json.dumps(
+            {
+                "setup": {
+                    "images": len(samples),
+                    "size": list(args.size),
+                    "shards": len(manifest["shards"]),
+                    "arch": cfg.model.arch,
+                    "min_size": model0.transform.min_size[0],
+                    "max_size": model0.transform.max_size,
+                    "batch_size": cfg.data.batch_size,
+                    "workers": cfg.data.workers,
+                    "torch_threads": args.threads,
+                    "warmup": args.warmup,
+                    "steps": args.steps,
+                    "rounds": args.rounds,
+                    "cpus": os.cpu_count(),
+                    "load_avg": [round(x, 2) for x in os.getloadavg()],
+                    "config": args.config,
+                }
+            }
+        ),
+        flush=True,
+    )
     pipelines = {
-        "mapdet": lambda: (iter(TrainStream(cfg.data.shards, manifest, cfg.data, 0, 1, seed=0)), BatchAugment(cfg.augment).to(accelerator.device)),
-        "reference": lambda: (reference_batches(samples, cfg.augment, k, cfg.data.batch_size, cfg.data.workers, seed=0), _no_augment),
+        "mapdet": lambda: (
+            iter(TrainStream(cfg.data.shards, manifest, cfg.data, 0, 1, seed=0)),
+            BatchAugment(cfg.augment).to(accelerator.device),
+        ),
+        "reference": lambda: (
+            reference_batches(samples, cfg.augment, k, cfg.data.batch_size, cfg.data.workers, seed=0),
+            _no_augment,
+        ),
     }
     phases: dict[str, list[dict]] = {name: [] for name in pipelines}
     for r in range(args.rounds):
@@ -215,18 +287,36 @@ def cpu_comparison(args, tmp: Path) -> None:
             batches, augment = pipelines[name]()
             p = run_phase(name, batches, augment, model0, cfg, accelerator, args.warmup, args.steps)
             phases[name].append(p)
-            print(json.dumps({"phase": {"round": r + 1, **{k: round(v, 4) if isinstance(v, float) else v for k, v in p.items()}}}), flush=True)
+            print(
+                json.dumps(
+                    {"phase": {"round": r + 1, **{k: round(v, 4) if isinstance(v, float) else v for k, v in p.items()}}}
+                ),
+                flush=True,
+            )
     ours, ref = summary(phases["mapdet"]), summary(phases["reference"])
     print(json.dumps({"result": ours}))
     print(json.dumps({"result": ref}))
-    per_round = [round((a["images"] / a["time_s"]) / (b["images"] / b["time_s"]), 3) for a, b in zip(phases["mapdet"], phases["reference"])]
+    per_round = [
+        round((a["images"] / a["time_s"]) / (b["images"] / b["time_s"]), 3)
+        for a, b in zip(phases["mapdet"], phases["reference"])
+    ]
     median = statistics.median(per_round)  # robust to a load change that hits one round's phases unevenly
-    print(json.dumps({"ratio": {"median_round_mapdet_vs_reference": round(median, 3), "per_round": per_round,
-                                "totals_mapdet_vs_reference": round(ours["images_per_s"] / ref["images_per_s"], 3),
-                                "data_wait_mapdet": ours["data_wait"], "data_wait_reference": ref["data_wait"],
-                                "goal": "mapdet >= 1.0x reference on CPU (median round), data wait < 0.05",
-                                "met": median >= 1.0 and ours["data_wait"] < 0.05,
-                                "load_avg_end": [round(x, 2) for x in os.getloadavg()]}}))
+    print(
+        json.dumps(
+            {
+                "ratio": {
+                    "median_round_mapdet_vs_reference": round(median, 3),
+                    "per_round": per_round,
+                    "totals_mapdet_vs_reference": round(ours["images_per_s"] / ref["images_per_s"], 3),
+                    "data_wait_mapdet": ours["data_wait"],
+                    "data_wait_reference": ref["data_wait"],
+                    "goal": "mapdet >= 1.0x reference on CPU (median round), data wait < 0.05",
+                    "met": median >= 1.0 and ours["data_wait"] < 0.05,
+                    "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+                }
+            }
+        )
+    )
 
 
 def gpu_comparison(args, tmp: Path) -> None:
@@ -236,12 +326,40 @@ def gpu_comparison(args, tmp: Path) -> None:
         print(json.dumps({"gpu": "skipped: torch.cuda.is_available() is False on this machine"}), flush=True)
         return
     t0 = time.perf_counter()
-    make_shards(tmp / "gpu", args.gpu_images, args.gpu_size, max_side=args.gpu_max_side, workers=min(8, os.cpu_count() or 1))
-    print(json.dumps({"gpu_shards": {"images": args.gpu_images, "size": list(args.gpu_size), "max_side": args.gpu_max_side,
-                                     "seconds": round(time.perf_counter() - t0, 1)}}), flush=True)
-    cmd = [sys.executable, __file__, "--gpu-child", "grid", "--gpu-shards", str(tmp / "gpu" / "shards"),
-           "--gpu-warmup", str(args.gpu_warmup), "--gpu-steps", str(args.gpu_steps), "--gpu-budget-s", str(args.gpu_budget_s),
-           "--gpu-variants", args.gpu_variants, "--gpu-config", args.gpu_config]
+    make_shards(
+        tmp / "gpu", args.gpu_images, args.gpu_size, max_side=args.gpu_max_side, workers=min(8, os.cpu_count() or 1)
+    )
+    print(
+        json.dumps(
+            {
+                "gpu_shards": {
+                    "images": args.gpu_images,
+                    "size": list(args.gpu_size),
+                    "max_side": args.gpu_max_side,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            }
+        ),
+        flush=True,
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--gpu-child",
+        "grid",
+        "--gpu-shards",
+        str(tmp / "gpu" / "shards"),
+        "--gpu-warmup",
+        str(args.gpu_warmup),
+        "--gpu-steps",
+        str(args.gpu_steps),
+        "--gpu-budget-s",
+        str(args.gpu_budget_s),
+        "--gpu-variants",
+        args.gpu_variants,
+        "--gpu-config",
+        args.gpu_config,
+    ]
     if args.grid_on_cpu:
         cmd += ["--gpu-set", *args.gpu_set]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO) as child:  # stderr passes through
@@ -274,9 +392,12 @@ GPU_VARIANTS = [
 ]
 
 
-def main_train_step(accelerator, model, optimizer, scheduler, batches, augment, grad_accum, clip_norm):
+def main_train_step(parts, batches, optim_cfg):
     """main's train_step before the one-sync change, verbatim, plus the 3 small all-reduces its training
     loop made per step (counts, stop flag, preemption flag): the baseline of the sync lever."""
+    accelerator, model, optimizer, scheduler, augment = (parts.accelerator, parts.model, parts.optimizer,
+                                                         parts.scheduler, parts.augment)
+    grad_accum, clip_norm = optim_cfg.grad_accum, optim_cfg.clip_norm
     start, wait, n_images, bad = time.perf_counter(), 0.0, 0, []
     sums: dict[str, float] = {}
     skipped = False
@@ -374,19 +495,30 @@ def gpu_phase(v: dict, model0, cfg, manifest, samples, accelerator, warmup: int,
             if i == warmup:
                 _sync()
                 t0 = time.perf_counter()
-            res = step_fn(accelerator, model, optimizer, scheduler, batches, augment, cfg.optim.grad_accum, cfg.optim.clip_norm)
+            res = step_fn(TrainParts(accelerator, model, model, optimizer, scheduler, augment), batches, cfg.optim)
             if i >= warmup:
                 wait, images, skipped = wait + res.data_wait_s, images + res.images, skipped + res.skipped
         _sync()
         wall = time.perf_counter() - t0
         batches.close()
-    out = {"name": v["name"], "pipeline": v["pipeline"], "batch_size": v["batch"], "step": v.get("step", "mapdet"),
-           "channels_last": channels_last, "cudnn_benchmark": benchmark, "pin_memory": v.get("pin_memory", False),
-           "fused_optimizer": bool(v.get("fused")), "workers": data_cfg.workers, "steps": steps,
-           "images_per_s": round(images / wall, 2), "data_wait": round(wait / wall, 4), "step_s": round(wall / steps, 4),
-           "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-           "skipped_steps": skipped,
-           "loss_last": round(res.losses["loss"], 4)}
+    out = {
+        "name": v["name"],
+        "pipeline": v["pipeline"],
+        "batch_size": v["batch"],
+        "step": v.get("step", "mapdet"),
+        "channels_last": channels_last,
+        "cudnn_benchmark": benchmark,
+        "pin_memory": v.get("pin_memory", False),
+        "fused_optimizer": bool(v.get("fused")),
+        "workers": data_cfg.workers,
+        "steps": steps,
+        "images_per_s": round(images / wall, 2),
+        "data_wait": round(wait / wall, 4),
+        "step_s": round(wall / steps, 4),
+        "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "skipped_steps": skipped,
+        "loss_last": round(res.losses["loss"], 4),
+    }
     del model, optimizer, scheduler, batches
     accelerator.free_memory()  # drops accelerate's references to the prepared model and optimizer
     return out
@@ -395,14 +527,17 @@ def gpu_phase(v: dict, model0, cfg, manifest, samples, accelerator, warmup: int,
 def gpu_grid(args) -> None:
     """The child: every selected variant of GPU_VARIANTS on the same shards, model and weights."""
     # Start weights do not change the speed, and a bare GPU machine has no cache to read them from.
-    cfg = load_config(args.gpu_config, ["train.mixed_precision=bf16", "model.weights=null", "model.backbone_weights=null",
-                                        *args.gpu_set])
+    cfg = load_config(
+        args.gpu_config,
+        ["train.mixed_precision=bf16", "model.weights=null", "model.backbone_weights=null", *args.gpu_set],
+    )
     manifest = load_manifest(args.gpu_shards, "training")
     # One epoch for the whole phase: TrainStream starts fresh DataLoader workers at every epoch, and a
     # few dozen synthetic images would otherwise end an epoch every few steps (real Vistas: 18k images).
     # A 32-sample shuffle buffer (default 256) only shortens each loader's start: not timed either way.
-    cfg.data = dataclasses.replace(cfg.data, shards=args.gpu_shards, samples_per_epoch=10**7, shuffle_buffer=32,
-                                   repeat_threshold=None)  # plain data for both pipelines, as on the CPU
+    cfg.data = dataclasses.replace(
+        cfg.data, shards=args.gpu_shards, samples_per_epoch=10**7, shuffle_buffer=32, repeat_threshold=None
+    )  # plain data for both pipelines, as on the CPU
     samples = [s for url in shard_urls(cfg.data.shards, manifest) for s in read_shard(url)]
     accelerator = comm.make_accelerator(mixed_precision="bf16")
     torch.manual_seed(0)
@@ -412,25 +547,53 @@ def gpu_grid(args) -> None:
     shm = os.statvfs("/dev/shm") if os.path.exists("/dev/shm") else None
     import kornia
     import torchvision
-    print(json.dumps({"gpu_setup": {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (code check only)", "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "kornia": kornia.__version__, "cpus": os.cpu_count(), "dev_shm_gib": shm and round(shm.f_blocks * shm.f_frsize / 2**30, 1),
-        "config": args.gpu_config, "arch": cfg.model.arch, "precision": "bf16", "stored_image": [w, h],
-        "network_input": [round(w * scale), round(h * scale)], "min_size": model0.transform.min_size[0],
-        "max_size": model0.transform.max_size, "workers": cfg.data.workers, "warmup": args.gpu_warmup, "steps": args.gpu_steps,
-        "budget_s": args.gpu_budget_s}}), flush=True)
+
+    print(
+        json.dumps(
+            {
+                "gpu_setup": {
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (code check only)",
+                    "torch": torch.__version__,
+                    "torchvision": torchvision.__version__,
+                    "kornia": kornia.__version__,
+                    "cpus": os.cpu_count(),
+                    "dev_shm_gib": shm and round(shm.f_blocks * shm.f_frsize / 2**30, 1),
+                    "config": args.gpu_config,
+                    "arch": cfg.model.arch,
+                    "precision": "bf16",
+                    "stored_image": [w, h],
+                    "network_input": [round(w * scale), round(h * scale)],
+                    "min_size": model0.transform.min_size[0],
+                    "max_size": model0.transform.max_size,
+                    "workers": cfg.data.workers,
+                    "warmup": args.gpu_warmup,
+                    "steps": args.gpu_steps,
+                    "budget_s": args.gpu_budget_s,
+                }
+            }
+        ),
+        flush=True,
+    )
     wanted = [v for v in GPU_VARIANTS if args.gpu_variants == "all" or v["name"] in args.gpu_variants.split(",")]
     start, results = time.perf_counter(), {}
     for v in wanted:
         if time.perf_counter() - start > args.gpu_budget_s:
-            print(json.dumps({"gpu_variant": {"name": v["name"], "skipped": f"time budget of {args.gpu_budget_s} s spent"}}), flush=True)
+            print(
+                json.dumps(
+                    {"gpu_variant": {"name": v["name"], "skipped": f"time budget of {args.gpu_budget_s} s spent"}}
+                ),
+                flush=True,
+            )
             continue
         t = time.perf_counter()
         try:
             r = gpu_phase(v, model0, cfg, manifest, samples, accelerator, args.gpu_warmup, args.gpu_steps)
         except Exception as e:  # one failing variant (OOM, a worker crash) must not lose the others
             accelerator.free_memory()
-            print(json.dumps({"gpu_variant": {"name": v["name"], "error": f"{type(e).__name__}: {str(e)[:400]}"}}), flush=True)
+            print(
+                json.dumps({"gpu_variant": {"name": v["name"], "error": f"{type(e).__name__}: {str(e)[:400]}"}}),
+                flush=True,
+            )
             continue
         r["phase_s"] = round(time.perf_counter() - t, 1)
         ref = results.get(f"reference_b{v['batch']}")
@@ -453,10 +616,13 @@ def gpu_summary(results: dict) -> dict:
     def ratio(a, b):
         return round(rate(a) / rate(b), 3) if rate(a) and rate(b) else None
 
-    best = max((r for r in results.values() if r["pipeline"] == "mapdet"), key=lambda r: r["images_per_s"], default=None)
+    best = max(
+        (r for r in results.values() if r["pipeline"] == "mapdet"), key=lambda r: r["images_per_s"], default=None
+    )
     head = results.get("mapdet_b8")
     return {
-        "mapdet_b8_images_per_s": rate("mapdet_b8"), "mapdet_b8_data_wait": head and head["data_wait"],
+        "mapdet_b8_images_per_s": rate("mapdet_b8"),
+        "mapdet_b8_data_wait": head and head["data_wait"],
         "mapdet_vs_reference_b8": ratio("mapdet_b8", "reference_b8"),
         "mapdet_vs_reference_b4": ratio("mapdet_b4", "reference_b4"),
         "mapdet_vs_reference_with_speedups_b8": ratio("mapdet_b8", "reference_b8_speedups"),
@@ -469,8 +635,12 @@ def gpu_summary(results: dict) -> dict:
         "batch_16_vs_8": ratio("mapdet_b16", "mapdet_b8"),
         "fastest_mapdet": best and {k: best[k] for k in ("name", "images_per_s", "data_wait", "max_mem_gib")},
         "goal": "mapdet >= 50 img/s on one H100 with data wait < 0.05, and >= 1.5x the reference at the same batch",
-        "met_b8": bool(head and head["images_per_s"] >= 50 and head["data_wait"] < 0.05
-                       and (ratio("mapdet_b8", "reference_b8") or 0) >= 1.5),
+        "met_b8": bool(
+            head
+            and head["images_per_s"] >= 50
+            and head["data_wait"] < 0.05
+            and (ratio("mapdet_b8", "reference_b8") or 0) >= 1.5
+        ),
     }
 
 
@@ -481,7 +651,9 @@ def _size(text: str) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(REPO / "launch/configs/demo.yaml"), help="model/augment/optim sections come from here")
+    ap.add_argument(
+        "--config", default=str(REPO / "launch/configs/demo.yaml"), help="model/augment/optim sections come from here"
+    )
     ap.add_argument("--images", type=int, default=200, help="synthetic training images")
     ap.add_argument("--size", type=_size, default=(512, 384), help="synthetic image size WxH")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the config's data.batch_size")
@@ -490,15 +662,24 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each phase")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per phase")
     ap.add_argument("--rounds", type=int, default=6, help="each round runs both pipelines, order alternating")
-    ap.add_argument("--gpu-config", default=str(REPO / "launch/configs/vistas_r50.yaml"),
-                    help="GPU grid: model/augment/optim/data.workers from here (bf16 always)")
+    ap.add_argument(
+        "--gpu-config",
+        default=str(REPO / "launch/configs/vistas_r50.yaml"),
+        help="GPU grid: model/augment/optim/data.workers from here (bf16 always)",
+    )
     ap.add_argument("--gpu-images", type=int, default=24, help="GPU grid: synthetic images (the stream repeats them)")
     ap.add_argument("--gpu-size", type=_size, default=(1600, 1200), help="GPU grid: synthetic image size WxH")
     ap.add_argument("--gpu-max-side", type=int, default=2048, help="GPU grid: packed with mapdet pack --max-side")
-    ap.add_argument("--gpu-warmup", type=int, default=3, help="GPU grid: untimed steps per variant (the first one times cuDNN)")
+    ap.add_argument(
+        "--gpu-warmup", type=int, default=3, help="GPU grid: untimed steps per variant (the first one times cuDNN)"
+    )
     ap.add_argument("--gpu-steps", type=int, default=15, help="GPU grid: timed steps per variant")
-    ap.add_argument("--gpu-budget-s", type=float, default=120,
-                    help="GPU grid: no variant starts after this many seconds of the grid (the rest are reported skipped)")
+    ap.add_argument(
+        "--gpu-budget-s",
+        type=float,
+        default=120,
+        help="GPU grid: no variant starts after this many seconds of the grid (the rest are reported skipped)",
+    )
     ap.add_argument("--gpu-variants", default="all", help="GPU grid: comma-separated names from GPU_VARIANTS, or all")
     ap.add_argument("--skip-cpu", action="store_true", help="only the GPU grid")
     ap.add_argument("--gpu-child", choices=["grid"], help=argparse.SUPPRESS)

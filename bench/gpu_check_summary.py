@@ -26,8 +26,13 @@ def main(res: Path, mode: str, total: str) -> None:
         return (parts[0], parts[1]) if parts else ("not run", "-")
 
     env = json.loads(read("env.json") or "{}")
-    rows = [("machine", f"{env.get('gpu') or 'no GPU'}; {mode} mode; python {env.get('python')}; torch {env.get('torch')}; "
-                        f"imports {env.get('imports')}; accelerate beside python: {env.get('accelerate_launcher_exists')}")]
+    rows = [
+        (
+            "machine",
+            f"{env.get('gpu') or 'no GPU'}; {mode} mode; python {env.get('python')}; torch {env.get('torch')}; "
+            f"imports {env.get('imports')}; accelerate beside python: {env.get('accelerate_launcher_exists')}",
+        )
+    ]
 
     failed = []
     for name, label in (("tests", "gpu tests"), ("tests_trained", "gpu test, trained demo model")):
@@ -45,13 +50,20 @@ def main(res: Path, mode: str, total: str) -> None:
     for line in read("gpu_tests.jsonl").splitlines():
         r = json.loads(line)
         name = r.pop("test")
-        rows.append((f"  {name}", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())))
+        rows.append(
+            (f"  {name}", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+        )
 
     code, secs = rc("demo")
     demo = json.loads(read("demo_summary.json") or "{}")
     if demo:
-        rows.append(("demo", f"AP50 {demo['AP50']:.3f}  AP {demo['AP']:.3f}  val loss {demo['val_loss']:.3f}  "
-                             f"train->summary {demo.get('train_to_summary_s')} s  whole demo {secs} s (exit {code})"))
+        rows.append(
+            (
+                "demo",
+                f"AP50 {demo['AP50']:.3f}  AP {demo['AP']:.3f}  val loss {demo['val_loss']:.3f}  "
+                f"train->summary {demo.get('train_to_summary_s')} s  whole demo {secs} s (exit {code})",
+            )
+        )
         rows.append(("  demo stages (s)", json.dumps(demo.get("stage_seconds"))))
     else:
         rows.append(("demo", "not run" if code == "not run" else f"no summary.json (exit {code}, {secs} s)"))
@@ -60,11 +72,21 @@ def main(res: Path, mode: str, total: str) -> None:
         r = json.loads(line)
         if "demo_run" in r:
             d = r["demo_run"]
-            rows.append((f"  demo seed {d['seed']}", f"AP50 {d.get('AP50')}  AP {d.get('AP')}  train->summary "
-                                                      f"{d.get('train_to_summary_s')} s (exit {d['exit_code']}, {r['jobs']} at once)"))
+            rows.append(
+                (
+                    f"  demo seed {d['seed']}",
+                    f"AP50 {d.get('AP50')}  AP {d.get('AP')}  train->summary "
+                    f"{d.get('train_to_summary_s')} s (exit {d['exit_code']}, {r['jobs']} at once)",
+                )
+            )
         elif "demo" in r:
-            rows.append(("demo seeds", f"min AP50 {r['demo']['min_AP50']} over seeds {r['demo']['seeds']}: "
-                                       f"goal {r['demo']['goal']} {'met' if r['demo']['met'] else 'NOT met'}"))
+            rows.append(
+                (
+                    "demo seeds",
+                    f"min AP50 {r['demo']['min_AP50']} over seeds {r['demo']['seeds']}: "
+                    f"goal {r['demo']['goal']} {'met' if r['demo']['met'] else 'NOT met'}",
+                )
+            )
 
     code, secs = rc("bench")
     rows.append(("benchmark", f"exit {code}, {secs} s"))
@@ -74,23 +96,37 @@ def main(res: Path, mode: str, total: str) -> None:
             lines.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    rates = {r["gpu_variant"]["name"]: r["gpu_variant"]["images_per_s"] for r in lines if "images_per_s" in r.get("gpu_variant", {})}
+    rates = {
+        r["gpu_variant"]["name"]: r["gpu_variant"]["images_per_s"]
+        for r in lines
+        if "images_per_s" in r.get("gpu_variant", {})
+    }
     summary = None
     for r in lines:
         if "gpu" in r:
             rows.append(("  gpu", r["gpu"]))
         elif "gpu_setup" in r:
             s = r["gpu_setup"]
-            rows.append(("  setup", f"{s['device']}, {s['arch']} bf16, stored {s['stored_image']}, network input "
-                                    f"{s['network_input']}, workers {s['workers']}, {s['warmup']}+{s['steps']} steps, "
-                                    f"/dev/shm {s['dev_shm_gib']} GiB"))
+            rows.append(
+                (
+                    "  setup",
+                    f"{s['device']}, {s['arch']} bf16, stored {s['stored_image']}, network input "
+                    f"{s['network_input']}, workers {s['workers']}, {s['warmup']}+{s['steps']} steps, "
+                    f"/dev/shm {s['dev_shm_gib']} GiB",
+                )
+            )
         elif "gpu_variant" in r:
             v = r["gpu_variant"]
             if "images_per_s" in v:
                 ref = rates.get(f"reference_b{v['batch_size']}") if v["pipeline"] == "mapdet" else None
                 vs = f"  {v['images_per_s'] / ref:.2f}x reference_b{v['batch_size']}" if ref else ""
-                rows.append((f"  {v['name']}", f"{v['images_per_s']:.1f} img/s  wait {100 * v['data_wait']:.1f} %  "
-                                                f"{v['max_mem_gib']} GiB  {v['step_s'] * 1000:.0f} ms/step{vs}"))
+                rows.append(
+                    (
+                        f"  {v['name']}",
+                        f"{v['images_per_s']:.1f} img/s  wait {100 * v['data_wait']:.1f} %  "
+                        f"{v['max_mem_gib']} GiB  {v['step_s'] * 1000:.0f} ms/step{vs}",
+                    )
+                )
             else:
                 rows.append((f"  {v['name']}", v.get("error") or v.get("skipped")))
         elif "gpu_summary" in r:
@@ -98,8 +134,16 @@ def main(res: Path, mode: str, total: str) -> None:
         elif "gpu_error" in r:
             rows.append(("  error", r["gpu_error"]))
     if summary:
-        rows.append(("  ratios", ", ".join(f"{k} {v}" for k, v in summary.items()
-                                           if k.startswith(("mapdet_vs", "mapdet_b4_vs", "lever", "batch")) and v is not None)))
+        rows.append(
+            (
+                "  ratios",
+                ", ".join(
+                    f"{k} {v}"
+                    for k, v in summary.items()
+                    if k.startswith(("mapdet_vs", "mapdet_b4_vs", "lever", "batch")) and v is not None
+                ),
+            )
+        )
         rows.append(("  goal met (b8)", f"{summary['met_b8']}: {summary['goal']}"))
     rows.append(("total", f"{total} s"))
 
@@ -107,7 +151,9 @@ def main(res: Path, mode: str, total: str) -> None:
     print("\n| what | result |\n| --- | --- |")
     for k, v in rows:
         print(f"| {k.ljust(width)} | {v} |")
-    (res / "summary.json").write_text(json.dumps({"rows": rows, "bench_summary": summary, "demo": demo, "env": env}, indent=1))
+    (res / "summary.json").write_text(
+        json.dumps({"rows": rows, "bench_summary": summary, "demo": demo, "env": env}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ def flatten(obj, prefix=""):
 
 def main(folder: str) -> None:
     root = Path(folder)
-    print(f"# Benchmark results\n\nWritten by `bench/run` on {date.today()} ({platform.machine()}, "
-          f"{platform.python_version()}). Every ratio compares pipelines measured side by side in one run.\n")
+    print(
+        f"# Benchmark results\n\nWritten by `bench/run` on {date.today()} ({platform.machine()}, "
+        f"{platform.python_version()}). Every ratio compares pipelines measured side by side in one run.\n"
+    )
     names = [n for n in ORDER if (root / f"{n}.jsonl").exists()]
     for name in names:
         cmd = (root / f"{name}.cmd").read_text().strip() if (root / f"{name}.cmd").exists() else ""

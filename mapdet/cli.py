@@ -22,10 +22,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "peek": ("mapdet.commands.peek", "stream a few batches from packed shards and print them"),
     "train": ("mapdet.commands.train", "train Faster R-CNN (use under `accelerate launch` for DDP)"),
     "evaluate": ("mapdet.commands.evaluate", "distributed COCO evaluation of a checkpoint on packed shards"),
-    "predict": ("mapdet.commands.predict", "run a trained model on a folder of images or on shards: COCO results, drawn images"),
+    "predict": (
+        "mapdet.commands.predict",
+        "run a trained model on a folder of images or on shards: COCO results, drawn images",
+    ),
     "cocoeval": ("mapdet.commands.cocoeval", "score a COCO results file against COCO ground truth"),
     "diagnose": ("mapdet.commands.diagnose", "explain low mAP: error decomposition, sweeps, report"),
-    "weights": ("mapdet.modeling.pretrained", "fetch torchvision's pretrained weights into torch's cache; list them"),
+    "weights": ("mapdet.commands.weights", "fetch torchvision's pretrained weights into torch's cache; list them"),
     "demo": ("mapdet.commands.demo", "run the whole system end to end on synthetic data"),
 }
 
@@ -37,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
@@ -59,7 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    args.command = name
     try:
         code = module.run(args)
     except (ValueError, FileNotFoundError) as e:
@@ -69,4 +71,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mapdet {name}: error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code or 0)
-

@@ -51,10 +51,6 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def is_dist() -> bool:
-    return _dist() is not None
-
-
 def get_rank() -> int:
     dist = _dist()
     return dist.get_rank() if dist else 0
@@ -63,11 +59,6 @@ def get_rank() -> int:
 def get_world_size() -> int:
     dist = _dist()
     return dist.get_world_size() if dist else 1
-
-
-def get_local_rank() -> int:
-    # LOCAL_RANK is set by every launcher we support (accelerate, torchrun); 0 otherwise.
-    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def get_num_nodes() -> int:
@@ -135,7 +126,6 @@ def any_rank(flag: bool, device="cpu") -> bool:
     return bool(all_reduce_sum(t).item() > 0)
 
 
-
 def _payload_device(dist):
     """Where collectives of this group need tensors: NCCL only moves CUDA memory."""
     import torch
@@ -157,8 +147,9 @@ def all_to_all_bytes(send: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, li
     dist.all_to_all_single(got, counts)
     got_sizes = got.tolist()
     out = torch.empty(sum(got_sizes), dtype=torch.uint8, device=device)
-    dist.all_to_all_single(out, torch.from_numpy(np.ascontiguousarray(send, np.uint8)).to(device),
-                           got_sizes, list(sizes))
+    dist.all_to_all_single(
+        out, torch.from_numpy(np.ascontiguousarray(send, np.uint8)).to(device), got_sizes, list(sizes)
+    )
     return out.cpu().numpy(), got_sizes
 
 

@@ -266,9 +266,11 @@ def per_rank_batch(data: DataConfig, processes: int, grad_accum: int) -> int:
         return data.batch_size
     share = processes * grad_accum
     if data.global_batch < share or data.global_batch % share:
-        raise ConfigError(f"data.global_batch={data.global_batch} does not split over {processes} process(es) x "
-                          f"optim.grad_accum={grad_accum}: choose a multiple of {share}, or set "
-                          "data.global_batch=null and data.batch_size (images per process)")
+        raise ConfigError(
+            f"data.global_batch={data.global_batch} does not split over {processes} process(es) x "
+            f"optim.grad_accum={grad_accum}: choose a multiple of {share}, or set "
+            "data.global_batch=null and data.batch_size (images per process)"
+        )
     return data.global_batch // share
 
 

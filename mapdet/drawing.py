@@ -29,8 +29,10 @@ def output_names(keys: list[str], fmt: str, strip_suffix: bool) -> dict[str, str
     clashes = [n for n, c in collections.Counter(names.values()).items() if c > 1]
     if clashes:
         sources = sorted(k for k, n in names.items() if n in set(clashes))
-        raise ValueError(f"--draw: {len(clashes)} drawn file name(s) would be shared by several images "
-                         f"({', '.join(sources[:6])}); rename those images or predict them without --draw")
+        raise ValueError(
+            f"--draw: {len(clashes)} drawn file name(s) would be shared by several images "
+            f"({', '.join(sources[:6])}); rename those images or predict them without --draw"
+        )
     return names
 
 

@@ -30,8 +30,17 @@ def scalars(accelerator, values: dict[str, float], step: int) -> None:
     accelerator.log({k: float(v) for k, v in values.items()}, step=step)
 
 
-def images_with_boxes(accelerator, tag: str, images, boxes_list, labels_list, names: dict[int, str], step: int,
-                      scores_list=None, extra_boxes=None) -> None:
+def images_with_boxes(
+    accelerator,
+    tag: str,
+    images,
+    boxes_list,
+    labels_list,
+    names: dict[int, str],
+    step: int,
+    scores_list=None,
+    extra_boxes=None,
+) -> None:
     """Draw up to len(images) images side by side in one TensorBoard image.
 
     ``images``: uint8 or float-in-[0,1] tensors (3, H, W); boxes (N, 4) xyxy pixel-edge in the same
@@ -48,8 +57,9 @@ def images_with_boxes(accelerator, tag: str, images, boxes_list, labels_list, na
         writer.add_image(f"{tag}/{i}", canvas, step)
 
 
-def draw(image: torch.Tensor, boxes, labels, names: dict[int, str], scores=None, color="red",
-         width: int = 1) -> torch.Tensor:
+def draw(
+    image: torch.Tensor, boxes, labels, names: dict[int, str], scores=None, color="red", width: int = 1
+) -> torch.Tensor:
     """uint8 (3, H, W) copy of ``image`` with boxes (lines ``width`` pixels) and "name score" captions."""
     if image.dtype != torch.uint8:
         image = (image.detach().float().clamp(0, 1) * 255).to(torch.uint8)

@@ -24,13 +24,16 @@ def test_defaults_file_and_overrides_merge_with_types(tmp_path):
     assert load_config(again) == cfg  # the saved run config reproduces the run
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["optim.lrr=1"], "optim.lrr"),
-    (["optim.lr=fast"], "optim.lr"),
-    (["train.max_steps=1.5"], "train.max_steps"),
-    (["nosection.x=1"], "nosection"),
-    (["optim.lr"], "section.key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["optim.lrr=1"], "optim.lrr"),
+        (["optim.lr=fast"], "optim.lr"),
+        (["train.max_steps=1.5"], "train.max_steps"),
+        (["nosection.x=1"], "nosection"),
+        (["optim.lr"], "section.key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
@@ -43,7 +46,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
     (tmp_path / "unsafe.yaml").write_text("optim: !!python/object/apply:os.system ['true']\n")
-    with pytest.raises(Exception):  # safe_load refuses to construct Python objects
+    with pytest.raises(ConfigError, match="python/object"):  # safe_load refuses to construct Python objects
         load_config(tmp_path / "unsafe.yaml")
 
 
@@ -56,8 +59,10 @@ def _plant(name: str, home: Path) -> None:
 
     w = weights.resolve(name)
     kind, arch = weights.kind_and_arch(w)
-    builders = {("detector", "resnet50_fpn_v2"): torchvision.models.detection.fasterrcnn_resnet50_fpn_v2,
-                ("detector", "mobilenet_v3_large_fpn"): torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn}
+    builders = {
+        ("detector", "resnet50_fpn_v2"): torchvision.models.detection.fasterrcnn_resnet50_fpn_v2,
+        ("detector", "mobilenet_v3_large_fpn"): torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn,
+    }
     model = builders[kind, arch](weights=None, weights_backbone=None, num_classes=len(w.meta["categories"]))
     path = weights.cache_path(w)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +139,10 @@ def test_bad_choice_in_a_file_is_a_config_error(tmp_path):
 
 def test_non_string_keys_keep_their_types(tmp_path):
     path = tmp_path / "x.yaml"
-    path.write_text("eval:\n  val_loss: no\n  skip_corrupt: yes\noptim:\n  lr: 1e-3\n  clip_norm: null\n"
-                    "model:\n  min_size: 800\n  aspect_ratios: [0.5, 1, 4.0]\n")
+    path.write_text(
+        "eval:\n  val_loss: no\n  skip_corrupt: yes\noptim:\n  lr: 1e-3\n  clip_norm: null\n"
+        "model:\n  min_size: 800\n  aspect_ratios: [0.5, 1, 4.0]\n"
+    )
     cfg = load_config(path)
     assert cfg.eval.val_loss is False and cfg.eval.skip_corrupt is True
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.clip_norm is None
@@ -178,10 +185,16 @@ def test_python_tags_on_a_str_key_are_still_refused(tmp_path):
         load_config(None, ["train.out=!!python/object/apply:os.system ['true']"])
 
 
-@pytest.mark.parametrize("global_batch, processes, accum, expected", [
-    (None, 3, 1, 2),  # unset: data.batch_size (2) per rank, whatever the world size
-    (8, 1, 1, 8), (8, 2, 1, 4), (8, 8, 1, 1), (8, 2, 2, 2),
-])
+@pytest.mark.parametrize(
+    "global_batch, processes, accum, expected",
+    [
+        (None, 3, 1, 2),  # unset: data.batch_size (2) per rank, whatever the world size
+        (8, 1, 1, 8),
+        (8, 2, 1, 4),
+        (8, 8, 1, 1),
+        (8, 2, 2, 2),
+    ],
+)
 def test_per_rank_batch_keeps_the_global_batch(global_batch, processes, accum, expected):
     from mapdet.config import DataConfig, per_rank_batch
 

@@ -33,13 +33,19 @@ from mapdet.evaluation.coco import ENGINES, evaluate_coco, format_summary, forma
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gt", required=True, help="COCO ground truth JSON (images, annotations, categories)")
-    p.add_argument("--results", required=True,
-                   help="COCO results JSON: a list of {image_id, category_id, bbox [x,y,w,h], score}")
-    p.add_argument("--max-dets", default="100,300",
-                   help="comma-separated maxDets to report AP at (1, 10, 100 are always added)")
+    p.add_argument(
+        "--results", required=True, help="COCO results JSON: a list of {image_id, category_id, bbox [x,y,w,h], score}"
+    )
+    p.add_argument(
+        "--max-dets", default="100,300", help="comma-separated maxDets to report AP at (1, 10, 100 are always added)"
+    )
     p.add_argument("--out", default=None, help="write metrics.json here")
-    p.add_argument("--engine", default="auto", choices=ENGINES,
-                   help="auto = mapdet's exact numpy engine; the others are for cross-checks")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=ENGINES,
+        help="auto = mapdet's exact numpy engine; the others are for cross-checks",
+    )
 
 
 class InputError(ValueError):
@@ -74,8 +80,7 @@ def _score(args: argparse.Namespace, comm) -> int:
         rows = result.per_class(names)
         print(format_table(rows))
         print(format_summary(result.summary()))
-        print(f"{len(results)} detections on {len(gt['images'])} images, "
-              f"{comm.get_world_size()} process(es)")
+        print(f"{len(results)} detections on {len(gt['images'])} images, {comm.get_world_size()} process(es)")
         if args.out:
             write_metrics(result, args.out, names)
             print(f"wrote {args.out}")

@@ -38,7 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", type=int, default=240, help="synthetic training images (default 240)")
     p.add_argument("--val", type=int, default=60, help="synthetic validation images (default 60)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
-    p.add_argument("--processes", type=int, default=None, help="training processes (default: one per GPU, 2 on a CPU machine); the global batch stays 8")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="training processes (default: one per GPU, 2 on a CPU machine); the global batch stays 8",
+    )
     p.add_argument("--seed", type=int, default=0, help="training seed, train.seed (the synthetic data stays the same)")
     p.add_argument("--quick", action="store_true", help="a few images and steps: checks the plumbing, learns little")
 
@@ -50,7 +55,12 @@ def run(args: argparse.Namespace) -> int:
     raw, shards, run_dir, report = out / "raw", out / "shards", out / "run", out / "report"
     n_train, n_val = (24, 8) if args.quick else (args.train, args.val)
     procs, batch = topology(args.processes, torch.cuda.device_count(), load_config(CONFIG).data.global_batch)
-    overrides = [f"data.shards={shards}", f"train.out={run_dir}", f"train.seed={args.seed}", f"data.global_batch={batch}"]
+    overrides = [
+        f"data.shards={shards}",
+        f"train.out={run_dir}",
+        f"train.seed={args.seed}",
+        f"data.global_batch={batch}",
+    ]
     # Objects 1.5x the generator's default size: the demo has minutes to learn from scratch.
     synth_size = ["--object-scale", "1.5"] + (["--size", "256x192"] if args.quick else [])
     if args.quick:
@@ -61,18 +71,77 @@ def run(args: argparse.Namespace) -> int:
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", *_topology(procs), "-m", "mapdet"]
     timings = {}
 
-    _stage(1, "synthesize", [*mapdet, "synth", str(raw), "--train", str(n_train), "--val", str(n_val), "--seed", "0", "--overwrite", *synth_size], timings)
+    _stage(
+        1,
+        "synthesize",
+        [
+            *mapdet,
+            "synth",
+            str(raw),
+            "--train",
+            str(n_train),
+            "--val",
+            str(n_val),
+            "--seed",
+            "0",
+            "--overwrite",
+            *synth_size,
+        ],
+        timings,
+    )
     for split in ("training", "validation"):
-        _stage(2, f"pack {split}", [*mapdet, "pack", str(raw), str(shards), "--split", split, "--samples-per-shard", "64", "--workers", "2"],
-               timings, fresh=[shards / f"{split}.manifest.json", shards / ".parts"])
+        _stage(
+            2,
+            f"pack {split}",
+            [*mapdet, "pack", str(raw), str(shards), "--split", split, "--samples-per-shard", "64", "--workers", "2"],
+            timings,
+            fresh=[shards / f"{split}.manifest.json", shards / ".parts"],
+        )
     _stage(3, "verify", [*mapdet, "verify", str(shards)], timings)
     _stage(4, "train", [*launch, "train", "--config", str(CONFIG), "--set", *overrides], timings, fresh=[run_dir])
-    _stage(5, "evaluate", [*launch, "evaluate", "--config", str(CONFIG), "--checkpoint", "latest", "--out", str(run_dir / "eval" / "final"), "--set", *overrides], timings)
+    _stage(
+        5,
+        "evaluate",
+        [
+            *launch,
+            "evaluate",
+            "--config",
+            str(CONFIG),
+            "--checkpoint",
+            "latest",
+            "--out",
+            str(run_dir / "eval" / "final"),
+            "--set",
+            *overrides,
+        ],
+        timings,
+    )
     metrics = json.loads((run_dir / "eval" / "final" / "metrics.json").read_text())
-    _stage(6, "diagnose", [*mapdet, "diagnose", "--gt", str(shards / "validation.coco.json"),
-                           "--results", str(run_dir / "eval" / "final" / "detections.json"),
-                           "--train-manifest", str(shards / "training.manifest.json"), "--run", str(run_dir),
-                           "--checkpoint", "latest", "--config", str(CONFIG), "--set", *overrides, "--out", str(report)], timings)
+    _stage(
+        6,
+        "diagnose",
+        [
+            *mapdet,
+            "diagnose",
+            "--gt",
+            str(shards / "validation.coco.json"),
+            "--results",
+            str(run_dir / "eval" / "final" / "detections.json"),
+            "--train-manifest",
+            str(shards / "training.manifest.json"),
+            "--run",
+            str(run_dir),
+            "--checkpoint",
+            "latest",
+            "--config",
+            str(CONFIG),
+            "--set",
+            *overrides,
+            "--out",
+            str(report),
+        ],
+        timings,
+    )
     _summary(out, shards, run_dir, report, metrics, timings)
     return 0
 
@@ -89,8 +158,11 @@ def topology(requested: int | None, gpus: int, global_batch: int) -> tuple[int, 
 
 def _topology(procs: int) -> list[str]:
     if torch.cuda.is_available():
-        return ["--config_file", str(REPO / "launch/accelerate/gpu8.yaml"), "--num_processes", str(procs)] if procs > 1 \
+        return (
+            ["--config_file", str(REPO / "launch/accelerate/gpu8.yaml"), "--num_processes", str(procs)]
+            if procs > 1
             else ["--config_file", str(REPO / "launch/accelerate/gpu1.yaml")]
+        )
     return ["--config_file", str(REPO / "launch/accelerate/cpu2.yaml"), "--num_processes", str(procs)]
 
 
@@ -122,14 +194,21 @@ def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict
     print(f"  weights      {run_dir / 'export' / 'model.safetensors'}")
     print(f"  metrics      {run_dir / 'eval' / 'final' / 'metrics.json'}")
     print(f"  report       {report / 'report.md'}")
-    print(f"  validation   AP {bbox['AP']:.3f}   AP50 {bbox['AP50']:.3f}   val loss {metrics['val_loss'].get('loss', float('nan')):.3f}")
+    print(
+        f"  validation   AP {bbox['AP']:.3f}   AP50 {bbox['AP50']:.3f}   val loss {metrics['val_loss'].get('loss', float('nan')):.3f}"
+    )
     if top and top["impact"] > 0:
         print(f"  top cause    {top['cause']} ({top['impact']:.1f} AP points): {top['advice']}")
     else:  # advice for a cause with no measured impact would only mislead
         print("  top cause    none measurable (every diagnosed impact is 0 AP points)")
     print(f"  TensorBoard  tensorboard --logdir {run_dir}")
     print("=" * 72)
-    summary = {"AP": bbox["AP"], "AP50": bbox["AP50"], "val_loss": metrics["val_loss"].get("loss"),
-               "top_cause": top, "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
-               "train_to_summary_s": round(learn, 1)}
+    summary = {
+        "AP": bbox["AP"],
+        "AP50": bbox["AP50"],
+        "val_loss": metrics["val_loss"].get("loss"),
+        "top_cause": top,
+        "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "train_to_summary_s": round(learn, 1),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -22,20 +22,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gt", required=True, help="COCO ground truth (e.g. shards/validation.coco.json)")
     parser.add_argument("--results", required=True, help="COCO results list (image_id, category_id, bbox, score)")
     parser.add_argument("--out", required=True, help="folder for report.md, diagnosis.json and figures")
-    parser.add_argument("--train-manifest", help="training.manifest.json: class frequencies of the training set "
-                        "(without it the evaluated ground truth stands in, and the report says so)")
-    parser.add_argument("--run", help="training run folder: loss/mAP curves from its TensorBoard events, "
-                        "and the diagnosis logged to RUN/tensorboard/diagnose")
+    parser.add_argument(
+        "--train-manifest",
+        help="training.manifest.json: class frequencies of the training set "
+        "(without it the evaluated ground truth stands in, and the report says so)",
+    )
+    parser.add_argument(
+        "--run",
+        help="training run folder: loss/mAP curves from its TensorBoard events, "
+        "and the diagnosis logged to RUN/tensorboard/diagnose",
+    )
     parser.add_argument("--config", help="the run's config YAML (model.anchor_sizes, detections_per_img, ...)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--checkpoint", help="latest (of train.out) | a checkpoint folder | a weights file "
-                        "(.safetensors/.pth): enables proposal recall and the post-processing sweep (needs --config)")
-    parser.add_argument("--detections-per-img", type=int, help="the model's per-image cap that produced the "
-                        "results (default: the config's model.detections_per_img; without --config, the cap the "
-                        "results show: many images holding exactly the same largest number of detections). A cap "
-                        "the results contradict is reported, and the results' cap used")
-    parser.add_argument("--repeat-threshold", type=float, help="t for repeat factors and the 'rare' cut-off "
-                        "(default: the config's data.repeat_threshold, else 0.1)")
+    parser.add_argument(
+        "--checkpoint",
+        help="latest (of train.out) | a checkpoint folder | a weights file "
+        "(.safetensors/.pth): enables proposal recall and the post-processing sweep (needs --config)",
+    )
+    parser.add_argument(
+        "--detections-per-img",
+        type=int,
+        help="the model's per-image cap that produced the "
+        "results (default: the config's model.detections_per_img; without --config, the cap the "
+        "results show: many images holding exactly the same largest number of detections). A cap "
+        "the results contradict is reported, and the results' cap used",
+    )
+    parser.add_argument(
+        "--repeat-threshold",
+        type=float,
+        help="t for repeat factors and the 'rare' cut-off (default: the config's data.repeat_threshold, else 0.1)",
+    )
     parser.add_argument("--sweep-images", type=int, default=200, help="validation images for the model checks")
     parser.add_argument("--sweep-nms", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     parser.add_argument("--sweep-score", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.3])
@@ -43,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from mapdet.diagnosis import causes, measures as diagnosis, report
     from mapdet.config import ConfigError, load_config
+    from mapdet.diagnosis import causes, report
+    from mapdet.diagnosis import measures as diagnosis
     from mapdet.evaluation.coco import Detections
 
     try:
@@ -58,11 +75,16 @@ def run(args) -> int:
     if gt is None or results is None or (args.train_manifest and manifest is None):
         return 2
     t = args.repeat_threshold or cfg.data.repeat_threshold or 0.1
-    cap_from = ("--detections-per-img" if args.detections_per_img is not None else
-                "the config's model.detections_per_img" if args.config or any(
-                    kv.startswith("model.detections_per_img=") for kv in args.set) else None)
-    settings = diagnosis.DiagnoseSettings(model=cfg.model, cap=args.detections_per_img, cap_from=cap_from,
-                                          repeat_threshold=t, progress=True)
+    cap_from = (
+        "--detections-per-img"
+        if args.detections_per_img is not None
+        else "the config's model.detections_per_img"
+        if args.config or any(kv.startswith("model.detections_per_img=") for kv in args.set)
+        else None
+    )
+    settings = diagnosis.DiagnoseSettings(
+        model=cfg.model, cap=args.detections_per_img, cap_from=cap_from, repeat_threshold=t, progress=True
+    )
     try:
         dets = Detections.from_coco_results(results)
         d = diagnosis.diagnose(gt, dets, manifest, settings)
@@ -70,8 +92,12 @@ def run(args) -> int:
         return _fail(f"cannot diagnose {args.results} against {args.gt}: {e}")
     if args.run:
         d["training_curves"] = diagnosis.training_curves(args.run)
-        d["causes"] = causes.add_cause(d["causes"], causes.under_training(
-            d["training_curves"], _last_meta(args.run), manifest["num_samples"] if manifest else None))
+        d["causes"] = causes.add_cause(
+            d["causes"],
+            causes.under_training(
+                d["training_curves"], _last_meta(args.run), manifest["num_samples"] if manifest else None
+            ),
+        )
     if args.checkpoint:
         try:
             d["sweep"], d["proposal_recall"] = _model_checks(args, cfg)
@@ -90,11 +116,11 @@ def _model_checks(args, cfg):
     """Proposal recall and post-processing sweep with the checkpoint on the validation shards."""
     import torch
 
-    from mapdet.engine import checkpoint
     from mapdet.data.loaders import eval_loader
-    from mapdet.shards.manifest import load_manifest
-    from mapdet.modeling.detector import build_inference_model
     from mapdet.diagnosis.sweep import run_model_checks
+    from mapdet.engine import checkpoint
+    from mapdet.modeling.detector import build_inference_model
+    from mapdet.shards.manifest import load_manifest
 
     manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
     cat_ids = [int(c["id"]) for c in manifest["classes"]]
@@ -103,8 +129,17 @@ def _model_checks(args, cfg):
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     loader = eval_loader(cfg.data.shards, manifest, cfg.eval.batch_size, cfg.eval.workers, rank=0, world=1)
     current = (cfg.model.nms_thresh, cfg.model.score_thresh, cfg.model.detections_per_img)
-    return run_model_checks(model, loader, cat_ids, args.sweep_nms, args.sweep_score, args.sweep_dets, current,
-                            max_images=args.sweep_images, progress=True)
+    return run_model_checks(
+        model,
+        loader,
+        cat_ids,
+        args.sweep_nms,
+        args.sweep_score,
+        args.sweep_dets,
+        current,
+        max_images=args.sweep_images,
+        progress=True,
+    )
 
 
 def _last_meta(run_dir: str) -> dict | None:
@@ -132,8 +167,11 @@ def _fail(message: str) -> int:
 
 def _print_summary(d: dict, report_path: Path) -> None:
     s = d["summary"]
-    print(f"AP {s['AP']:.1f}  AP50 {s['AP50']:.1f}  ({s['num_images']} images)" if s["AP"] is not None
-          else "AP undefined: no ground truth")
+    print(
+        f"AP {s['AP']:.1f}  AP50 {s['AP50']:.1f}  ({s['num_images']} images)"
+        if s["AP"] is not None
+        else "AP undefined: no ground truth"
+    )
     md = d["max_dets"]
     print(f"detection cap {md['model_cap']}: {md['cap_source']}")
     if md.get("cap_note"):

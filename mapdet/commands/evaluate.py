@@ -23,21 +23,25 @@ from pathlib import Path
 import numpy as np
 
 from mapdet import comm, tracking
-from mapdet.engine import checkpoint
 from mapdet.config import load_config, to_dict, to_yaml
 from mapdet.data.loaders import eval_loader
-from mapdet.evaluation.coco import format_summary, format_table
-from mapdet.shards.manifest import class_names, classes_mismatch, coco_path, load_manifest
-from mapdet.modeling.detector import build_inference_model
-from mapdet.evaluation.coco import Detections
+from mapdet.engine import checkpoint
+from mapdet.evaluation.coco import Detections, format_summary, format_table
 from mapdet.evaluation.validation import metrics_dict, stream_detections, validate
+from mapdet.modeling.detector import build_inference_model
+from mapdet.shards.manifest import class_names, classes_mismatch, coco_path, load_manifest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="the experiment YAML used for training")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. eval.max_dets=[100,300,1000]")
-    p.add_argument("--checkpoint", default="latest",
-                   help="latest (of train.out) | a checkpoint folder | a weights file (.safetensors/.pth, e.g. RUN/export/model.safetensors)")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. eval.max_dets=[100,300,1000]"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default="latest",
+        help="latest (of train.out) | a checkpoint folder | a weights file (.safetensors/.pth, e.g. RUN/export/model.safetensors)",
+    )
     p.add_argument("--split", default=None, help="split to evaluate (default: data.val_split)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval/step_N)")
 
@@ -77,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(summary["per_class"]))
         print(format_summary(summary))
         if v.loss:
-            print(f"val loss {v.loss['loss']:.4f} over {v.images} images" + (f" ({len(v.left_out)} left out: corrupt)" if v.left_out else ""))
+            print(
+                f"val loss {v.loss['loss']:.4f} over {v.images} images"
+                + (f" ({len(v.left_out)} left out: corrupt)" if v.left_out else "")
+            )
         print(f"wrote {out / 'metrics.json'} and {out / 'detections.json'}")
         if batch is not None:
             _log_images(accelerator, batch, names, Detections.concat(writer.kept), step)
@@ -131,5 +138,14 @@ def _log_images(accelerator, batch, names, dets: Detections, step: int) -> None:
         boxes.append(dets.boxes[sel])
         labels.append(dets.labels[sel])
         scores.append(dets.scores[sel])
-    tracking.images_with_boxes(accelerator, "val/predictions", batch.images, boxes, labels, names, step,
-                               scores_list=scores, extra_boxes=[t["boxes"] for t in batch.targets])
+    tracking.images_with_boxes(
+        accelerator,
+        "val/predictions",
+        batch.images,
+        boxes,
+        labels,
+        names,
+        step,
+        scores_list=scores,
+        extra_boxes=[t["boxes"] for t in batch.targets],
+    )

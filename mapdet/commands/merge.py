@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from mapdet.shards.manifest import describe
-from mapdet.shards.writer import merge
+from mapdet.shards.merge import merge
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

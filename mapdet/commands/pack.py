@@ -15,29 +15,46 @@ from __future__ import annotations
 
 import argparse
 
-from mapdet.shards.manifest import describe
-from mapdet.shards.writer import PackOptions, merge, pack
 from mapdet.datasets.vistas import detect_version
+from mapdet.shards.manifest import describe
+from mapdet.shards.merge import merge
+from mapdet.shards.writer import PackOptions, pack
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", help="the Vistas download (holds config_v*.json, training/, validation/)")
     p.add_argument("out", help="output folder for shards, manifest and COCO ground truth")
     p.add_argument("--split", required=True, choices=["training", "validation"], help="which split to pack")
-    p.add_argument("--version", choices=["v1.2", "v2.0"], default=None, help="annotation version (default: detect; v2.0 if both)")
-    p.add_argument("--source", choices=["auto", "panoptic", "instances"], default="auto",
-                   help="where boxes come from: panoptic JSON (fast) or 16-bit instance PNGs (default: panoptic when present)")
-    p.add_argument("--all-instance-classes", action="store_true",
-                   help="keep every config label with \"instances\": true as a class (v2.0: 72, the two ambiguous "
-                        "sign classes included); default: only those Vistas evaluates (\"evaluate\": true; v2.0: 70, "
-                        "v1.2: 37), whose other objects are left out")
-    p.add_argument("--max-side", type=int, default=None, metavar="PX",
-                   help="resize so the longest side is at most PX (boxes scaled exactly); default: keep full size")
+    p.add_argument(
+        "--version", choices=["v1.2", "v2.0"], default=None, help="annotation version (default: detect; v2.0 if both)"
+    )
+    p.add_argument(
+        "--source",
+        choices=["auto", "panoptic", "instances"],
+        default="auto",
+        help="where boxes come from: panoptic JSON (fast) or 16-bit instance PNGs (default: panoptic when present)",
+    )
+    p.add_argument(
+        "--all-instance-classes",
+        action="store_true",
+        help='keep every config label with "instances": true as a class (v2.0: 72, the two ambiguous '
+        'sign classes included); default: only those Vistas evaluates ("evaluate": true; v2.0: 70, '
+        "v1.2: 37), whose other objects are left out",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="resize so the longest side is at most PX (boxes scaled exactly); default: keep full size",
+    )
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for resized images (default 95)")
     p.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="packing processes (default 1)")
     p.add_argument("--job-index", type=int, default=0, metavar="I", help="this job's index in [0, --num-jobs)")
-    p.add_argument("--num-jobs", type=int, default=1, metavar="N", help="independent jobs sharing the split (default 1)")
+    p.add_argument(
+        "--num-jobs", type=int, default=1, metavar="N", help="independent jobs sharing the split (default 1)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,4 +77,3 @@ def run(args: argparse.Namespace) -> int:
     manifest = merge(args.out, args.split, root=str(args.root))
     print(describe(manifest))
     return 0
-

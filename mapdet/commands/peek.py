@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
             for k in target["labels"].tolist():
                 counts[names[k]] = counts.get(names[k], 0) + 1
             top = ", ".join(f"{n.split('--')[-1]} x{c}" for n, c in sorted(counts.items(), key=lambda x: -x[1])[:4])
-            print(f"  {target['key']}: uint8 {tuple(image.shape)}, {len(target['labels'])} boxes ({top or 'no objects'})")
+            print(
+                f"  {target['key']}: uint8 {tuple(image.shape)}, {len(target['labels'])} boxes ({top or 'no objects'})"
+            )
         for b in batch.bad:
             print(f"  BAD {b['shard']} {b['key']}: {b['reason']}")
     rate = n_images / max(time.perf_counter() - start, 1e-9)

@@ -39,11 +39,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mapdet import comm
-from mapdet.modeling import trained
+from mapdet.data.imagefolder import image_loader, shared_listing
 from mapdet.data.loaders import eval_keys, eval_loader
 from mapdet.drawing import FORMATS, DrawnImages, output_names
-from mapdet.data.imagefolder import image_loader, shared_listing
 from mapdet.engine.inference import describe_bad, predict_gathered, write_results
+from mapdet.modeling import trained
 from mapdet.shards.manifest import load_manifest
 
 
@@ -58,14 +58,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--shards", help="folder of packed shards (`mapdet pack`)")
     p.add_argument("--split", default="validation", help="split of --shards (default: validation)")
     p.add_argument("--out", required=True, help="COCO results JSON to write")
-    p.add_argument("--score-thresh", type=float, default=0.0, help="keep detections scoring at least this (default: all)")
+    p.add_argument(
+        "--score-thresh", type=float, default=0.0, help="keep detections scoring at least this (default: all)"
+    )
     p.add_argument("--draw", default=None, metavar="DIR", help="also write each image with its labelled boxes here")
     p.add_argument("--draw-thresh", type=float, default=0.5, help="score threshold of the drawn boxes (default 0.5)")
     p.add_argument("--draw-format", choices=FORMATS, default="jpg", help="drawn image format (default jpg)")
     p.add_argument("--batch-size", type=int, default=2, help="images per batch per process (default 2)")
     p.add_argument("--workers", type=int, default=2, help="image-reading processes per process (default 2)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: this process's GPU when there is one, else the CPU")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: this process's GPU when there is one, else the CPU",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,13 +97,18 @@ def run(args: argparse.Namespace) -> int:
     if comm.is_main_process():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         written = write_results(args.out, found.detections, args.score_thresh, file_names)
-        print(f"{detector.source}: {found.images} image(s) on {comm.get_world_size()} process(es), {written} "
-              f"detection(s){f' scoring >= {args.score_thresh}' if args.score_thresh > 0 else ''}; wrote {args.out}")
+        print(
+            f"{detector.source}: {found.images} image(s) on {comm.get_world_size()} process(es), {written} "
+            f"detection(s){f' scoring >= {args.score_thresh}' if args.score_thresh > 0 else ''}; wrote {args.out}"
+        )
         if args.draw:
             print(f"drew boxes scoring >= {args.draw_thresh} on {found.images} image(s) in {args.draw}")
         if found.bad:
-            print(f"mapdet predict: {len(found.bad)} image(s) could not be read and have no predictions:\n"
-                  + describe_bad(found.bad), file=sys.stderr)
+            print(
+                f"mapdet predict: {len(found.bad)} image(s) could not be read and have no predictions:\n"
+                + describe_bad(found.bad),
+                file=sys.stderr,
+            )
     accelerator.end_training()  # without it multi-process runs sometimes abort at exit (notes)
     return 1 if found.bad else 0
 
@@ -128,5 +139,7 @@ def _check_classes(manifest: dict, detector: trained.Trained, args) -> None:
     mine = [(c["id"], c["name"]) for c in detector.classes]
     if theirs != mine:
         first = next((f"{a} here, {b} there" for a, b in zip(mine, theirs) if a != b), "another class count")
-        raise ValueError(f"the {args.split} split in {args.shards} has other classes ({len(theirs)}) than the model "
-                         f"({len(mine)}; first difference: {first}): pack it with the training split's class set")
+        raise ValueError(
+            f"the {args.split} split in {args.shards} has other classes ({len(theirs)}) than the model "
+            f"({len(mine)}; first difference: {first}): pack it with the training split's class set"
+        )

@@ -19,21 +19,39 @@ from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="folder to write the dataset root into (created if missing)")
-    parser.add_argument("--version", choices=["v2.0", "v1.2"], default="v2.0",
-                        help="Vistas release layout to imitate (default: %(default)s)")
-    parser.add_argument("--train", type=int, default=100, metavar="N",
-                        help="images in training/ (default: %(default)s)")
-    parser.add_argument("--val", type=int, default=20, metavar="M",
-                        help="images in validation/ (default: %(default)s)")
+    parser.add_argument(
+        "--version",
+        choices=["v2.0", "v1.2"],
+        default="v2.0",
+        help="Vistas release layout to imitate (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--train", type=int, default=100, metavar="N", help="images in training/ (default: %(default)s)"
+    )
+    parser.add_argument("--val", type=int, default=20, metavar="M", help="images in validation/ (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the config files and split folders of a dataset already in OUT")
-    parser.add_argument("--size", type=_size, default=SynthConfig.size, metavar="WxH",
-                        help="image size in pixels (default: 512x384)")
-    parser.add_argument("--object-scale", type=float, default=SynthConfig.object_scale, metavar="F",
-                        help="multiply every object's size by F (default: %(default)s)")
-    parser.add_argument("--max-objects", type=int, default=SynthConfig.max_objects, metavar="N",
-                        help="cap on objects in an ordinary image; dense images hold more (default: %(default)s)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the config files and split folders of a dataset already in OUT",
+    )
+    parser.add_argument(
+        "--size", type=_size, default=SynthConfig.size, metavar="WxH", help="image size in pixels (default: 512x384)"
+    )
+    parser.add_argument(
+        "--object-scale",
+        type=float,
+        default=SynthConfig.object_scale,
+        metavar="F",
+        help="multiply every object's size by F (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-objects",
+        type=int,
+        default=SynthConfig.max_objects,
+        metavar="N",
+        help="cap on objects in an ordinary image; dense images hold more (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,13 +60,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = SynthConfig(size=args.size, object_scale=args.object_scale, max_objects=args.max_objects)
     start = time.perf_counter()
     try:
-        out = synthesize(args.out, version=args.version, n_train=args.train, n_val=args.val,
-                         seed=args.seed, cfg=cfg, progress=True, overwrite=args.overwrite)
+        out = synthesize(
+            args.out,
+            version=args.version,
+            n_train=args.train,
+            n_val=args.val,
+            seed=args.seed,
+            cfg=cfg,
+            progress=True,
+            overwrite=args.overwrite,
+        )
     except FileExistsError as e:
         print(f"mapdet synth: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.train} training + {args.val} validation images ({args.version}, "
-          f"{cfg.size[0]}x{cfg.size[1]}, seed {args.seed}) to {out} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {args.train} training + {args.val} validation images ({args.version}, "
+        f"{cfg.size[0]}x{cfg.size[1]}, seed {args.seed}) to {out} in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 

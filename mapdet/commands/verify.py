@@ -20,8 +20,12 @@ from mapdet.shards.reader import CorruptSample, decode_sample, read_shard
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="a folder written by `mapdet pack`")
-    p.add_argument("--split", action="append", default=None,
-                   help="split to check (repeatable; default: every *.manifest.json in OUT)")
+    p.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        help="split to check (repeatable; default: every *.manifest.json in OUT)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,9 +81,13 @@ def _check_samples(path: Path, shard: dict, num_classes: int) -> list[str]:
                 problems.append(str(e))
                 continue
             if target["sanitized"]:
-                problems.append(f"{shard['name']}: sample {sample['__key__']!r} has {target['sanitized']} box(es) outside the image or with labels outside 1..{num_classes}")
+                problems.append(
+                    f"{shard['name']}: sample {sample['__key__']!r} has {target['sanitized']} box(es) outside the image or with labels outside 1..{num_classes}"
+                )
     except Exception as e:  # a truncated or garbled tar stops the read; say where
         problems.append(f"{shard['name']}: unreadable after {len(keys)} samples: {type(e).__name__}: {e}")
     if keys != shard["keys"]:
-        problems.append(f"{shard['name']}: holds {len(keys)} samples, manifest lists {shard['num_samples']} (keys differ)")
+        problems.append(
+            f"{shard['name']}: holds {len(keys)} samples, manifest lists {shard['num_samples']} (keys differ)"
+        )
     return problems

@@ -106,8 +106,14 @@ def _make_pipeline(cfg: AugmentConfig, size: tuple[int, int]) -> K.AugmentationS
         ops.append(K.RandomVerticalFlip(p=cfg.vflip))
     if cfg.scale_jitter > 0:
         aspect = w / h
-        ops.append(K.RandomResizedCrop((h, w), scale=(cfg.scale_min, 1.0), p=cfg.scale_jitter,
-                                       ratio=(aspect * _CROP_ASPECT[0], aspect * _CROP_ASPECT[1])))
+        ops.append(
+            K.RandomResizedCrop(
+                (h, w),
+                scale=(cfg.scale_min, 1.0),
+                p=cfg.scale_jitter,
+                ratio=(aspect * _CROP_ASPECT[0], aspect * _CROP_ASPECT[1]),
+            )
+        )
     if cfg.color_jitter > 0:
         ops.append(K.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.color_jitter))
     return K.AugmentationSequential(*ops, data_keys=["input", "bbox_xyxy"]) if ops else None
@@ -133,8 +139,7 @@ def _to_float(image: Tensor) -> Tensor:
 def _checked_boxes(target: dict) -> Tensor:
     boxes, labels = target["boxes"], target["labels"]
     if boxes.dim() != 2 or boxes.shape[1] != 4 or len(labels) != len(boxes):
-        raise ValueError(f"target boxes {tuple(boxes.shape)} and labels {tuple(labels.shape)} "
-                         "must be (N, 4) and (N,)")
+        raise ValueError(f"target boxes {tuple(boxes.shape)} and labels {tuple(labels.shape)} must be (N, 4) and (N,)")
     return boxes.float()
 
 
@@ -161,6 +166,12 @@ def visible_boxes(boxes: Tensor, size: tuple[int, int], min_size: float, min_vis
     cw, ch = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
     area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
     visible = cw.clamp(min=0) * ch.clamp(min=0)
-    keep = (torch.isfinite(boxes).all(dim=1) & (cw > 0) & (ch > 0) & (cw >= min_size) & (ch >= min_size)
-            & (visible >= min_visible * area))
+    keep = (
+        torch.isfinite(boxes).all(dim=1)
+        & (cw > 0)
+        & (ch > 0)
+        & (cw >= min_size)
+        & (ch >= min_size)
+        & (visible >= min_visible * area)
+    )
     return keep, clipped

@@ -31,7 +31,7 @@ from torchvision.io import ImageReadMode
 from torchvision.transforms.v2.functional import to_dtype
 
 from mapdet import comm
-from mapdet.data.loaders import Batch
+from mapdet.structures import Batch
 
 SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -46,8 +46,11 @@ def list_images(root: str | Path, exclude: str | Path | None = None) -> list[str
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: no such folder")
     skip = Path(exclude).resolve() if exclude is not None else None
-    found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.suffix.lower() in SUFFIXES and p.is_file() and not _under(p, skip))
+    found = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in SUFFIXES and p.is_file() and not _under(p, skip)
+    )
     if not found:
         raise ValueError(f"--images {root}: no {'/'.join(SUFFIXES)} files in it or its subfolders")
     return found
@@ -115,8 +118,9 @@ class _FolderShare(IterableDataset):
             yield Batch(images, targets, bad)
 
 
-def image_loader(root: str | Path, files: list[str], batch_size: int, workers: int, rank: int,
-                 world: int) -> DataLoader:
+def image_loader(
+    root: str | Path, files: list[str], batch_size: int, workers: int, rank: int, world: int
+) -> DataLoader:
     """Rank ``rank``'s share of ``files`` (from ``list_images``) as ``Batch``es, decoded in ``workers``
     processes (0: in this one)."""
     dataset = _FolderShare(Path(root), files, batch_size, rank, world)

@@ -1,16 +1,10 @@
 """Streaming loaders over packed shards: an endless resampled training stream and an exact-once
 evaluation stream (samples are read, checked and decoded by ``mapdet.shards.reader``).
 
-Batches are ``Batch(images, targets, bad)``:
-- ``images``: list of uint8 tensors (3, H, W), RGB, at stored size (sizes differ within a batch);
-- ``targets``: list of dicts: ``boxes`` float32 (N, 4) xyxy pixel-edge in the stored image,
-  ``labels`` int64 (N,) in 1..K, ``iscrowd`` int64 (N,), ``image_id`` int, ``key`` str, ``shard`` str.
-  An image without objects has boxes (0, 4) and labels (0,). Training targets leave crowd
-  regions out (torchvision cannot ignore them; detectron2 does the same);
-- ``bad``: samples or shards that failed to read since the previous batch, as
-  ``mapdet.shards.reader`` bad entries ``{"shard", "key", "reason", "samples"}`` (a truncated shard
-  costs all the samples after the damage), so the training loop can count them (they never
-  vanish silently). Members the manifest does not list for a shard are never used.
+Batches are ``mapdet.structures.Batch(images, targets, bad)`` (shapes and box format there).
+Training targets leave crowd regions out (torchvision cannot ignore them; detectron2 does the same).
+A truncated shard costs all the samples after the damage: its ``bad`` entry counts them. Members
+the manifest does not list for a shard are never used.
 
 Training (``TrainStream``): each DataLoader worker draws shards with replacement from its own
 seeded RNG, optionally repeats images by repeat-factor sampling, shuffles through a buffer and
@@ -43,7 +37,6 @@ import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import webdataset as wds
@@ -51,14 +44,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mapdet.comm import share
 from mapdet.shards.manifest import class_image_fractions, shard_urls
-from mapdet.shards.reader import CorruptSample, bad_entry, checked_samples, decode_sample, sample_range
-from mapdet.shards.reader import read_shard  # noqa: F401 - its old home: bench/ and tests import it from here
-
-
-class Batch(NamedTuple):
-    images: list[torch.Tensor]
-    targets: list[dict]
-    bad: list[dict]
+from mapdet.shards.reader import (
+    CorruptSample,
+    bad_entry,
+    checked_samples,
+    decode_sample,
+    sample_range,
+)
+from mapdet.structures import Batch
 
 
 def repeat_factors(manifest: dict, threshold: float) -> dict[int, float]:
@@ -117,7 +110,9 @@ class _TrainEpoch(IterableDataset):
             while len(images) < p.batch_size:
                 sample = next(samples, None)
                 if sample is None or len(bad) >= _GIVE_UP:
-                    yield _fatal(f"no readable training sample in the last {len(bad)} tries (lost per shard: {_lost_per_shard(bad)})")
+                    yield _fatal(
+                        f"no readable training sample in the last {len(bad)} tries (lost per shard: {_lost_per_shard(bad)})"
+                    )
                     return
                 try:
                     image, target = decode_sample(sample, p.num_classes)
@@ -162,13 +157,13 @@ def _train_samples(p: _TrainPlan, rng: random.Random, bad: list[dict]) -> Iterat
 
     stream = raw()
     if p.factors:
-        stream = _repeat(stream, p.factors, rng, bad)
+        stream = repeat_stream(stream, p.factors, rng, bad)
     if p.shuffle_buffer > 1:
         stream = wds.shuffle(p.shuffle_buffer, p.shuffle_buffer, rng=rng)(stream)
     return iter(stream)
 
 
-def _repeat(stream, factors, rng: random.Random, bad: list[dict]):
+def repeat_stream(stream, factors, rng: random.Random, bad: list[dict]):
     for sample in stream:
         try:
             rec = json.loads(sample["json"])
@@ -186,7 +181,9 @@ class TrainStream:
     Raises ``CorruptSample`` when the shards cannot fill a batch at all (see ``_GIVE_UP``).
     """
 
-    def __init__(self, shards_dir: str | Path, manifest: dict, data_cfg, rank: int, world: int, seed: int, start_batch: int = 0):
+    def __init__(
+        self, shards_dir: str | Path, manifest: dict, data_cfg, rank: int, world: int, seed: int, start_batch: int = 0
+    ):
         n = int(manifest["num_samples"])
         if n == 0 or not manifest["shards"]:
             raise ValueError(f"the {manifest['split']} split in {shards_dir} has no samples to train on")
@@ -210,7 +207,9 @@ class TrainStream:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             epoch, skip = divmod(self.batches_seen, self.plan.batches_per_epoch)
-            loader = _loader(_TrainEpoch(self.plan, epoch, skip), self.workers, prefetch_factor=4 if self.workers else None)
+            loader = _loader(
+                _TrainEpoch(self.plan, epoch, skip), self.workers, prefetch_factor=4 if self.workers else None
+            )
             for batch in _RaiseFatal(loader, self.hint):
                 self.batches_seen += 1
                 yield batch
@@ -266,8 +265,15 @@ class _EvalShare(IterableDataset):
             start = end
 
 
-def eval_loader(shards_dir: str | Path, manifest: dict, batch_size: int, workers: int, rank: int, world: int,
-                skip_corrupt: bool = False) -> Iterable[Batch]:
+def eval_loader(
+    shards_dir: str | Path,
+    manifest: dict,
+    batch_size: int,
+    workers: int,
+    rank: int,
+    world: int,
+    skip_corrupt: bool = False,
+) -> Iterable[Batch]:
     """Rank ``rank``'s exactly-once share of a split, as ``Batch``es (targets keep crowd regions).
 
     Raises ``CorruptSample`` at the first fault unless ``skip_corrupt``.
@@ -298,8 +304,14 @@ def _loader(dataset: IterableDataset, workers: int, **kwargs) -> DataLoader:
         _kill_workers_at_exit()
     # A private generator: DataLoader would otherwise draw its worker seed from the global RNG when
     # an epoch starts, shifting the augmentation RNG of a resumed training run.
-    return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
-                      worker_init_fn=_ignore_stop_signals, **kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        generator=torch.Generator(),
+        worker_init_fn=_ignore_stop_signals,
+        **kwargs,
+    )
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:

@@ -1,6 +1,10 @@
 """Read one split of a raw Mapillary Vistas download (v1.2 or v2.0) into boxes per image.
 
-Layout, encodings and known traps: ``../shared/notes/vistas-format.md``.
+Layout: ``ROOT/config_{v1.2,v2.0}.json`` (the label table) beside ``ROOT/{training,validation,
+testing}/``, each with ``images/*.jpg`` and ``{version}/{labels,instances,panoptic}/``: 16-bit
+instance PNGs (label << 8 | instance) and the panoptic JSON (``panoptic_2018.json`` in v1.2,
+``panoptic_2020.json`` in v2.0) with per-segment boxes and crowd flags. shards/README.md describes
+what packing keeps (the class set).
 
 Object classes (``class_set``): by default (``"evaluated"``) the classes Vistas' own instance
 benchmark scores, the config labels with ``"instances": true`` *and* ``"evaluate": true`` (70 in
@@ -85,7 +89,7 @@ def panoptic_json_path(root, split: str, version: str) -> Path:
 
 
 def detect_version(root) -> str:
-    """"v2.0" or "v1.2" from the config files or label folders present; v2.0 wins when both are."""
+    """ "v2.0" or "v1.2" from the config files or label folders present; v2.0 wins when both are."""
     root = Path(root)
     for version in VERSIONS:
         if config_path(root, version).exists() or any(root.glob(f"*/{version}")):
@@ -110,12 +114,14 @@ def load_classes(config_file: Path, class_set: str = "evaluated") -> tuple[list[
     labels = json.loads(config_file.read_text())["labels"]
     things = [(i, lab) for i, lab in enumerate(labels) if lab.get("instances")]
     if not things:
-        raise ValueError(f"{config_file}: no label has \"instances\": true, so there are no object classes")
+        raise ValueError(f'{config_file}: no label has "instances": true, so there are no object classes')
     if class_set == "evaluated":
         things = [(i, lab) for i, lab in things if lab.get("evaluate", True)]
         if not things:
-            raise ValueError(f"{config_file}: no instance label has \"evaluate\": true; pack with "
-                             "--all-instance-classes to keep every instance class")
+            raise ValueError(
+                f'{config_file}: no instance label has "evaluate": true; pack with '
+                "--all-instance-classes to keep every instance class"
+            )
     classes = [
         VistasClass(id=k, name=lab["name"], config_index=i, color=tuple(lab.get("color", (0, 0, 0))))
         for k, (i, lab) in enumerate(things, start=1)
@@ -126,8 +132,7 @@ def load_classes(config_file: Path, class_set: str = "evaluated") -> tuple[list[
 def not_evaluated_classes(config_file: Path) -> list[tuple[int, str]]:
     """(config index, name) of the labels with ``"instances": true`` and ``"evaluate": false``."""
     labels = json.loads(Path(config_file).read_text())["labels"]
-    return [(i, lab["name"]) for i, lab in enumerate(labels)
-            if lab.get("instances") and not lab.get("evaluate", True)]
+    return [(i, lab["name"]) for i, lab in enumerate(labels) if lab.get("instances") and not lab.get("evaluate", True)]
 
 
 def value_boxes(values_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -181,8 +186,9 @@ class VistasReader:
     Build it before forking worker processes: the parsed panoptic JSON is then shared.
     """
 
-    def __init__(self, root, split: str, version: str | None = None, source: str = "auto",
-                 class_set: str = "evaluated"):
+    def __init__(
+        self, root, split: str, version: str | None = None, source: str = "auto", class_set: str = "evaluated"
+    ):
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         self.root = Path(root)
@@ -252,13 +258,16 @@ class VistasReader:
         if problem is None:
             self._wh_offset = offset
             if offset:
-                warnings.warn(f"{self.json_path}: bbox w/h are max - min (one short of the pixel "
-                              "count); adding 1 to match the instance PNGs")
+                warnings.warn(
+                    f"{self.json_path}: bbox w/h are max - min (one short of the pixel "
+                    "count); adding 1 to match the instance PNGs",
+                    stacklevel=2,
+                )
             return chosen
         if source == "panoptic":
             raise ValueError(f"{problem}; read with source='instances'")
         self._segments = {}
-        warnings.warn(f"{problem}; reading boxes from the instance PNGs instead, with iscrowd = 0")
+        warnings.warn(f"{problem}; reading boxes from the instance PNGs instead, with iscrowd = 0", stacklevel=2)
         return "instances"
 
     def _check_json_convention(self, max_tries: int = 50) -> tuple[int, str | None]:
@@ -279,8 +288,9 @@ class VistasReader:
             labels = self._class_of_index[index]
             fits = [k for k in (0, 1) if _same(_canonical(json_boxes + [0, 0, k, k], labels), png)]
             if not fits:
-                return 0, (f"{self.json_path}: boxes of image {stem} disagree with "
-                           f"{self.instance_dir / (stem + '.png')}")
+                return 0, (
+                    f"{self.json_path}: boxes of image {stem} disagree with {self.instance_dir / (stem + '.png')}"
+                )
             offsets.add(fits[0])
             if len(offsets) > 1:
                 return 0, f"{self.json_path}: bbox convention differs between images"
@@ -318,8 +328,10 @@ class VistasReader:
             try:
                 index = self._category_index.get(seg["category_id"])
                 if index is None:
-                    raise BadSample(f"{self.json_path}: image {stem} segment {seg['id']} has unknown "
-                                    f"category_id {seg['category_id']}")
+                    raise BadSample(
+                        f"{self.json_path}: image {stem} segment {seg['id']} has unknown "
+                        f"category_id {seg['category_id']}"
+                    )
                 if index in self._left_out:
                     dropped.append(index)
                 if self._class_of_index[index]:
@@ -333,8 +345,10 @@ class VistasReader:
         w, h = rows[:, 3] + self._wh_offset, rows[:, 4] + self._wh_offset
         bad = (w <= 0) | (h <= 0) | (rows[:, 5] <= 0)
         if bad.any():
-            raise BadSample(f"{self.json_path}: image {stem} segment {int(rows[bad, 7][0])} has zero area "
-                            "or a box of non-positive size")
+            raise BadSample(
+                f"{self.json_path}: image {stem} segment {int(rows[bad, 7][0])} has zero area "
+                "or a box of non-positive size"
+            )
         return rows[:, 0].astype(np.int64), np.stack([x, y, x + w, y + h], 1), rows[:, 6].astype(np.uint8)
 
     def _panoptic_targets(self, stem: str, size: tuple[int, int], left_out: dict | None = None):
@@ -352,8 +366,7 @@ class VistasReader:
         values, boxes, _ = value_boxes(values_map)
         index = values >> 8
         if (index >= self.num_labels).any():
-            raise BadSample(f"{png}: label index {int(index.max())} is not in the config's "
-                            f"{self.num_labels} labels")
+            raise BadSample(f"{png}: label index {int(index.max())} is not in the config's {self.num_labels} labels")
         self._count_left_out(index, left_out)
         keep = self._class_of_index[index] > 0
         boxes, labels = boxes[keep], self._class_of_index[index[keep]]

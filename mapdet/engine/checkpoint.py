@@ -17,9 +17,7 @@ that would run on load) is refused with a ``ValueError`` naming it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import pickle
 import random
 import re
 import shutil
@@ -30,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mapdet import comm
-from mapdet.shards.manifest import write_json_atomic
+from mapdet.fileio import write_json_atomic
+from mapdet.modeling.weights_io import load_weights_file, refuse_pickled_objects
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -76,8 +75,6 @@ def load_weights(run_dir, spec: str) -> tuple[dict, int]:
     ``spec``: "latest" (of ``run_dir``), a checkpoint folder, or a plain weights file
     (.safetensors, or .pth read with ``weights_only=True``; step 0).
     """
-    from mapdet.modeling.detector import load_weights_file  # model imports torchvision: only when needed
-
     if Path(spec).is_file():
         with refuse_pickled_objects(spec):
             return load_weights_file(spec, "--checkpoint"), 0
@@ -153,18 +150,6 @@ def _load_rng(folder: Path, rank: int) -> None:
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-@contextlib.contextmanager
-def refuse_pickled_objects(path):
-    """``torch.load(weights_only=True)`` refuses pickled objects with a long UnpicklingError; turn it
-    into a one-line ValueError naming the file and the refused class (the CLI prints it, exit 2)."""
-    try:
-        yield
-    except pickle.UnpicklingError as e:
-        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln] or str(e).splitlines()[:1]
-        raise ValueError(f"{path}: refused to load: it holds pickled objects, not only tensors "
-                         f"({lines[0].strip() if lines else 'no detail'}); use a .safetensors file or a plain state dict") from None
 
 
 def _prune(run_dir, keep_last: int) -> None:

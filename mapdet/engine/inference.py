@@ -1,7 +1,13 @@
-"""Inference over every rank's share of an image source, gathered and checked: each image exactly once.
+"""Inference: the model over one rank's share of images, and over all ranks' shares gathered.
+
+``predict(model, loader, device, with_loss)``: the unwrapped model in eval mode on one rank's
+loader; detections go to the CPU as packed arrays (``Detections``). With ``with_loss`` the same
+batch is also run in training mode under ``no_grad`` with BatchNorm kept in eval mode and the RNG
+forked, so the validation loss changes no model state and no random stream. ``mapdet evaluate``,
+training's validation and ``mapdet predict`` all run this loop.
 
 ``predict_gathered(model, loader, device, expected)`` is collective (every rank calls it): each rank
-runs ``engine.predict`` (the loop ``mapdet evaluate`` uses, without the loss) over its own share
+runs ``predict`` (without the loss) over its own share
 (``data.eval_loader`` for shards, ``imagefolder.image_loader`` for a folder: contiguous ranges, no
 padding). The image keys seen and the unreadable images are gathered on every rank and checked
 against ``expected``: an image seen twice, or neither seen nor reported unreadable, is an error
@@ -24,16 +30,106 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+import torch
 
 from mapdet import comm
-from mapdet.engine.step import predict
+from mapdet.engine.step import to_device
 from mapdet.evaluation.coco import Detections
-from mapdet.evaluation.validation import CoverageError
+from mapdet.fileio import atomic_open
+from mapdet.modeling.roi_heads import unweighted_loss
+
+
+@dataclass
+class Predictions:
+    detections: Detections  # this rank's, stored-image coordinates
+    keys: list[str]  # image keys seen, in order
+    loss_sum: dict[str, float]  # summed over images (divide by len(keys) for the mean)
+    skipped: list[dict]  # corrupt samples left out (only with skip_corrupt)
+
+
+@torch.no_grad()
+def predict(model, loader, device, with_loss: bool, progress=None, on_batch=None) -> Predictions:
+    """Run ``model`` (unwrapped) over one rank's evaluation loader.
+
+    ``on_batch(batch, detections)``, when given, is called after each batch with the batch (its
+    images still at hand, e.g. to draw on) and one ``Detections`` per image.
+    """
+    parts, keys, loss_sum, skipped = [], [], {}, []
+    was_training = model.training
+    for batch in loader:
+        skipped += batch.bad
+        if not batch.images:
+            continue
+        images, targets = to_device(batch, device)
+        floats = [im.float() / 255 for im in images]
+        model.eval()
+        outputs = model(floats)
+        for t, out in zip(targets, outputs):
+            keys.append(t["key"])
+            parts.append(_pack(t["image_id"], out))
+        if on_batch is not None:
+            on_batch(batch, parts[-len(outputs) :])
+        if with_loss:
+            for k, v in validation_loss(model, floats, targets).items():
+                loss_sum[k] = loss_sum.get(k, 0.0) + v * len(images)
+        if progress is not None:
+            progress.update(len(images))
+    model.train(was_training)
+    return Predictions(Detections.concat(parts), keys, loss_sum, skipped)
+
+
+def validation_loss(model, images: list[torch.Tensor], targets: list[dict]) -> dict[str, float]:
+    """torchvision's training losses on a batch, unweighted (``model.unweighted_loss``: one definition
+    of the validation loss wherever it is shown), changing neither weights, BN stats nor RNG."""
+    clean = [{"boxes": t["boxes"][t["iscrowd"] == 0], "labels": t["labels"][t["iscrowd"] == 0]} for t in targets]
+    devices = [images[0].device.index] if images[0].is_cuda else []
+    with torch.random.fork_rng(devices=devices), unweighted_loss(model):  # RPN/RoI sampling draws random numbers
+        # Seeded by the batch, not by whatever the caller's RNG holds: training's validation at step N
+        # and `mapdet evaluate` of checkpoint N then sample the same anchors and RoIs (same number).
+        torch.manual_seed(int(targets[0]["image_id"]))
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()  # keep running statistics untouched
+        losses = model(images, clean)
+        model.eval()
+    out = {k: float(v) for k, v in losses.items()}
+    out["loss"] = sum(out.values())
+    return out
+
+
+def _pack(image_id: int, out: dict) -> Detections:
+    n = len(out["scores"])
+    return Detections(
+        image_id=np.full(n, image_id, dtype=np.int64),
+        boxes=out["boxes"].float().cpu().numpy().reshape(-1, 4),
+        scores=out["scores"].float().cpu().numpy(),
+        labels=out["labels"].cpu().numpy().astype(np.int64),
+    )
+
+
+class CoverageError(RuntimeError):
+    """Inference did not see every expected image exactly once."""
+
+
+def check_exactly_once(expected: list[str], keys: list[str], lost: set[str], what: str) -> None:
+    """Raise ``CoverageError`` naming the images of ``expected`` seen twice, not seen (and not in
+    ``lost``, the unreadable ones), or seen but not expected."""
+    counts = collections.Counter(keys)
+    duplicated = sorted(k for k, c in counts.items() if c > 1)
+    missing = sorted(set(expected) - set(counts) - lost)
+    unknown = sorted(set(counts) - set(expected))
+    problems = [
+        f"{name} {len(v)}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+        for name, v in (("duplicated", duplicated), ("missing", missing), ("unexpected", unknown))
+        if v
+    ]
+    if problems:
+        raise CoverageError(f"{what} did not see each image exactly once: " + "; ".join(problems))
+
 
 @dataclass
 class Gathered:
@@ -54,38 +150,32 @@ def predict_gathered(model, loader, device, expected: list[str], progress=None, 
         raise RuntimeError(errors[0])
     keys = [k for p in parts for k in p[0]]
     bad = [b for p in parts for b in p[1]]
-    _check_once(expected, keys, bad)
+    check_exactly_once(expected, keys, {b['key'] for b in bad}, "prediction")
     # The main process alone receives the detections, one rank's packed rows at a time.
     received: list[Detections] = []
     main = comm.is_main_process()
-    comm.stream_to_main(preds.detections.to_bytes(), (lambda b: received.append(Detections.from_bytes(b))) if main else None)
+    comm.stream_to_main(
+        preds.detections.to_bytes(), (lambda b: received.append(Detections.from_bytes(b))) if main else None
+    )
     if not main:
         return Gathered(None, len(keys), bad)
     found = Detections.concat(received)
     return Gathered(found.take(np.argsort(found.image_id, kind="stable")), len(keys), bad)
 
 
-def _check_once(expected: list[str], keys: list[str], bad: list[dict]) -> None:
-    counts = collections.Counter(keys)
-    lost = {b["key"] for b in bad}
-    duplicated = sorted(k for k, c in counts.items() if c > 1)
-    missing = sorted(set(expected) - set(counts) - lost)
-    unknown = sorted(set(counts) - set(expected))
-    problems = [f"{name} {len(v)}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
-                for name, v in (("duplicated", duplicated), ("missing", missing), ("unexpected", unknown)) if v]
-    if problems:
-        raise CoverageError("prediction did not see each image exactly once: " + "; ".join(problems))
-
-
-def write_results(path, detections: Detections, score_thresh: float = 0.0,
-                  file_names: dict[int, str] | None = None, chunk: int = 100_000) -> int:
+def write_results(
+    path,
+    detections: Detections,
+    score_thresh: float = 0.0,
+    file_names: dict[int, str] | None = None,
+    chunk: int = 100_000,
+) -> int:
     """Write the COCO results of the detections scoring at least ``score_thresh`` to ``path`` (see
     the module docstring); returns how many. Converted ``chunk`` detections at a time: a dict per
     box costs ~50x its packed row, too much for millions of boxes at once. The bytes are those of
     ``json.dumps`` of the whole list."""
     kept = detections.take(detections.scores >= score_thresh)
-    tmp = Path(f"{path}.tmp")  # renamed when complete: a killed run leaves no half-written results
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:  # a killed run leaves no half-written results
         f.write("[")
         for start in range(0, len(kept), chunk):
             part = kept.take(slice(start, start + chunk)).to_coco_results()
@@ -93,7 +183,6 @@ def write_results(path, detections: Detections, score_thresh: float = 0.0,
                 part = [{"image_id": r["image_id"], "file_name": file_names[r["image_id"]], **r} for r in part]
             f.write((", " if start else "") + json.dumps(part)[1:-1])
         f.write("]")
-    os.replace(tmp, path)
     return len(kept)
 
 

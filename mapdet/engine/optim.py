@@ -36,8 +36,9 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if cfg.schedule == "cosine":
         progress = min(step / max(max_steps, 1), 1.0)
         return warm * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"optim.schedule={cfg.schedule!r} is unknown; "
-                     f"choose one of {' | '.join(CHOICES['optim.schedule'])}")
+    raise ValueError(
+        f"optim.schedule={cfg.schedule!r} is unknown; choose one of {' | '.join(CHOICES['optim.schedule'])}"
+    )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):

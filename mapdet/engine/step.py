@@ -1,6 +1,6 @@
-"""One optimizer step of training, and one pass of inference, for torchvision Faster R-CNN.
+"""One optimizer step of training torchvision Faster R-CNN, collective over ranks.
 
-Training (``train_step``): ``grad_accum`` micro-batches are drawn from the stream (the wait is
+``train_step(parts, batches, optim_cfg)``: ``optim_cfg.grad_accum`` micro-batches are drawn from the stream (the wait is
 timed), moved to the device, augmented there (``BatchAugment``: uint8 (3,H,W) -> float [0,1],
 boxes xyxy pixel-edge, degenerate boxes dropped), and fed to the model under accelerate's
 autocast. Gradients are synchronised only on the last micro-batch. Every rank runs every backward,
@@ -13,27 +13,32 @@ images, and the caller's ``shared`` values) is summed over ranks in one all-redu
 together with this rank's losses, in one ``.tolist()``. The gradient norm stays a device tensor
 until ``StepResult.grad_norm`` is read (the training loop reads it only on logging steps).
 ``cuda_speedups`` holds the device settings ``mapdet train`` applies on CUDA.
-
-Inference (``predict``): the unwrapped model in eval mode on one rank's share; detections go to
-the CPU as packed arrays (``Detections``). With ``with_loss`` the same batch is also run in
-training mode under ``no_grad`` with BatchNorm kept in eval mode and the RNG forked, so the
-validation loss changes no model state and no random stream.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from mapdet import comm
-from mapdet.data.loaders import Batch
-from mapdet.evaluation.coco import Detections
-from mapdet.modeling.detector import unweighted_loss
+from mapdet.config import OptimConfig
+from mapdet.structures import Batch
+
+
+@dataclass
+class TrainParts:
+    """What a training step works on: accelerate's ``Accelerator`` and the objects it prepared."""
+
+    accelerator: object
+    model: torch.nn.Module  # as prepared (DDP-wrapped when distributed)
+    raw_model: torch.nn.Module  # unwrapped: checkpoints, validation, exports
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # stepped once per optimizer step, never prepared
+    augment: torch.nn.Module  # data.augment.BatchAugment on the training device
 
 
 @dataclass
@@ -59,7 +64,9 @@ class StepResult:
 
 def to_device(batch: Batch, device) -> tuple[list[torch.Tensor], list[dict]]:
     images = [im.to(device, non_blocking=True) for im in batch.images]
-    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch.targets]
+    targets = [
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch.targets
+    ]
     return images, targets
 
 
@@ -76,15 +83,21 @@ def cuda_speedups(model: torch.nn.Module, device) -> None:
     torch.backends.cudnn.benchmark = True
 
 
-def train_step(accelerator, model, optimizer, scheduler, batches: Iterator[Batch], augment,
-               grad_accum: int, clip_norm: float | None,
-               shared: Callable[[], Sequence[float]] | None = None) -> StepResult:
-    """One optimizer step over ``grad_accum`` micro-batches (collective: every rank calls it).
+def train_step(
+    parts: TrainParts,
+    batches: Iterator[Batch],
+    optim_cfg: OptimConfig,
+    shared: Callable[[], Sequence[float]] | None = None,
+) -> StepResult:
+    """One optimizer step over ``optim_cfg.grad_accum`` micro-batches, gradients clipped to
+    ``optim_cfg.clip_norm`` (collective: every rank calls it).
 
     ``shared``: called once after the step's batches are drawn; its numbers are summed over ranks
     in the step's one all-reduce and returned as ``StepResult.shared`` (the training loop passes
     its sanitised-box tally and its preemption flag, so they cost no collective of their own).
     """
+    accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
+    grad_accum, clip_norm = optim_cfg.grad_accum, optim_cfg.clip_norm
     start, wait, n_images, bad = time.perf_counter(), 0.0, 0, []
     device = accelerator.device
     names: list[str] = []
@@ -96,7 +109,7 @@ def train_step(accelerator, model, optimizer, scheduler, batches: Iterator[Batch
         bad += batch.bad
         images, targets = to_device(batch, device)
         with torch.no_grad():
-            images, targets = augment(images, targets)
+            images, targets = parts.augment(images, targets)
         last = micro == grad_accum - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
@@ -105,9 +118,9 @@ def train_step(accelerator, model, optimizer, scheduler, batches: Iterator[Batch
             loss = sum(loss_dict.values())
             accelerator.backward(loss / grad_accum)  # also when not finite: the update is skipped below
         names = list(loss_dict)
-        parts = torch.stack([v.detach().float() for v in loss_dict.values()]) / grad_accum
+        components = torch.stack([v.detach().float() for v in loss_dict.values()]) / grad_accum
         bad_loss = (~torch.isfinite(loss.detach())).double().reshape(1)
-        local = parts if local is None else local + parts
+        local = components if local is None else local + components
         nonfinite = bad_loss if nonfinite is None else nonfinite + bad_loss
         n_images += len(images)
     extra = [*shared()] if shared is not None else []
@@ -124,78 +137,21 @@ def train_step(accelerator, model, optimizer, scheduler, batches: Iterator[Batch
         if clip_norm:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_norm)
         optimizer.step()
-        scheduler.step()
+        parts.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    sums = dict(zip(names, values[3 + len(extra):]))
+    sums = dict(zip(names, values[3 + len(extra) :]))
     sums["loss"] = sum(sums.values())
-    return StepResult(sums, grad_norm, skipped, wait, time.perf_counter() - start, n_images, bad, images, targets,
-                      all_bad=round(values[1]), all_images=round(values[2]), shared=values[3:3 + len(extra)])
-
-
-@dataclass
-class Predictions:
-    detections: Detections  # this rank's, stored-image coordinates
-    keys: list[str]  # image keys seen, in order
-    loss_sum: dict[str, float]  # summed over images (divide by len(keys) for the mean)
-    skipped: list[dict]  # corrupt samples left out (only with skip_corrupt)
-
-
-@torch.no_grad()
-def predict(model, loader, device, with_loss: bool, progress=None, on_batch=None) -> Predictions:
-    """Run ``model`` (unwrapped) over one rank's evaluation loader.
-
-    ``on_batch(batch, detections)``, when given, is called after each batch with the batch (its
-    images still at hand, e.g. to draw on) and one ``Detections`` per image.
-    """
-    parts, keys, loss_sum, skipped = [], [], {}, []
-    was_training = model.training
-    for batch in loader:
-        skipped += batch.bad
-        if not batch.images:
-            continue
-        images, targets = to_device(batch, device)
-        floats = [im.float() / 255 for im in images]
-        model.eval()
-        outputs = model(floats)
-        for t, out in zip(targets, outputs):
-            keys.append(t["key"])
-            parts.append(_pack(t["image_id"], out))
-        if on_batch is not None:
-            on_batch(batch, parts[-len(outputs):])
-        if with_loss:
-            for k, v in validation_loss(model, floats, targets).items():
-                loss_sum[k] = loss_sum.get(k, 0.0) + v * len(images)
-        if progress is not None:
-            progress.update(len(images))
-    model.train(was_training)
-    return Predictions(Detections.concat(parts), keys, loss_sum, skipped)
-
-
-def validation_loss(model, images: list[torch.Tensor], targets: list[dict]) -> dict[str, float]:
-    """torchvision's training losses on a batch, unweighted (``model.unweighted_loss``: one definition
-    of the validation loss wherever it is shown), changing neither weights, BN stats nor RNG."""
-    clean = [{"boxes": t["boxes"][t["iscrowd"] == 0], "labels": t["labels"][t["iscrowd"] == 0]} for t in targets]
-    devices = [images[0].device.index] if images[0].is_cuda else []
-    with torch.random.fork_rng(devices=devices), unweighted_loss(model):  # RPN/RoI sampling draws random numbers
-        # Seeded by the batch, not by whatever the caller's RNG holds: training's validation at step N
-        # and `mapdet evaluate` of checkpoint N then sample the same anchors and RoIs (same number).
-        torch.manual_seed(int(targets[0]["image_id"]))
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()  # keep running statistics untouched
-        losses = model(images, clean)
-        model.eval()
-    out = {k: float(v) for k, v in losses.items()}
-    out["loss"] = sum(out.values())
-    return out
-
-
-def _pack(image_id: int, out: dict) -> Detections:
-    n = len(out["scores"])
-    return Detections(
-        image_id=np.full(n, image_id, dtype=np.int64),
-        boxes=out["boxes"].float().cpu().numpy().reshape(-1, 4),
-        scores=out["scores"].float().cpu().numpy(),
-        labels=out["labels"].cpu().numpy().astype(np.int64),
+    return StepResult(
+        sums,
+        grad_norm,
+        skipped,
+        wait,
+        time.perf_counter() - start,
+        n_images,
+        bad,
+        images,
+        targets,
+        all_bad=round(values[1]),
+        all_images=round(values[2]),
+        shared=values[3 : 3 + len(extra)],
     )

@@ -1,4 +1,4 @@
-"""Faster R-CNN detectors built from a ``ModelConfig``; class-weighted RoI classification loss.
+"""Faster R-CNN detectors built from a ``ModelConfig``: arch, anchors, start weights, frozen stages.
 
 Input/output (torchvision's detection convention, unchanged):
     images   list of float tensors (3, H, W) in [0, 1], sizes may differ; the model resizes each
@@ -28,29 +28,25 @@ Start weights: random initialisation unless ``model.weights`` (full detector) or
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import os
-import sys
-from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from mapdet.modeling import pretrained as named_weights
 from mapdet.config import CHOICES, ModelConfig
+from mapdet.modeling import pretrained
+from mapdet.modeling.roi_heads import ClassWeightedRoIHeads, class_weights
+from mapdet.modeling.weights_io import load_detector_partially, load_weights_file
 
 _STOCK_BUILDERS = {
     "resnet50_fpn_v2": torchvision.models.detection.fasterrcnn_resnet50_fpn_v2,
@@ -59,13 +55,29 @@ _STOCK_BUILDERS = {
 # Values taken by ModelConfig keys left at None. anchor_sizes/aspect_ratios None on a stock arch
 # keep torchvision's own anchor generator, so exported weights load into the plain builder.
 ARCH_DEFAULTS = {
-    "resnet50_fpn_v2": dict(min_size=1024, max_size=2048, roi_batch_size_per_image=512,
-                            rpn_post_nms_top_n_train=2000, rpn_post_nms_top_n_test=1000),
-    "mobilenet_v3_large_fpn": dict(min_size=1024, max_size=2048, roi_batch_size_per_image=512,
-                                   rpn_post_nms_top_n_train=2000, rpn_post_nms_top_n_test=1000),
-    "small": dict(min_size=512, max_size=1024, roi_batch_size_per_image=128,
-                  rpn_post_nms_top_n_train=500, rpn_post_nms_top_n_test=300,
-                  anchor_sizes=[16, 32, 64, 128], aspect_ratios=[0.5, 1.0, 2.0]),
+    "resnet50_fpn_v2": dict(
+        min_size=1024,
+        max_size=2048,
+        roi_batch_size_per_image=512,
+        rpn_post_nms_top_n_train=2000,
+        rpn_post_nms_top_n_test=1000,
+    ),
+    "mobilenet_v3_large_fpn": dict(
+        min_size=1024,
+        max_size=2048,
+        roi_batch_size_per_image=512,
+        rpn_post_nms_top_n_train=2000,
+        rpn_post_nms_top_n_test=1000,
+    ),
+    "small": dict(
+        min_size=512,
+        max_size=1024,
+        roi_batch_size_per_image=128,
+        rpn_post_nms_top_n_train=500,
+        rpn_post_nms_top_n_test=300,
+        anchor_sizes=[16, 32, 64, 128],
+        aspect_ratios=[0.5, 1.0, 2.0],
+    ),
 }
 _STOCK_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 # MobileNetV3-Large feature indices ending the stride-8, -16 and -32 stages (the 1x1 960-channel
@@ -83,7 +95,7 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, **filled)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, class_counts: Optional[Sequence[int]] = None) -> FasterRCNN:
+def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] | None = None) -> FasterRCNN:
     """A Faster R-CNN for ``num_classes`` = K + 1 (index 0 = background).
 
     ``class_counts`` (length K, training instances per class from the shard manifest) is needed by
@@ -109,12 +121,17 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Optional[Seque
         raise ValueError(f"num_classes={num_classes}: need background + at least one class")
     _check_named_weights(cfg)
     kwargs = dict(
-        min_size=cfg.min_size, max_size=cfg.max_size, box_detections_per_img=cfg.detections_per_img,
-        box_score_thresh=cfg.score_thresh, box_nms_thresh=cfg.nms_thresh,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        box_detections_per_img=cfg.detections_per_img,
+        box_score_thresh=cfg.score_thresh,
+        box_nms_thresh=cfg.nms_thresh,
         rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
         box_batch_size_per_image=cfg.roi_batch_size_per_image,
-        rpn_pre_nms_top_n_train=cfg.rpn_post_nms_top_n_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
-        rpn_pre_nms_top_n_test=cfg.rpn_post_nms_top_n_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_pre_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
     )
     if cfg.arch == "small":
         model = _build_small(num_classes, kwargs)
@@ -126,19 +143,19 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Optional[Seque
         model.roi_heads = ClassWeightedRoIHeads(model.roi_heads, weights)
     if cfg.backbone_weights:
         key = "model.backbone_weights"
-        if named_weights.is_name(cfg.backbone_weights):
-            state = named_weights.load_named(cfg.backbone_weights, key)[0]
+        if pretrained.is_name(cfg.backbone_weights):
+            state = pretrained.load_named(cfg.backbone_weights, key)[0]
         else:
             state = load_weights_file(cfg.backbone_weights, key)
         _load_backbone(model.backbone.body, state)
-    if cfg.weights and named_weights.is_name(cfg.weights):
-        state = named_weights.load_named(cfg.weights, "model.weights")[0]
+    if cfg.weights and pretrained.is_name(cfg.weights):
+        state = pretrained.load_named(cfg.weights, "model.weights")[0]
         load_detector_partially(model, state, f"model.weights {cfg.weights}")
     elif cfg.weights:
         model.load_state_dict(load_weights_file(cfg.weights, "model.weights"))
-    pretrained = bool(cfg.weights or cfg.backbone_weights)
+    from_pretrained = bool(cfg.weights or cfg.backbone_weights)
     trainable = cfg.trainable_backbone_layers
-    if trainable is None and pretrained:
+    if trainable is None and from_pretrained:
         trainable = _DEFAULT_TRAINABLE_PRETRAINED
     if trainable is not None:
         _freeze_stages(model.backbone.body, trainable)
@@ -148,70 +165,24 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Optional[Seque
 def _check_named_weights(cfg: ModelConfig) -> None:
     """Every torchvision name in the config resolves, fits ``cfg.arch`` and the key, and is cached."""
     for key, spec in (("model.weights", cfg.weights), ("model.backbone_weights", cfg.backbone_weights)):
-        if not named_weights.is_name(spec):
+        if not pretrained.is_name(spec):
             continue
-        kind, arch = named_weights.kind_and_arch(named_weights.resolve(spec, key))
+        kind, arch = pretrained.kind_and_arch(pretrained.resolve(spec, key))
         if arch != cfg.arch:
-            raise ValueError(f"{key}: {spec} is for model.arch={arch}, not {cfg.arch}"
-                             + (" (the small preset has no torchvision weights: its trunk is MobileNetV3 at width "
-                                "0.5)" if cfg.arch == "small" else ""))
+            raise ValueError(
+                f"{key}: {spec} is for model.arch={arch}, not {cfg.arch}"
+                + (
+                    " (the small preset has no torchvision weights: its trunk is MobileNetV3 at width 0.5)"
+                    if cfg.arch == "small"
+                    else ""
+                )
+            )
         if key == "model.weights" and kind != "detector":
-            raise ValueError(f"model.weights: {spec} holds classification weights, not a detector: "
-                             f"set model.backbone_weights={spec} instead")
-    named_weights.check_cached(cfg.weights, cfg.backbone_weights)
-
-
-_CLASS_DEPENDENT = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.")
-
-
-def load_detector_partially(model: nn.Module, state: dict[str, Tensor], source: str) -> dict:
-    """Load a detector's weights trained on another class set (torchvision's COCO detectors).
-
-    Every tensor of ``model`` whose name and shape are in ``state`` is loaded; the class-dependent
-    predictor tensors (``roi_heads.box_predictor.cls_score.*``, ``.bbox_pred.*``) keep their fresh
-    initialisation even when the shapes happen to match (the file's classes are not ours); every
-    other tensor the file lacks or holds in another shape is skipped (left fresh), grouped by module
-    with the reason. BatchNorm's ``num_batches_tracked`` counters are not counted. Prints one summary
-    line (plus one per skipped group) to stderr on rank 0 and returns
-    ``{"loaded": [...], "fresh": [...], "skipped": {module: (count, reason)}, "unused": [...]}``.
-    """
-    own = model.state_dict()
-    take, fresh, skipped = {}, [], {}
-    for name, mine in own.items():
-        if name.endswith("num_batches_tracked"):
-            continue
-        if name.startswith(_CLASS_DEPENDENT):
-            fresh.append(name)
-            continue
-        theirs = state.get(name)
-        if theirs is not None and theirs.shape == mine.shape:
-            take[name] = theirs
-            continue
-        group = name.rsplit(".", 1)[0]
-        if theirs is None:
-            reason = "not in the file"
-        else:
-            reason = f"shape {tuple(theirs.shape)} in the file, {tuple(mine.shape)} here"
-            if group.startswith("rpn.head."):
-                reason += " (another anchor count per location: model.aspect_ratios)"
-        count, first = skipped.get(group, (0, reason))
-        skipped[group] = (count + 1, first)
-    unused = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
-    model.load_state_dict(take, strict=False)
-    if os.environ.get("RANK", "0") == "0":  # once per job under a launcher, not once per process
-        file_classes = state.get("roi_heads.box_predictor.cls_score.weight")
-        classes = "" if file_classes is None else (
-            f" (class-dependent predictor: {file_classes.shape[0]} classes in the file, "
-            f"{own['roi_heads.box_predictor.cls_score.weight'].shape[0]} here)")
-        n_skipped = sum(c for c, _ in skipped.values())
-        print(f"{source}: {len(take)} tensors loaded, {len(fresh)} kept fresh{classes}, {n_skipped} skipped",
-              file=sys.stderr)
-        for group, (count, reason) in skipped.items():
-            print(f"  skipped {group} ({count} tensor{'s' * (count != 1)}): {reason}", file=sys.stderr)
-        if unused:
-            print(f"  {len(unused)} tensors of the file have no place in this model (first: {unused[:3]})",
-                  file=sys.stderr)
-    return {"loaded": sorted(take), "fresh": fresh, "skipped": skipped, "unused": unused}
+            raise ValueError(
+                f"model.weights: {spec} holds classification weights, not a detector: "
+                f"set model.backbone_weights={spec} instead"
+            )
+    pretrained.check_cached(cfg.weights, cfg.backbone_weights)
 
 
 def build_inference_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
@@ -227,13 +198,18 @@ def _build_small(num_classes: int, kwargs: dict) -> FasterRCNN:
     norm = functools.partial(nn.BatchNorm2d, eps=0.001, momentum=0.1)
     trunk = torchvision.models.mobilenet_v3_large(weights=None, width_mult=_SMALL_WIDTH, norm_layer=norm).features
     channels = [trunk[int(i)].out_channels for i in _SMALL_RETURN_LAYERS]
-    backbone = BackboneWithFPN(trunk, _SMALL_RETURN_LAYERS, channels, _SMALL_FPN_CHANNELS,
-                               extra_blocks=LastLevelMaxPool())
+    backbone = BackboneWithFPN(
+        trunk, _SMALL_RETURN_LAYERS, channels, _SMALL_FPN_CHANNELS, extra_blocks=LastLevelMaxPool()
+    )
     levels = list(_SMALL_RETURN_LAYERS.values())  # RoIs pool from the real levels, not the max-pool one
     box_head = TwoMLPHead(_SMALL_FPN_CHANNELS * 7 * 7, _SMALL_REPRESENTATION)
     return FasterRCNN(
-        backbone, num_classes=None, box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
-        box_head=box_head, box_predictor=FastRCNNPredictor(_SMALL_REPRESENTATION, num_classes), **kwargs,
+        backbone,
+        num_classes=None,
+        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(_SMALL_REPRESENTATION, num_classes),
+        **kwargs,
     )
 
 
@@ -271,111 +247,18 @@ def _set_anchors(model: FasterRCNN, cfg: ModelConfig) -> None:
     model.rpn.anchor_generator, model.rpn.head = generator, head
 
 
-def class_weights(cfg: ModelConfig, num_classes: int, class_counts: Optional[Sequence[int]] = None) -> Optional[Tensor]:
-    """Per-class weights (K+1,) for the RoI classification loss (index 0 = background, weight 1).
-
-    ``inv_sqrt``: w_c proportional to 1/sqrt(instances_c), scaled so that the foreground weights
-    average 1; a class with no training instances never appears as a target and gets 1.
-    ``explicit``: ``model.class_weights_list`` as given. ``none``: None (torchvision's loss).
-    """
-    mode = cfg.class_weights
-    if mode == "none":
-        return None
-    if mode == "explicit":
-        values = cfg.class_weights_list
-        if values is None or len(values) != num_classes:
-            got = "nothing" if values is None else f"{len(values)} values"
-            raise ValueError(f"model.class_weights_list: expected {num_classes} values (background + "
-                             f"{num_classes - 1} classes), got {got}")
-        weights = torch.tensor(values, dtype=torch.float32)
-        if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"model.class_weights_list={values}: weights must be finite, >= 0, not all 0")
-        return weights
-    if mode != "inv_sqrt":
-        raise ValueError(f"model.class_weights={mode!r} is unknown; "
-                         f"choose one of {' | '.join(CHOICES['model.class_weights'])}")
-    if class_counts is None or len(class_counts) != num_classes - 1:
-        got = "none" if class_counts is None else f"{len(class_counts)}"
-        raise ValueError(f"model.class_weights=inv_sqrt needs {num_classes - 1} per-class instance counts "
-                         f"from the training manifest, got {got}")
-    counts = torch.tensor([float(c) for c in class_counts])
-    if (counts < 0).any() or counts.sum() <= 0:
-        raise ValueError(f"model.class_weights=inv_sqrt: bad class counts {list(class_counts)}")
-    seen = counts > 0
-    fg = torch.ones_like(counts)
-    fg[seen] = counts[seen].rsqrt()
-    fg[seen] /= fg[seen].mean()
-    return torch.cat([torch.ones(1), fg])
-
-
-def weighted_classification_loss(class_logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
-    """Cross-entropy over sampled RoIs, each weighted by its target class, normalised by the weight sum."""
-    return F.cross_entropy(class_logits, labels, weight=weight)
-
-
-class ClassWeightedRoIHeads(RoIHeads):
-    """torchvision's box RoIHeads with a class-weighted classification loss (box loss unchanged).
-
-    Training composes RoIHeads' own sampling, pooling, head and predictor and torchvision's
-    ``fastrcnn_loss`` (its box term); only the classification term is replaced. The weights are a
-    non-persistent buffer: they follow ``.to(device)`` and stay out of the state dict, so weights
-    trained with it load into a plain torchvision model. No global state is touched.
-    """
-
-    def __init__(self, heads: RoIHeads, weight: Tensor):
-        if heads.has_mask() or heads.has_keypoint():
-            raise ValueError("class-weighted RoI heads support box detection only (no masks/keypoints)")
-        super().__init__(
-            heads.box_roi_pool, heads.box_head, heads.box_predictor,
-            heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
-            heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction,
-            heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
-        )
-        self.register_buffer("class_weight", weight.float(), persistent=False)
-        self.weighted = True  # off inside ``unweighted_loss``
-
-    def forward(self, features, proposals, image_shapes, targets=None):
-        if not self.training or not self.weighted:
-            return super().forward(features, proposals, image_shapes, targets)
-        for t in targets or []:  # the dtype checks RoIHeads.forward would have made
-            if not t["boxes"].is_floating_point() or t["labels"].dtype != torch.int64:
-                raise TypeError("targets need float boxes and int64 labels")
-        proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
-        _, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
-        loss_classifier = weighted_classification_loss(class_logits, torch.cat(labels), self.class_weight)
-        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
-
-
-@contextlib.contextmanager
-def unweighted_loss(model: nn.Module):
-    """Inside the block every ``ClassWeightedRoIHeads`` computes torchvision's plain loss.
-
-    The validation loss has one definition everywhere (training's validation, ``mapdet evaluate``,
-    TensorBoard, metrics.json): torchvision's four losses, unweighted. ``evaluate`` has no training
-    manifest to weight with, and a weighted number would change whenever the weights do.
-    """
-    heads = [m for m in model.modules() if isinstance(m, ClassWeightedRoIHeads)]
-    for h in heads:
-        h.weighted = False
-    try:
-        yield
-    finally:
-        for h in heads:
-            h.weighted = True
-
-
 def _load_backbone(body: nn.Module, state: dict[str, Tensor]) -> None:
     """Load a classification/backbone checkpoint into the backbone trunk, whatever its key prefix."""
     own = body.state_dict()
     prefixes = ("", "features.", "backbone.body.", "body.", "module.")
-    prefix = max(prefixes, key=lambda p: sum(k[len(p):] in own for k in state if k.startswith(p)))
-    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in own}
+    prefix = max(prefixes, key=lambda p: sum(k[len(p) :] in own for k in state if k.startswith(p)))
+    picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] in own}
     missing = [k for k in own if k not in picked and not k.endswith("num_batches_tracked")]
     if missing:
-        raise ValueError(f"model.backbone_weights: {len(missing)} of {len(own)} backbone tensors are not "
-                         f"in the file (first: {missing[:3]}); is it a checkpoint of this arch's trunk?")
+        raise ValueError(
+            f"model.backbone_weights: {len(missing)} of {len(own)} backbone tensors are not "
+            f"in the file (first: {missing[:3]}); is it a checkpoint of this arch's trunk?"
+        )
     body.load_state_dict(picked, strict=False)  # shape mismatches still raise
 
 
@@ -409,32 +292,3 @@ def _frozen_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, _frozen_batchnorm(child))
     return module
-
-
-def load_weights_file(path: str | Path, key: str = "model.weights") -> dict[str, Tensor]:
-    """A state dict from ``.safetensors`` or a ``.pth`` read with ``weights_only=True`` (no pickled code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}: weights file {str(path)!r} does not exist (weights are never "
-                                f"downloaded; copy the file there or fix {key})")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    from mapdet.engine.checkpoint import refuse_pickled_objects
-
-    with refuse_pickled_objects(f"{key}: {path}"):  # weights_only refuses code that would run on load
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict"):  # training checkpoints nest the weights
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{key}: {path} does not hold a state dict of tensors")
-    return state
-
-
-def export_weights(model: nn.Module) -> dict[str, Tensor]:
-    """Plain CPU state dict: loads (strict) into ``torchvision.models.detection.<builder>(weights=None,
-    num_classes=K+1)`` for a stock arch with stock anchor count, else into ``build_model``."""
-    model = getattr(model, "module", model)  # DistributedDataParallel wrapper
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

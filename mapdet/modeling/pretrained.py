@@ -1,5 +1,4 @@
-"""mapdet weights fetch NAME... [--dir DIR] | mapdet weights list [--dir DIR]: torchvision's pretrained
-weights, by name, in torch's own cache.
+"""torchvision's pretrained weights, by name, in torch's own cache (``mapdet weights`` fetches them).
 
 ``model.weights`` and ``model.backbone_weights`` take a local file or a torchvision weight name
 written ``torchvision:ENUM.MEMBER``, e.g.
@@ -26,7 +25,6 @@ the cache.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -58,15 +56,17 @@ def resolve(spec: str, key: str = "weights"):
     An unknown or unsupported name is a one-line ValueError that lists the names to write."""
     import torchvision
 
-    name = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
+    name = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
     try:
         weights = torchvision.models.get_weight(name)
     except (ValueError, KeyError, AttributeError):
         weights = None
     if weights is None or type(weights).__name__ not in SUPPORTED:
         why = "is not a torchvision weight name" if weights is None else "is not a weight mapdet can load"
-        raise ValueError(f"{key}: {spec!r} {why}; write torchvision:ENUM.MEMBER, one of {', '.join(NAMES)} "
-                         f"(other members of these enums work too, e.g. torchvision:ResNet50_Weights.DEFAULT)")
+        raise ValueError(
+            f"{key}: {spec!r} {why}; write torchvision:ENUM.MEMBER, one of {', '.join(NAMES)} "
+            f"(other members of these enums work too, e.g. torchvision:ResNet50_Weights.DEFAULT)"
+        )
     return weights
 
 
@@ -95,14 +95,9 @@ def fetch_command(specs) -> str:
     return "mapdet weights fetch " + " ".join(specs)
 
 
-def missing_from_cache(specs) -> list[str]:
-    """The names among ``specs`` (None and local paths are ignored) whose file is not in the cache."""
-    return [s for s in specs if is_name(s) and not cache_path(resolve(s)).is_file()]
-
-
 def load_named(spec: str, key: str):
     """(state dict, weights member) of a ``torchvision:`` name, read from the cache; never downloads."""
-    from mapdet.modeling.detector import load_weights_file  # model imports this module
+    from mapdet.modeling.weights_io import load_weights_file  # torch: only when weights are read
 
     weights = resolve(spec, key)
     path = cache_path(weights)
@@ -113,9 +108,11 @@ def load_named(spec: str, key: str):
 
 def _missing_message(specs, key: str) -> str:
     paths = ", ".join(str(cache_path(resolve(s))) for s in specs)
-    return (f"{key}: {' and '.join(specs)} {'is' if len(specs) == 1 else 'are'} not in torch's cache ({paths}); training never downloads. Where "
-            f"there is network run once: {fetch_command(specs)} (the cache is $TORCH_HOME/hub/checkpoints; "
-            f"share it by pointing TORCH_HOME at the same folder)")
+    return (
+        f"{key}: {' and '.join(specs)} {'is' if len(specs) == 1 else 'are'} not in torch's cache ({paths}); training never downloads. Where "
+        f"there is network run once: {fetch_command(specs)} (the cache is $TORCH_HOME/hub/checkpoints; "
+        f"share it by pointing TORCH_HOME at the same folder)"
+    )
 
 
 def check_cached(weights: str | None, backbone_weights: str | None) -> None:
@@ -134,8 +131,9 @@ def download(url: str, model_dir: str, check_hash: bool, progress: bool):
     """torchvision's downloader (kept as one attribute so tests can replace it)."""
     import torch
 
-    return torch.hub.load_state_dict_from_url(url, model_dir=model_dir, map_location="cpu", progress=progress,
-                                              check_hash=check_hash, weights_only=True)
+    return torch.hub.load_state_dict_from_url(
+        url, model_dir=model_dir, map_location="cpu", progress=progress, check_hash=check_hash, weights_only=True
+    )
 
 
 def fetch(specs, directory: str | Path | None = None) -> list[Path]:
@@ -151,35 +149,3 @@ def fetch(specs, directory: str | Path | None = None) -> list[Path]:
         print(f"{canonical(weights)}: {path}" + (" (already there, not downloaded again)" if had else ""))
         paths.append(path)
     return paths
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    f = sub.add_parser("fetch", help="download weights into torch's cache (hash checked)")
-    f.add_argument("names", nargs="+", metavar="NAME", help="e.g. " + NAMES[0])
-    f.add_argument("--dir", default=None, help="download here instead of $TORCH_HOME/hub/checkpoints")
-    ls = sub.add_parser("list", help="the supported names and what is in the cache")
-    ls.add_argument("--dir", default=None, help="look here instead of $TORCH_HOME/hub/checkpoints")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.action == "fetch":
-        fetch(args.names, args.dir)
-        if args.dir and Path(args.dir).resolve() != cache_dir().resolve():
-            print(f"training reads {cache_dir()}; set TORCH_HOME so that $TORCH_HOME/hub/checkpoints is {args.dir}")
-        return 0
-    target = cache_dir(args.dir)
-    print(f"cache: {target}")
-    known = set()
-    for spec in NAMES:
-        weights = resolve(spec)
-        path = cache_path(weights, target)
-        known.add(path.name)
-        kind, arch = kind_and_arch(weights)
-        key = "model.weights" if kind == "detector" else "model.backbone_weights"
-        state = "in the cache" if path.is_file() else "missing"
-        print(f"  {spec:<64} {key} (arch {arch}): {state}, {path.name}")
-    others = sorted(p.name for p in target.glob("*") if p.is_file() and p.name not in known) if target.is_dir() else []
-    if others:
-        print(f"also in the cache: {', '.join(others)}")
-    return 0

@@ -28,15 +28,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mapdet.engine import checkpoint
 from mapdet.config import ModelConfig, load_config
+from mapdet.engine import checkpoint
 from mapdet.shards.manifest import ManifestError, class_names, load_manifest
 
 # Training-only settings: they change how training starts or weighs its loss, never the network that
 # a state dict loads into or what it predicts (a frozen stage is a FrozenBatchNorm2d with the same
 # tensors, and eval-mode BatchNorm computes the same).
-_TRAINING_ONLY = dict(weights=None, backbone_weights=None, trainable_backbone_layers=None,
-                      class_weights="none", class_weights_list=None)
+_TRAINING_ONLY = dict(
+    weights=None, backbone_weights=None, trainable_backbone_layers=None, class_weights="none", class_weights_list=None
+)
 
 
 @dataclass
@@ -57,15 +58,19 @@ def export_record(model_cfg: ModelConfig, names: dict[int, str]) -> dict:
     from mapdet.modeling.detector import resolve_config  # torchvision: only when a model is really involved
 
     settings = dataclasses.replace(resolve_config(model_cfg), **_TRAINING_ONLY)
-    return {"arch": settings.arch, "num_classes": len(names) + 1,
-            "classes": [{"id": k, "name": n} for k, n in names.items()], "model": dataclasses.asdict(settings)}
+    return {
+        "arch": settings.arch,
+        "num_classes": len(names) + 1,
+        "classes": [{"id": k, "name": n} for k, n in names.items()],
+        "model": dataclasses.asdict(settings),
+    }
 
 
 def write_export(out: Path, raw_model, model_cfg: ModelConfig, names: dict[int, str]) -> None:
     """``out/model.safetensors`` (plain weights) + ``out/classes.json`` (classes and model settings)."""
     from safetensors.torch import save_file
 
-    from mapdet.modeling.detector import export_weights
+    from mapdet.modeling.weights_io import export_weights
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in export_weights(raw_model).items()}, str(out / "model.safetensors"))
@@ -74,14 +79,16 @@ def write_export(out: Path, raw_model, model_cfg: ModelConfig, names: dict[int, 
 
 def from_export(weights: str | Path, classes: str | Path | None = None, config: str | None = None) -> Trained:
     """Exported weights (``.safetensors`` or ``.pth``) and their classes.json (default: beside them)."""
-    from mapdet.modeling.detector import load_weights_file
+    from mapdet.modeling.weights_io import load_weights_file
 
     weights = Path(weights)
     state = load_weights_file(weights, "--weights")
     path = Path(classes) if classes else weights.with_name("classes.json")
     if not path.is_file():
-        raise FileNotFoundError(f"no classes file {path}: pass --classes with the classes.json that `mapdet train` "
-                                f"wrote beside the export (RUN/export/classes.json)")
+        raise FileNotFoundError(
+            f"no classes file {path}: pass --classes with the classes.json that `mapdet train` "
+            f"wrote beside the export (RUN/export/classes.json)"
+        )
     record = _read_json(path)
     found = _classes_of(record, path)
     model_cfg = _settings(record, path, config)
@@ -100,10 +107,14 @@ def from_checkpoint(path: str | Path, classes: str | Path | None = None, config:
     elif (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
         run, path = path, checkpoint.latest(path)
         if path is None:
-            raise FileNotFoundError(f"--checkpoint {run}: no complete checkpoint under {checkpoint.checkpoints_dir(run)}")
+            raise FileNotFoundError(
+                f"--checkpoint {run}: no complete checkpoint under {checkpoint.checkpoints_dir(run)}"
+            )
     else:
-        raise FileNotFoundError(f"--checkpoint {path}: neither a checkpoint folder (RUN/checkpoints/step_N with "
-                                f"meta.json) nor a run folder (with checkpoints/)")
+        raise FileNotFoundError(
+            f"--checkpoint {path}: neither a checkpoint folder (RUN/checkpoints/step_N with "
+            f"meta.json) nor a run folder (with checkpoints/)"
+        )
     config = config or run / "config.yaml"
     if not Path(config).is_file():
         raise FileNotFoundError(f"no {config}: pass --config with the training config of {run}")
@@ -121,9 +132,11 @@ def _checkpoint_classes(run: Path, cfg, classes) -> list[dict]:
     except ManifestError:
         if (run / "export" / "classes.json").is_file():
             return read_classes(run / "export" / "classes.json")
-        raise FileNotFoundError(f"the classes of {run} are in neither the training manifest its config names "
-                                f"({cfg.data.shards}, split {cfg.data.train_split}) nor {run / 'export/classes.json'}: "
-                                "pass --classes (a classes.json or the training split's manifest)") from None
+        raise FileNotFoundError(
+            f"the classes of {run} are in neither the training manifest its config names "
+            f"({cfg.data.shards}, split {cfg.data.train_split}) nor {run / 'export/classes.json'}: "
+            "pass --classes (a classes.json or the training split's manifest)"
+        ) from None
 
 
 def read_classes(path: str | Path) -> list[dict]:
@@ -143,15 +156,19 @@ def _read_json(path: Path):
 
 def _classes_of(record, path: Path) -> list[dict]:
     if not isinstance(record, dict) or not isinstance(record.get("classes"), list):
-        raise ValueError(f"{path}: no 'classes' list (expected a classes.json written by `mapdet train` or a shard manifest)")
+        raise ValueError(
+            f"{path}: no 'classes' list (expected a classes.json written by `mapdet train` or a shard manifest)"
+        )
     return _checked(record["classes"], str(path))
 
 
 def _checked(classes: list, where: str) -> list[dict]:
     out = [{"id": c.get("id"), "name": c.get("name")} for c in classes if isinstance(c, dict)]
     if not out or len(out) != len(classes) or [c["id"] for c in out] != list(range(1, len(out) + 1)):
-        raise ValueError(f"{where}: class ids must be 1..K in order (a label is a position in the list), "
-                         f"got {[c.get('id') for c in out][:10]}")
+        raise ValueError(
+            f"{where}: class ids must be 1..K in order (a label is a position in the list), "
+            f"got {[c.get('id') for c in out][:10]}"
+        )
     return out
 
 
@@ -166,8 +183,10 @@ def _settings(record: dict, path: Path, config: str | None) -> ModelConfig:
             raise ValueError(f"{path}: unknown model settings {unknown} (written by a newer mapdet?)")
         cfg = ModelConfig(**record["model"])
     else:
-        raise ValueError(f"{path} does not record the model settings (an export written before they were, or "
-                         "not a classes.json): pass --config with the training config")
+        raise ValueError(
+            f"{path} does not record the model settings (an export written before they were, or "
+            "not a classes.json): pass --config with the training config"
+        )
     if record.get("arch") not in (None, cfg.arch):
         raise ValueError(f"{path} says arch {record['arch']} but the model settings say {cfg.arch}")
     return cfg
@@ -181,12 +200,20 @@ def _build(model_cfg: ModelConfig, classes: list[dict], state: dict, source: str
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     extra = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} here"
-              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} here"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or extra or shapes:
-        problems = [f"{len(v)} {what} (first: {v[0]})" for what, v in
-                    (("tensors missing", missing), ("unexpected tensors", extra), ("of another shape", shapes)) if v]
-        raise ValueError(f"{source} does not fit model.arch={model_cfg.arch} with {len(classes)} classes: "
-                         f"{'; '.join(problems)}. Are the weights, classes and model settings of one run?")
+        problems = [
+            f"{len(v)} {what} (first: {v[0]})"
+            for what, v in (("tensors missing", missing), ("unexpected tensors", extra), ("of another shape", shapes))
+            if v
+        ]
+        raise ValueError(
+            f"{source} does not fit model.arch={model_cfg.arch} with {len(classes)} classes: "
+            f"{'; '.join(problems)}. Are the weights, classes and model settings of one run?"
+        )
     model.load_state_dict(state)
     return model.eval()

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 FORMAT = "mapdet-shards/1"
 
@@ -40,16 +38,6 @@ def coco_path(out: str | Path, split: str) -> Path:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
-
-
-def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 1) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -108,10 +96,15 @@ def classes_mismatch(a: dict, b: dict) -> str | None:
     if a["classes"] == b["classes"]:
         return None
     set_a, set_b = a.get("class_set", "all-instances"), b.get("class_set", "all-instances")
-    fix = ("pack both with the same --all-instance-classes setting" if set_a != set_b
-           else "pack both from the same Vistas config and version")
-    return (f"{a['split']} ({len(a['classes'])} classes, class set {set_a}) and {b['split']} "
-            f"({len(b['classes'])} classes, class set {set_b}) have different classes: {fix}")
+    fix = (
+        "pack both with the same --all-instance-classes setting"
+        if set_a != set_b
+        else "pack both from the same Vistas config and version"
+    )
+    return (
+        f"{a['split']} ({len(a['classes'])} classes, class set {set_a}) and {b['split']} "
+        f"({len(b['classes'])} classes, class set {set_b}) have different classes: {fix}"
+    )
 
 
 def describe(manifest: dict) -> str:
@@ -124,10 +117,15 @@ def describe(manifest: dict) -> str:
     ne = manifest.get("not_evaluated")
     if ne and ne["classes"]:
         n = sum(ne["objects"].values())
-        what = ("left out (not classes; --all-instance-classes keeps them)" if ne["handling"] == "left-out"
-                else "kept as classes (--all-instance-classes)")
-        lines.append(f"class set {manifest['class_set']}: {len(ne['classes'])} instance class(es) Vistas does not "
-                     f"evaluate ({', '.join(ne['classes'])}) with {n} object(s) {what}")
+        what = (
+            "left out (not classes; --all-instance-classes keeps them)"
+            if ne["handling"] == "left-out"
+            else "kept as classes (--all-instance-classes)"
+        )
+        lines.append(
+            f"class set {manifest['class_set']}: {len(ne['classes'])} instance class(es) Vistas does not "
+            f"evaluate ({', '.join(ne['classes'])}) with {n} object(s) {what}"
+        )
     if manifest["skipped"]:
         lines.append(f"skipped {len(manifest['skipped'])} bad input(s) (listed in the manifest's 'skipped'):")
         lines += [f"  {s['key']}: {s['reason']}" for s in manifest["skipped"][:10]]

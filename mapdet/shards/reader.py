@@ -124,7 +124,7 @@ def sample_range(url: str, shard: dict, lo: int, hi: int, lost: list | None = No
     if i >= hi:
         return
     problem = problem or f"ends after {i} samples, manifest lists {len(shard['keys'])}"
-    keys = shard["keys"][max(i, lo):hi]
+    keys = shard["keys"][max(i, lo) : hi]
     if lost is None:
         raise CorruptSample(f"{shard['name']}: {problem}; {len(keys)} image(s) from key {keys[0]!r} on cannot be read")
     lost.extend(bad_entry(url, k, f"{shard['name']}: {problem}") for k in keys)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mapdet import cli
-from tests.diagnosis.test_diagnosis import capped_scene, detect, manifest, scene
+from tests.diagnosis.scenes import capped_scene, detect, manifest, scene
 
 
 def run_cli(*argv) -> int:
@@ -37,8 +37,23 @@ def test_cli_writes_report_json_and_tensorboard(inputs, capsys):
     config = inputs / "cfg.yaml"
     config.write_text("model:\n  detections_per_img: 100\n  anchor_sizes: [8, 16, 32, 64, 128]\n")
     out = inputs / "diag"
-    assert run_cli("--gt", inputs / "gt.json", "--results", inputs / "dt.json", "--train-manifest", inputs / "m.json",
-                   "--run", run, "--config", config, "--out", out) == 0
+    assert (
+        run_cli(
+            "--gt",
+            inputs / "gt.json",
+            "--results",
+            inputs / "dt.json",
+            "--train-manifest",
+            inputs / "m.json",
+            "--run",
+            run,
+            "--config",
+            config,
+            "--out",
+            out,
+        )
+        == 0
+    )
     d = json.loads((out / "diagnosis.json").read_text())
     assert d["causes"][0]["cause"] == "class_imbalance"
     assert d["max_dets"]["model_cap"] == 100 and d["size"]["anchor_sizes"] == [8, 16, 32, 64, 128]
@@ -64,8 +79,12 @@ def test_cli_infers_the_cap_the_results_show_and_reports_a_given_one_that_disagr
     assert "detection cap 100: inferred" in capsys.readouterr().out
     text = (tmp_path / "a" / "report.md").read_text()
     assert "Missed objects by cause" in text and "| detection_cap | detection_cap |" in text
-    assert [g["group"] for g in d["miss_breakdown"]["groups"]] == ["detection_cap", "rare_class", "small",
-                                                                   "unexplained"]
+    assert [g["group"] for g in d["miss_breakdown"]["groups"]] == [
+        "detection_cap",
+        "rare_class",
+        "small",
+        "unexplained",
+    ]
 
     assert run_cli(*files, "--detections-per-img", 300, "--out", tmp_path / "b") == 0
     md = json.loads((tmp_path / "b" / "diagnosis.json").read_text())["max_dets"]
@@ -89,8 +108,9 @@ def test_cli_fails_with_a_message_on_bad_input(inputs, capsys):
     (inputs / "bad.json").write_text("[{")
     assert run_cli("--gt", inputs / "gt.json", "--results", inputs / "bad.json", "--out", out) == 2
     assert "not valid JSON" in capsys.readouterr().err
-    (inputs / "alien.json").write_text(json.dumps([{"image_id": 999, "category_id": 1, "bbox": [0, 0, 5, 5],
-                                                    "score": 0.5}]))
+    (inputs / "alien.json").write_text(
+        json.dumps([{"image_id": 999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}])
+    )
     assert run_cli("--gt", inputs / "gt.json", "--results", inputs / "alien.json", "--out", out) == 2
     assert "999" in capsys.readouterr().err
     assert run_cli("--gt", inputs / "gt.json", "--results", inputs / "dt.json", "--checkpoint", "x", "--out", out) == 2
@@ -102,25 +122,60 @@ def test_cli_with_checkpoint_runs_sweep_and_proposal_recall(tmp_path, shards):
     from safetensors.torch import save_file
 
     from mapdet.config import load_config
-    from mapdet.shards.manifest import coco_path, load_manifest
     from mapdet.modeling.detector import build_model
+    from mapdet.shards.manifest import coco_path, load_manifest
 
     config = tmp_path / "cfg.yaml"
-    config.write_text(f"data:\n  shards: {shards}\nmodel:\n  arch: small\n  min_size: 96\n  max_size: 128\n"
-                      f"  rpn_post_nms_top_n_test: 50\neval:\n  workers: 0\ntrain:\n  out: {tmp_path / 'run'}\n")
+    config.write_text(
+        f"data:\n  shards: {shards}\nmodel:\n  arch: small\n  min_size: 96\n  max_size: 128\n"
+        f"  rpn_post_nms_top_n_test: 50\neval:\n  workers: 0\ntrain:\n  out: {tmp_path / 'run'}\n"
+    )
     cfg = load_config(config)
     names = load_manifest(shards, "validation")["classes"]
     torch_state = build_model(cfg.model, len(names) + 1).state_dict()
     save_file({k: v.contiguous() for k, v in torch_state.items()}, str(tmp_path / "w.safetensors"))
     (tmp_path / "dt.json").write_text("[]")
     out = tmp_path / "diag"
-    assert run_cli("--gt", coco_path(shards, "validation"), "--results", tmp_path / "dt.json", "--config", config,
-                   "--checkpoint", tmp_path / "w.safetensors", "--sweep-nms", 0.5, 0.7, "--sweep-score", 0.05,
-                   "--sweep-dets", 10, 100, "--out", out) == 0
+    assert (
+        run_cli(
+            "--gt",
+            coco_path(shards, "validation"),
+            "--results",
+            tmp_path / "dt.json",
+            "--config",
+            config,
+            "--checkpoint",
+            tmp_path / "w.safetensors",
+            "--sweep-nms",
+            0.5,
+            0.7,
+            "--sweep-score",
+            0.05,
+            "--sweep-dets",
+            10,
+            100,
+            "--out",
+            out,
+        )
+        == 0
+    )
     d = json.loads((out / "diagnosis.json").read_text())
     assert d["sweep"]["num_images"] == 6 and d["sweep"]["nms_thresh"] == [0.5, 0.7]
     assert d["sweep"]["current"] == {"nms_thresh": 0.5, "score_thresh": 0.05, "detections_per_img": 300}
     assert d["proposal_recall"]["num_gt"]["all"] > 0
     assert (out / "postprocess_sweep.png").stat().st_size > 0 and (out / "proposal_recall.png").stat().st_size > 0
-    assert run_cli("--gt", coco_path(shards, "validation"), "--results", tmp_path / "dt.json", "--config", config,
-                   "--checkpoint", "latest", "--out", out) == 2  # no checkpoint in train.out
+    assert (
+        run_cli(
+            "--gt",
+            coco_path(shards, "validation"),
+            "--results",
+            tmp_path / "dt.json",
+            "--config",
+            config,
+            "--checkpoint",
+            "latest",
+            "--out",
+            out,
+        )
+        == 2
+    )  # no checkpoint in train.out

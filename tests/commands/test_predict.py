@@ -14,16 +14,21 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mapdet import boxes, cli
-from mapdet.modeling import trained
 from mapdet.config import load_config, to_yaml
 from mapdet.drawing import output_names
-from mapdet.shards.manifest import class_names, load_manifest
+from mapdet.modeling import trained
 from mapdet.modeling.detector import build_inference_model
-from tests.conftest import accelerate_launch
+from mapdet.shards.manifest import class_names, load_manifest
+from tests.helpers import accelerate_launch
 
 # Random weights: scores near 1 / (K + 1); a low model threshold keeps detections to compare.
-MODEL = ["model.arch=small", "model.min_size=128", "model.max_size=160", "model.score_thresh=0.01",
-         "model.detections_per_img=20"]
+MODEL = [
+    "model.arch=small",
+    "model.min_size=128",
+    "model.max_size=160",
+    "model.score_thresh=0.01",
+    "model.detections_per_img=20",
+]
 SIZES = {"a.png": (160, 120), "sub/b.png": (320, 240), "sub/c.png": (90, 200), "wide.jpg": (400, 100)}
 
 
@@ -67,12 +72,24 @@ def results(path: Path) -> list[dict]:
 
 
 def test_shards_equal_evaluate_detections(run, shards, tmp_path, capsys):
-    code, _, err = mapdet(capsys, "evaluate", "--config", run / "config.yaml", "--checkpoint", "latest",
-                          "--out", tmp_path / "eval", "--set", "eval.val_loss=false", "eval.num_images_logged=0",
-                          "eval.workers=0")
+    code, _, err = mapdet(
+        capsys,
+        "evaluate",
+        "--config",
+        run / "config.yaml",
+        "--checkpoint",
+        "latest",
+        "--out",
+        tmp_path / "eval",
+        "--set",
+        "eval.val_loss=false",
+        "eval.num_images_logged=0",
+        "eval.workers=0",
+    )
     assert code == 0, err
-    code, out, err = mapdet(capsys, "predict", "--checkpoint", run, "--shards", shards, "--out", tmp_path / "p.json",
-                            "--workers", "0")
+    code, out, err = mapdet(
+        capsys, "predict", "--checkpoint", run, "--shards", shards, "--out", tmp_path / "p.json", "--workers", "0"
+    )
     assert code == 0, err
     evaluated = results(tmp_path / "eval" / "detections.json")
     assert evaluated and "file_name" not in evaluated[0]
@@ -85,11 +102,35 @@ def test_shards_equal_evaluate_detections(run, shards, tmp_path, capsys):
 
 def test_folder_of_any_sizes_in_original_pixels_and_export_equals_checkpoint(run, images, tmp_path, capsys):
     # batches of one: images of different sizes batched together share padding, which moves scores a little
-    code, _, err = mapdet(capsys, "predict", "--weights", run / "export" / "model.safetensors", "--images", images,
-                          "--out", tmp_path / "w.json", "--workers", "0", "--batch-size", "1")
+    code, _, err = mapdet(
+        capsys,
+        "predict",
+        "--weights",
+        run / "export" / "model.safetensors",
+        "--images",
+        images,
+        "--out",
+        tmp_path / "w.json",
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+    )
     assert code == 0, err
-    code, _, err = mapdet(capsys, "predict", "--checkpoint", run / "checkpoints" / "step_0000007", "--images", images,
-                          "--out", tmp_path / "c.json", "--workers", "0", "--batch-size", "1")
+    code, _, err = mapdet(
+        capsys,
+        "predict",
+        "--checkpoint",
+        run / "checkpoints" / "step_0000007",
+        "--images",
+        images,
+        "--out",
+        tmp_path / "c.json",
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+    )
     assert code == 0, err
     got = results(tmp_path / "w.json")
     assert got == results(tmp_path / "c.json")
@@ -117,8 +158,22 @@ def test_folder_of_any_sizes_in_original_pixels_and_export_equals_checkpoint(run
     assert wide[:, 2].max() > 160  # beyond the model's own 160-pixel frame: original pixels
 
     thresh = float(np.median([r["score"] for r in got]))
-    code, _, _ = mapdet(capsys, "predict", "--weights", run / "export" / "model.safetensors", "--images", images,
-                        "--out", tmp_path / "t.json", "--workers", "0", "--batch-size", "1", "--score-thresh", thresh)
+    code, _, _ = mapdet(
+        capsys,
+        "predict",
+        "--weights",
+        run / "export" / "model.safetensors",
+        "--images",
+        images,
+        "--out",
+        tmp_path / "t.json",
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+        "--score-thresh",
+        thresh,
+    )
     kept = results(tmp_path / "t.json")
     assert code == 0 and kept == [r for r in got if r["score"] >= thresh] and 0 < len(kept) < len(got)
 
@@ -133,14 +188,30 @@ def test_draw_writes_each_image_at_its_size_in_the_chosen_format(run, images, tm
     weights = run / "export" / "model.safetensors"
     for fmt, magic in (("png", b"\x89PNG"), ("jpg", b"\xff\xd8\xff")):
         drawn = tmp_path / fmt
-        code, out, err = mapdet(capsys, "predict", "--weights", weights, "--images", images, "--out", tmp_path / "r.json",
-                                "--workers", "0", "--draw", drawn, "--draw-format", fmt, "--draw-thresh", "0.05")
+        code, out, err = mapdet(
+            capsys,
+            "predict",
+            "--weights",
+            weights,
+            "--images",
+            images,
+            "--out",
+            tmp_path / "r.json",
+            "--workers",
+            "0",
+            "--draw",
+            drawn,
+            "--draw-format",
+            fmt,
+            "--draw-thresh",
+            "0.05",
+        )
         assert code == 0, err
         written = sorted(p.relative_to(drawn).as_posix() for p in drawn.rglob("*") if p.is_file())
         assert written == sorted(str(Path(n).with_suffix(f".{fmt}")) for n in SIZES)
         for name, size in SIZES.items():
             path = drawn / Path(name).with_suffix(f".{fmt}")
-            assert path.read_bytes()[:len(magic)] == magic and Image.open(path).size == size
+            assert path.read_bytes()[: len(magic)] == magic and Image.open(path).size == size
     # boxes are drawn: the drawn PNG differs from the image where the detections are
     a = np.asarray(Image.open(tmp_path / "png" / "a.png"), dtype=int)
     assert (a != np.asarray(Image.open(images / "a.png"), dtype=int)).any()
@@ -152,8 +223,20 @@ def test_draw_writes_each_image_at_its_size_in_the_chosen_format(run, images, tm
     inside = tmp_path / "inside"
     shutil.copytree(images, inside)
     for _ in range(2):
-        code, out, err = mapdet(capsys, "predict", "--weights", weights, "--images", inside, "--out", tmp_path / "r.json",
-                                "--workers", "0", "--draw", inside / "drawn")
+        code, out, err = mapdet(
+            capsys,
+            "predict",
+            "--weights",
+            weights,
+            "--images",
+            inside,
+            "--out",
+            tmp_path / "r.json",
+            "--workers",
+            "0",
+            "--draw",
+            inside / "drawn",
+        )
         assert code == 0 and f"{len(SIZES)} image(s) on 1 process(es)" in out, err
 
 
@@ -164,8 +247,20 @@ def test_unreadable_images_are_counted_named_and_the_rest_predicted(run, images,
     (folder / "cut.jpg").write_bytes(data[: len(data) // 2])
     (folder / "text.png").write_bytes(b"not an image")
     (folder / "empty.jpeg").write_bytes(b"")
-    code, out, err = mapdet(capsys, "predict", "--weights", run / "export" / "model.safetensors", "--images", folder,
-                            "--out", tmp_path / "r.json", "--workers", "0", "--batch-size", "2")
+    code, out, err = mapdet(
+        capsys,
+        "predict",
+        "--weights",
+        run / "export" / "model.safetensors",
+        "--images",
+        folder,
+        "--out",
+        tmp_path / "r.json",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+    )
     assert code == 1
     assert "3 image(s) could not be read" in err
     for name, why in (("cut.jpg", "truncated"), ("text.png", "Unsupported image"), ("empty.jpeg", "empty")):
@@ -218,16 +313,43 @@ def test_two_processes_predict_each_image_once_as_one_process(run, images, tmp_p
     shutil.copytree(images, folder)
     shutil.copy(images / "a.png", folder / "e.png")  # 5 images: shares of 2 and 3
     weights = run / "export" / "model.safetensors"
-    code, _, err = mapdet(capsys, "predict", "--weights", weights, "--images", folder, "--out", tmp_path / "one.json",
-                          "--batch-size", "1", "--workers", "0")
+    code, _, err = mapdet(
+        capsys,
+        "predict",
+        "--weights",
+        weights,
+        "--images",
+        folder,
+        "--out",
+        tmp_path / "one.json",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+    )
     assert code == 0, err
-    r = accelerate_launch("predict", "--weights", str(weights), "--images", str(folder), "--out", str(tmp_path / "two.json"),
-                          "--batch-size", "1", "--workers", "1", "--draw", str(tmp_path / "drawn"), env={"OMP_NUM_THREADS": "1"})
+    r = accelerate_launch(
+        "predict",
+        "--weights",
+        str(weights),
+        "--images",
+        str(folder),
+        "--out",
+        str(tmp_path / "two.json"),
+        "--batch-size",
+        "1",
+        "--workers",
+        "1",
+        "--draw",
+        str(tmp_path / "drawn"),
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "5 image(s) on 2 process(es)" in r.stdout
     one, two = results(tmp_path / "one.json"), results(tmp_path / "two.json")
-    assert [(d["image_id"], d["file_name"], d["category_id"]) for d in two] == \
-        [(d["image_id"], d["file_name"], d["category_id"]) for d in one]
+    assert [(d["image_id"], d["file_name"], d["category_id"]) for d in two] == [
+        (d["image_id"], d["file_name"], d["category_id"]) for d in one
+    ]
     assert {d["image_id"] for d in two} == {1, 2, 3, 4, 5}
     assert np.allclose([d["bbox"] for d in two], [d["bbox"] for d in one], atol=1e-4)
     assert np.allclose([d["score"] for d in two], [d["score"] for d in one], atol=1e-6)
@@ -235,6 +357,15 @@ def test_two_processes_predict_each_image_once_as_one_process(run, images, tmp_p
 
     # an error found by the main process alone (it lists the folder) ends every rank, none waits
     (tmp_path / "empty").mkdir()
-    r = accelerate_launch("predict", "--weights", str(weights), "--images", str(tmp_path / "empty"), "--out",
-                          str(tmp_path / "none.json"), env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    r = accelerate_launch(
+        "predict",
+        "--weights",
+        str(weights),
+        "--images",
+        str(tmp_path / "empty"),
+        "--out",
+        str(tmp_path / "none.json"),
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert r.returncode != 0 and "no .jpg/.jpeg/.png files" in r.stderr

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,19 +12,18 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mapdet.config import ModelConfig
 from mapdet.evaluation.coco import evaluate_coco
 from mapdet.modeling.detector import build_model
-from mapdet.config import ModelConfig
-from tests.conftest import REPO, accelerate_launch, free_port, run_cli
-
-# the small preset on 160x120 images: about a second per step on one core
-TINY = ["model.arch=small", "model.min_size=128", "model.max_size=160", "data.batch_size=2", "data.workers=1",
-        "data.shuffle_buffer=4", "optim.lr=0.01", "optim.warmup_steps=2", "train.log_every=1", "eval.workers=0",
-        "eval.batch_size=3", "train.image_log_every=2"]
-
-
-def _args(shards, out, *extra):
-    return ["train", "--set", f"data.shards={shards}", f"train.out={out}", *TINY, *extra]
+from tests.helpers import (
+    TINY_TRAIN,
+    accelerate_launch,
+    exported_weights,
+    launch_background,
+    run_cli,
+    train_args,
+    wait_for_file,
+)
 
 
 def _scalars(run: Path, tag: str) -> list[float]:
@@ -39,24 +35,55 @@ def _scalars(run: Path, tag: str) -> list[float]:
 def test_two_process_training_learns_logs_checkpoints_and_exports(shards, tmp_path):
     run = tmp_path / "run"
     every_box = "model.score_thresh=0.0"  # a barely trained model's detections, for detections.json below
-    r = accelerate_launch(*_args(shards, run, "train.max_steps=16", "train.ckpt_every=8", "train.keep_last=1", "train.eval_every=8", every_box))
+    r = accelerate_launch(
+        *train_args(
+            shards,
+            run,
+            "train.max_steps=16",
+            "train.ckpt_every=8",
+            "train.keep_last=1",
+            "train.eval_every=8",
+            every_box,
+        )
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "weights identical on all 2 rank(s)" in r.stdout + r.stderr
     losses = _scalars(run, "train/loss")
     assert len(losses) == 16
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # the loss falls
-    for tag in ("train/lr", "train/grad_norm", "train/images_per_s", "train/data_wait", "val/AP", "val/loss", "val/AP50"):
+    for tag in (
+        "train/lr",
+        "train/grad_norm",
+        "train/images_per_s",
+        "train/data_wait",
+        "val/AP",
+        "val/loss",
+        "val/AP50",
+    ):
         assert _scalars(run, tag), tag
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000016"]  # keep_last=1
     assert (run / "config.yaml").exists() and (run / "metrics_step_0000016.json").exists()
     state = load_file(str(run / "export" / "model.safetensors"))
-    model = build_model(ModelConfig(arch="small", min_size=128, max_size=160), num_classes=len(json.loads((run / "export" / "classes.json").read_text())["classes"]) + 1)
+    model = build_model(
+        ModelConfig(arch="small", min_size=128, max_size=160),
+        num_classes=len(json.loads((run / "export" / "classes.json").read_text())["classes"]) + 1,
+    )
     model.load_state_dict(state, strict=True)
 
     # One validation loss and one AP for one model: training's validation at step 16 (2 ranks, each
     # with its own BatchNorm update until rank 0's are broadcast) = `mapdet evaluate` of checkpoint 16.
-    r = accelerate_launch("evaluate", "--checkpoint", "latest", "--out", str(tmp_path / "eval"),
-                          "--set", f"data.shards={shards}", f"train.out={run}", *TINY, every_box)
+    r = accelerate_launch(
+        "evaluate",
+        "--checkpoint",
+        "latest",
+        "--out",
+        str(tmp_path / "eval"),
+        "--set",
+        f"data.shards={shards}",
+        f"train.out={run}",
+        *TINY_TRAIN,
+        every_box,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     during = json.loads((run / "metrics_step_0000016.json").read_text())
     after = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -71,71 +98,54 @@ def test_two_process_training_learns_logs_checkpoints_and_exports(shards, tmp_pa
     assert len(written) > 0 and [rescored[k] for k in ("AP", "AP50")] == [after["bbox"][k] for k in ("AP", "AP50")]
 
 
-def _launch_bg(args, log: Path) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("accelerate")
-    cmd = [str(exe), "launch", "--config_file", str(REPO / "launch/accelerate/cpu2.yaml"), "--main_process_port", str(free_port()), "-m", "mapdet", *args]
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    end = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"training ended before {path} appeared"
-        assert time.time() < end, f"{path} did not appear"
-        time.sleep(0.2)
-
-
 def _workers(launcher_pid: int) -> list[int]:
     import psutil
+
     # direct children only: DataLoader workers (grandchildren) share the command line
     return [c.pid for c in psutil.Process(launcher_pid).children() if "mapdet" in " ".join(c.cmdline())]
-
-
-def _weights(run: Path) -> dict:
-    return load_file(str(run / "export" / "model.safetensors"))
 
 
 def test_kill_then_resume_and_sigusr1_preemption_end_at_the_uninterrupted_weights(shards, tmp_path):
     steps = ["train.max_steps=8", "train.ckpt_every=3"]
     straight = tmp_path / "straight"
-    r = accelerate_launch(*_args(shards, straight, *steps))
+    r = accelerate_launch(*train_args(shards, straight, *steps))
     assert r.returncode == 0, r.stderr[-3000:]
 
     # kill -9 of the whole job once step 3's checkpoint exists, then --resume auto
     killed = tmp_path / "killed"
-    proc = _launch_bg(_args(shards, killed, *steps), tmp_path / "killed.log")
-    _wait_for(killed / "checkpoints" / "step_0000003" / "meta.json", proc)
+    proc = launch_background(train_args(shards, killed, *steps), tmp_path / "killed.log")
+    wait_for_file(killed / "checkpoints" / "step_0000003" / "meta.json", [proc])
     ranks = _workers(proc.pid)
     for group in (proc.pid, *ranks):  # torch starts each rank in a session of its own
         os.killpg(group, signal.SIGKILL)
     proc.wait()
     assert ranks and not (killed / "export").exists()  # really killed before the end
-    r = accelerate_launch(*_args(shards, killed, *steps), "--resume", "auto")
+    r = accelerate_launch(*train_args(shards, killed, *steps), "--resume", "auto")
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
 
     # SIGUSR1 to ONE rank: both ranks checkpoint the same step, exit 75 (launcher: non-zero) + marker
     pre = tmp_path / "preempted"
-    proc = _launch_bg(_args(shards, pre, *steps), tmp_path / "pre.log")
-    _wait_for(pre / "checkpoints" / "step_0000003" / "meta.json", proc)
+    proc = launch_background(train_args(shards, pre, *steps), tmp_path / "pre.log")
+    wait_for_file(pre / "checkpoints" / "step_0000003" / "meta.json", [proc])
     os.kill(_workers(proc.pid)[-1], signal.SIGUSR1)
     assert proc.wait(timeout=300) != 0
     log = (tmp_path / "pre.log").read_text()
     assert "exiting 75" in log and (pre / "PREEMPTED").exists(), log[-3000:]
     step = int((pre / "PREEMPTED").read_text().split()[1])
     assert 3 <= step < 8 and (pre / "checkpoints" / f"step_{step:07d}" / "meta.json").exists()
-    r = accelerate_launch(*_args(shards, pre, *steps), "--resume", "auto")
+    r = accelerate_launch(*train_args(shards, pre, *steps), "--resume", "auto")
     assert r.returncode == 0 and not (pre / "PREEMPTED").exists(), r.stderr[-3000:]
 
-    ref = _weights(straight)
+    ref = exported_weights(straight)
     for run in (killed, pre):
-        got = _weights(run)
+        got = exported_weights(run)
         assert got.keys() == ref.keys()
         for k in ref:
             assert torch.equal(got[k], ref[k]), f"{run.name}: {k} differs from the uninterrupted run"
 
 
 def test_single_process_bf16_autocast_runs(shards, tmp_path):
-    r = run_cli(*_args(shards, tmp_path / "bf16", "train.max_steps=2", "train.mixed_precision=bf16"))
+    r = run_cli(*train_args(shards, tmp_path / "bf16", "train.max_steps=2", "train.mixed_precision=bf16"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(_scalars(tmp_path / "bf16", "train/loss")) == 2
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mapdet.data.augment import BatchAugment, rot90, visible_boxes
 from mapdet.config import AugmentConfig
+from mapdet.data.augment import BatchAugment, rot90, visible_boxes
 
 OFF = dict(hflip=0.0, vflip=0.0, rot90=0.0, color_jitter=0.0, scale_jitter=0.0)
 

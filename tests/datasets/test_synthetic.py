@@ -36,8 +36,9 @@ def small(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def likeness(tmp_path_factory):
     """300 training images at 256x192: enough for the frequency claims, a few seconds to write."""
-    root = synthesize(tmp_path_factory.mktemp("like") / "raw", "v2.0", n_train=300, n_val=0, seed=0,
-                      cfg=SynthConfig(size=(256, 192)))
+    root = synthesize(
+        tmp_path_factory.mktemp("like") / "raw", "v2.0", n_train=300, n_val=0, seed=0, cfg=SynthConfig(size=(256, 192))
+    )
     pan = _panoptic(root, "training", "v2.0")
     thing_ids = {c["id"] for c in pan["categories"] if c["isthing"]}
     per_image = [[s for s in a["segments_info"] if s["category_id"] in thing_ids] for a in pan["annotations"]]
@@ -169,8 +170,23 @@ def test_occlusion_boxes_are_visible_pixels():
 
 def test_cli_writes_layout(tmp_path):
     out = tmp_path / "raw"
-    cmd = [sys.executable, "-m", "mapdet", "synth", str(out), "--version", "v1.2", "--train", "2", "--val", "1",
-           "--size", "64x48", "--seed", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mapdet",
+        "synth",
+        str(out),
+        "--version",
+        "v1.2",
+        "--train",
+        "2",
+        "--val",
+        "1",
+        "--size",
+        "64x48",
+        "--seed",
+        "3",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "wrote 2 training + 1 validation" in done.stdout

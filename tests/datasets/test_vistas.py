@@ -16,8 +16,14 @@ from mapdet.datasets.vistas import BadSample, VistasReader, detect_version, pano
 
 @pytest.fixture(scope="module", params=["v1.2", "v2.0"])
 def raw(request, tmp_path_factory) -> Path:
-    return synthesize(tmp_path_factory.mktemp(request.param) / "raw", request.param, n_train=10, n_val=3,
-                      seed=2, cfg=SynthConfig(size=(160, 120)))
+    return synthesize(
+        tmp_path_factory.mktemp(request.param) / "raw",
+        request.param,
+        n_train=10,
+        n_val=3,
+        seed=2,
+        cfg=SynthConfig(size=(160, 120)),
+    )
 
 
 @pytest.fixture
@@ -95,8 +101,10 @@ def test_version_detection(tmp_path, raw):
 
 def _tiny(root: Path, values: np.ndarray, bbox: list[int]) -> Path:
     """A hand-made v1.2 release: label 0 sky (stuff), label 1 pole (thing), one image."""
-    labels = [{"name": "nature--sky", "instances": False, "color": [70, 130, 180]},
-              {"name": "object--support--pole", "instances": True, "color": [153, 153, 153]}]
+    labels = [
+        {"name": "nature--sky", "instances": False, "color": [70, 130, 180]},
+        {"name": "object--support--pole", "instances": True, "color": [153, 153, 153]},
+    ]
     (root / "training" / "images").mkdir(parents=True)
     (root / "config_v1.2.json").write_text(json.dumps({"labels": labels}))
     h, w = values.shape
@@ -106,9 +114,14 @@ def _tiny(root: Path, values: np.ndarray, bbox: list[int]) -> Path:
     Image.fromarray(values.astype(np.uint16)).save(root / "training" / "v1.2" / "instances" / "a.png")
     Image.new("RGB", (w, h)).save(root / "training" / "v1.2" / "panoptic" / "a.png")
     seg = {"id": 7, "category_id": 2, "area": 1, "bbox": bbox, "iscrowd": 0}
-    pan = {"images": [{"id": "a"}], "annotations": [{"image_id": "a", "file_name": "a.png", "segments_info": [seg]}],
-           "categories": [{"id": 1, "name": "Sky", "supercategory": "nature--sky", "isthing": 0},
-                          {"id": 2, "name": "Pole", "supercategory": "object--support--pole", "isthing": 1}]}
+    pan = {
+        "images": [{"id": "a"}],
+        "annotations": [{"image_id": "a", "file_name": "a.png", "segments_info": [seg]}],
+        "categories": [
+            {"id": 1, "name": "Sky", "supercategory": "nature--sky", "isthing": 0},
+            {"id": 2, "name": "Pole", "supercategory": "object--support--pole", "isthing": 1},
+        ],
+    }
     (root / "training" / "v1.2" / "panoptic" / "panoptic_2018.json").write_text(json.dumps(pan))
     return root
 
@@ -130,6 +143,7 @@ def test_json_with_max_minus_min_boxes_is_corrected(damaged):
             for seg in ann["segments_info"]:
                 seg["bbox"][2] -= 1
                 seg["bbox"][3] -= 1
+
     _edit_json(damaged, version, shrink)
     with pytest.warns(UserWarning, match="adding 1"):
         reader = VistasReader(damaged, "training")
@@ -147,6 +161,7 @@ def test_json_disagreeing_with_pngs_falls_back_or_raises(damaged):
         for ann in data["annotations"]:
             for seg in ann["segments_info"]:
                 seg["bbox"][0] = max(seg["bbox"][0] - 2, 0)
+
     _edit_json(damaged, version, shift)
     with pytest.warns(UserWarning, match="instance PNGs instead, with iscrowd = 0"):
         reader = VistasReader(damaged, "training")
@@ -193,6 +208,7 @@ def test_value_boxes_match_brute_force():
 
 # -- every BadSample case names the file ---------------------------------------------------------
 
+
 def _first(root: Path, version: str, kind: str, n: int = 0) -> tuple[str, Path]:
     stem = sorted(p.stem for p in (root / "training" / "images").glob("*.jpg"))[n]
     if kind == "images":
@@ -223,18 +239,21 @@ def _eight_bit(path: Path) -> None:
     Image.fromarray((np.asarray(Image.open(path)) >> 8).astype(np.uint8)).save(path)
 
 
-@pytest.mark.parametrize("kind, damage, source, reason", [
-    ("images", _corrupt_jpeg, "panoptic", "unreadable image"),
-    ("images", _truncate, "panoptic", "truncated JPEG"),
-    ("images", Path.unlink, "instances", "unreadable image"),
-    ("instances", Path.unlink, "instances", "unreadable mask"),
-    ("instances", _truncate, "instances", "unreadable mask"),
-    ("instances", _wrong_size, "instances", "mask is 80x60 but the image is 160x120"),
-    ("instances", _unknown_label, "instances", "label index 200"),
-    ("instances", _eight_bit, "instances", "expected 16-bit"),
-    ("panoptic", _wrong_size, "panoptic", "mask is 80x60"),
-    ("panoptic", Path.unlink, "panoptic", "unreadable mask"),
-])
+@pytest.mark.parametrize(
+    "kind, damage, source, reason",
+    [
+        ("images", _corrupt_jpeg, "panoptic", "unreadable image"),
+        ("images", _truncate, "panoptic", "truncated JPEG"),
+        ("images", Path.unlink, "instances", "unreadable image"),
+        ("instances", Path.unlink, "instances", "unreadable mask"),
+        ("instances", _truncate, "instances", "unreadable mask"),
+        ("instances", _wrong_size, "instances", "mask is 80x60 but the image is 160x120"),
+        ("instances", _unknown_label, "instances", "label index 200"),
+        ("instances", _eight_bit, "instances", "expected 16-bit"),
+        ("panoptic", _wrong_size, "panoptic", "mask is 80x60"),
+        ("panoptic", Path.unlink, "panoptic", "unreadable mask"),
+    ],
+)
 def test_bad_files_raise_badsample_naming_them(damaged, kind, damage, source, reason):
     version = detect_version(damaged)
     stem, path = _first(damaged, version, kind, n=3)  # not among the images the convention check reads
@@ -243,8 +262,9 @@ def test_bad_files_raise_badsample_naming_them(damaged, kind, damage, source, re
     with pytest.raises(BadSample, match=reason) as e:
         reader.read(stem)
     assert str(path) in str(e.value)
-    assert _same(reader.read(reader.stems()[4]), VistasReader(damaged, "training", source="instances").read(
-        reader.stems()[4]))  # the others still read
+    assert _same(
+        reader.read(reader.stems()[4]), VistasReader(damaged, "training", source="instances").read(reader.stems()[4])
+    )  # the others still read
 
 
 def _last_with_things(data) -> dict:
@@ -261,6 +281,7 @@ def _set_segment(field, value):
         ann = _last_with_things(data)
         next(s for s in ann["segments_info"] if s["category_id"] in things)[field] = value
         data["edited"] = ann["image_id"]
+
     return edit
 
 
@@ -270,13 +291,16 @@ def _drop_entry(data):
     data["edited"] = ann["image_id"]
 
 
-@pytest.mark.parametrize("edit, reason", [
-    (_set_segment("category_id", 999), "unknown category_id 999"),
-    (_set_segment("area", 0), "zero area"),
-    (_set_segment("bbox", [150, 0, 40, 5]), "outside the 160x120 image"),
-    (_set_segment("bbox", [1, 2, 3]), "malformed segment"),
-    (_drop_entry, "no entry for image"),
-])
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (_set_segment("category_id", 999), "unknown category_id 999"),
+        (_set_segment("area", 0), "zero area"),
+        (_set_segment("bbox", [150, 0, 40, 5]), "outside the 160x120 image"),
+        (_set_segment("bbox", [1, 2, 3]), "malformed segment"),
+        (_drop_entry, "no entry for image"),
+    ],
+)
 def test_bad_json_raises_badsample_naming_it(damaged, edit, reason):
     version = detect_version(damaged)
     _edit_json(damaged, version, edit)

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_quick_demo_leaves_every_artefact(tmp_path):
@@ -18,10 +18,20 @@ def test_quick_demo_leaves_every_artefact(tmp_path):
         assert f"[{n}/6]" in r.stdout
     assert f"tensorboard --logdir {out / 'run'}" in r.stdout
     assert "AP50" in r.stdout and "top cause" in r.stdout
-    for path in ["raw/config_v2.0.json", "shards/training.manifest.json", "shards/validation.coco.json",
-                 "run/config.yaml", "run/export/model.safetensors", "run/export/classes.json",
-                 "run/checkpoints/step_0000006/meta.json", "run/eval/final/metrics.json",
-                 "run/eval/final/detections.json", "report/report.md", "report/diagnosis.json", "summary.json"]:
+    for path in [
+        "raw/config_v2.0.json",
+        "shards/training.manifest.json",
+        "shards/validation.coco.json",
+        "run/config.yaml",
+        "run/export/model.safetensors",
+        "run/export/classes.json",
+        "run/checkpoints/step_0000006/meta.json",
+        "run/eval/final/metrics.json",
+        "run/eval/final/detections.json",
+        "report/report.md",
+        "report/diagnosis.json",
+        "summary.json",
+    ]:
         assert (out / path).stat().st_size > 0, path
     assert list((out / "run" / "tensorboard").rglob("events.out.tfevents.*"))
     metrics = json.loads((out / "run/eval/final/metrics.json").read_text())
@@ -41,14 +51,17 @@ def test_quick_demo_leaves_every_artefact(tmp_path):
     assert figures and all(Image.open(f).format == "PNG" for f in figures)
 
 
-@pytest.mark.parametrize("requested, gpus, expected", [
-    (None, 0, (2, 8)),  # a CPU machine: 2 processes x 4 images
-    (None, 1, (1, 8)),  # one GPU: one process (the shipped demo started 2 there and failed)
-    (None, 8, (8, 8)),
-    (None, 3, (3, 9)),  # 8 does not split over 3: the nearest global batch that does
-    (1, 0, (1, 8)),     # --processes 1 on a CPU: same 8 images per step, so it learns the same
-    (16, 1, (16, 16)),
-])
+@pytest.mark.parametrize(
+    "requested, gpus, expected",
+    [
+        (None, 0, (2, 8)),  # a CPU machine: 2 processes x 4 images
+        (None, 1, (1, 8)),  # one GPU: one process (the shipped demo started 2 there and failed)
+        (None, 8, (8, 8)),
+        (None, 3, (3, 9)),  # 8 does not split over 3: the nearest global batch that does
+        (1, 0, (1, 8)),  # --processes 1 on a CPU: same 8 images per step, so it learns the same
+        (16, 1, (16, 16)),
+    ],
+)
 def test_demo_topology_keeps_the_global_batch(requested, gpus, expected):
     from mapdet.commands.demo import topology
 

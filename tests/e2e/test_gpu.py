@@ -43,15 +43,15 @@ from safetensors.torch import load_file
 from torchvision.ops import box_iou
 
 from mapdet import comm
-from mapdet.data.augment import BatchAugment
 from mapdet.config import AugmentConfig, EvalConfig, ModelConfig, OptimConfig
-from mapdet.data.loaders import Batch
-from mapdet.engine.step import cuda_speedups, train_step
-from mapdet.shards.manifest import coco_path, load_manifest
-from mapdet.modeling.detector import build_inference_model, build_model
+from mapdet.data.augment import BatchAugment
 from mapdet.engine.optim import make_optimizer, make_scheduler
+from mapdet.engine.step import TrainParts, cuda_speedups, train_step
 from mapdet.evaluation.validation import validate
-from tests.conftest import REPO
+from mapdet.modeling.detector import build_inference_model, build_model
+from mapdet.shards.manifest import coco_path, load_manifest
+from mapdet.structures import Batch
+from tests.helpers import REPO
 
 pytestmark = [
     pytest.mark.gpu,
@@ -80,8 +80,14 @@ def synthetic_batch(seed: int) -> tuple[list[torch.Tensor], list[dict]]:
         xy = torch.rand(6, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
         wh = 3 + torch.rand(6, 2, generator=g) * torch.tensor([w * 0.4, h * 0.4])
         boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([float(w), float(h)]))], dim=1)
-        targets.append({"boxes": boxes, "labels": torch.randint(1, 9, (6,), generator=g),
-                        "iscrowd": torch.zeros(6, dtype=torch.int64), "key": f"k{len(images)}"})
+        targets.append(
+            {
+                "boxes": boxes,
+                "labels": torch.randint(1, 9, (6,), generator=g),
+                "iscrowd": torch.zeros(6, dtype=torch.int64),
+                "key": f"k{len(images)}",
+            }
+        )
     return images, targets
 
 
@@ -153,10 +159,11 @@ def test_bf16_training_steps_of_every_arch_on_cuda_have_finite_losses(arch, bf16
     dtypes = []
     hook = conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     before = [p.detach().clone() for p in model.parameters()]
-    batches, augment = _batches(), BatchAugment(AugmentConfig()).to(acc.device)
+    batches = _batches()
+    parts = TrainParts(acc, model, model, optimizer, scheduler, BatchAugment(AugmentConfig()).to(acc.device))
     losses = []
     for _ in range(3):
-        res = train_step(acc, model, optimizer, scheduler, batches, augment, 1, clip_norm=10.0)
+        res = train_step(parts, batches, OptimConfig(grad_accum=1, clip_norm=10.0))
         assert not res.skipped and all(math.isfinite(v) for v in res.losses.values()), res.losses
         assert math.isfinite(res.grad_norm) and res.images == res.all_images == 4
         losses.append(res.losses["loss"])
@@ -164,20 +171,48 @@ def test_bf16_training_steps_of_every_arch_on_cuda_have_finite_losses(arch, bf16
     assert dtypes and all(d == torch.bfloat16 for d in dtypes), dtypes  # autocast really ran in bf16
     assert any(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    report("bf16_step", arch=arch, losses=[round(x, 4) for x in losses], max_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    report(
+        "bf16_step",
+        arch=arch,
+        losses=[round(x, 4) for x in losses],
+        max_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    )
 
 
 # ------------------------------------------------------------- mapdet train on CUDA, and resume
 
 STEPS, HALF = 20, 10
-TRAIN = ["model.arch=small", "model.min_size=128", "model.max_size=160", "data.batch_size=2", "data.workers=1",
-         "data.shuffle_buffer=4", "optim.name=adamw", "optim.lr=0.003", "optim.warmup_steps=2", "train.log_every=5",
-         "train.image_log_every=0", f"train.max_steps={STEPS}", f"train.ckpt_every={HALF}", "train.keep_last=5",
-         "data.val_split=none"]  # no validation inside training: the tests below validate themselves
+TRAIN = [
+    "model.arch=small",
+    "model.min_size=128",
+    "model.max_size=160",
+    "data.batch_size=2",
+    "data.workers=1",
+    "data.shuffle_buffer=4",
+    "optim.name=adamw",
+    "optim.lr=0.003",
+    "optim.warmup_steps=2",
+    "train.log_every=5",
+    "train.image_log_every=0",
+    f"train.max_steps={STEPS}",
+    f"train.ckpt_every={HALF}",
+    "train.keep_last=5",
+    "data.val_split=none",
+]  # no validation inside training: the tests below validate themselves
 
 
 def _train(shards: Path, run: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mapdet", "train", "--set", f"data.shards={shards}", f"train.out={run}", *TRAIN, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mapdet",
+        "train",
+        "--set",
+        f"data.shards={shards}",
+        f"train.out={run}",
+        *TRAIN,
+        *extra,
+    ]
     log = open(run.with_suffix(".log"), "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, text=True)
 
@@ -219,11 +254,20 @@ def test_checkpoint_resume_on_cuda_continues_to_the_unbroken_weights(cuda_runs):
             assert torch.equal(resumed[k], a[k]), k
     moved, noise, off = _distance(a, half), _distance(a, b), _distance(resumed, a)
     tolerance = max(0.05 * moved, 3 * noise)
-    report("resume_cuda", moved_after_checkpoint=moved, unbroken_runs_apart=noise, resumed_vs_unbroken=off,
-           tolerance=tolerance, bit_identical=off == 0.0, unbroken_runs_bit_identical=noise == 0.0)
+    report(
+        "resume_cuda",
+        moved_after_checkpoint=moved,
+        unbroken_runs_apart=noise,
+        resumed_vs_unbroken=off,
+        tolerance=tolerance,
+        bit_identical=off == 0.0,
+        unbroken_runs_bit_identical=noise == 0.0,
+    )
     assert moved > 0
-    assert off <= tolerance, (f"resumed run ends {off:.3g} from the unbroken one; training moved the weights {moved:.3g} "
-                              f"after the checkpoint and two unbroken runs end {noise:.3g} apart")
+    assert off <= tolerance, (
+        f"resumed run ends {off:.3g} from the unbroken one; training moved the weights {moved:.3g} "
+        f"after the checkpoint and two unbroken runs end {noise:.3g} apart"
+    )
 
 
 def _twins(cpu, gpu, top: int = 50) -> tuple[int, int]:
@@ -248,7 +292,10 @@ def _twins(cpu, gpu, top: int = 50) -> tuple[int, int]:
 def _validate_both(model, cfg: EvalConfig, shards, split: str) -> dict:
     manifest = load_manifest(shards, split)
     gt = json.loads(coco_path(shards, split).read_text())
-    out = {name: validate(model.to(device), device, cfg, shards, manifest, gt) for name, device in (("cpu", CPU), ("cuda", CUDA))}
+    out = {
+        name: validate(model.to(device), device, cfg, shards, manifest, gt)
+        for name, device in (("cpu", CPU), ("cuda", CUDA))
+    }
     assert out["cuda"].images == out["cpu"].images == manifest["num_samples"]
     return out
 
@@ -257,9 +304,19 @@ def _compare(test: str, results: dict, **context) -> tuple[dict, dict, int, int]
     cpu, gpu = results["cpu"], results["cuda"]
     sc, sg = cpu.result.summary(), gpu.result.summary()
     found, total = _twins(cpu.detections, gpu.detections)
-    report(test, **context, AP_cpu=sc["AP"], AP_cuda=sg["AP"], AP50_cpu=sc["AP50"], AP50_cuda=sg["AP50"],
-           detections_cpu=len(cpu.detections.scores), detections_cuda=len(gpu.detections.scores),
-           top50_with_cuda_twin=found / max(total, 1), val_loss_cpu=cpu.loss.get("loss"), val_loss_cuda=gpu.loss.get("loss"))
+    report(
+        test,
+        **context,
+        AP_cpu=sc["AP"],
+        AP_cuda=sg["AP"],
+        AP50_cpu=sc["AP50"],
+        AP50_cuda=sg["AP50"],
+        detections_cpu=len(cpu.detections.scores),
+        detections_cuda=len(gpu.detections.scores),
+        top50_with_cuda_twin=found / max(total, 1),
+        val_loss_cpu=cpu.loss.get("loss"),
+        val_loss_cuda=gpu.loss.get("loss"),
+    )
     assert total > 0 and found >= 0.9 * total, f"only {found} of {total} top CPU detections have a CUDA twin"
     assert abs(sc["AP"] - sg["AP"]) <= 0.02 and abs(sc["AP50"] - sg["AP50"]) <= 0.02, (sc, sg)
     if cpu.loss:
@@ -281,8 +338,10 @@ def test_validate_on_cuda_gives_the_cpu_detections_for_the_same_weights(shards):
 TRAINED = os.environ.get("MAPDET_TRAINED_RUN")  # a finished `mapdet demo --out DIR` (bench/gpu_check.sh sets it)
 
 
-@pytest.mark.skipif(not (TRAINED and (Path(TRAINED) / "run" / "export" / "model.safetensors").exists()),
-                    reason="set MAPDET_TRAINED_RUN to a finished `mapdet demo --out DIR` folder (bench/gpu_check.sh does, after its demo)")
+@pytest.mark.skipif(
+    not (TRAINED and (Path(TRAINED) / "run" / "export" / "model.safetensors").exists()),
+    reason="set MAPDET_TRAINED_RUN to a finished `mapdet demo --out DIR` folder (bench/gpu_check.sh does, after its demo)",
+)
 def test_a_trained_model_validates_on_cuda_to_the_cpu_ap():
     from mapdet.config import load_config
 
@@ -294,4 +353,6 @@ def test_a_trained_model_validates_on_cuda_to_the_cpu_ap():
     model.load_state_dict(load_file(str(run / "run" / "export" / "model.safetensors")))
     results = _validate_both(model, cfg.eval, shards, cfg.data.val_split)
     sc, _, _, _ = _compare("validate_cuda_vs_cpu_trained_demo", results, run=str(run))
-    assert sc["AP50"] > 0.05, f"the demo's model is barely trained (AP50 {sc['AP50']:.3f}): the AP comparison means little"
+    assert sc["AP50"] > 0.05, (
+        f"the demo's model is barely trained (AP50 {sc['AP50']:.3f}): the AP comparison means little"
+    )

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from mapdet.shards.manifest import load_manifest
-from tests.conftest import REPO, free_port
+from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.slurm
 
@@ -83,16 +83,19 @@ class Cluster:
 
     def logs(self, job_id: int) -> str:
         """Tail of every log of this job id, for failure messages."""
-        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace").replace("\r", "\n")[-3000:]
-                         for p in sorted(self.out.glob(f"*-{job_id}.out")))
+        return "\n".join(
+            f"--- {p.name}\n" + p.read_text(errors="replace").replace("\r", "\n")[-3000:]
+            for p in sorted(self.out.glob(f"*-{job_id}.out"))
+        )
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     # munged needs every folder above its socket searchable by all users; pytest's tmp is 0700.
     home = Path(tempfile.mkdtemp(prefix="mapdet-slurm.", dir="/tmp"))
-    start = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", str(home), "2"], capture_output=True, text=True,
-                           timeout=600)
+    start = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "start", str(home), "2"], capture_output=True, text=True, timeout=600
+    )
     if start.returncode == 3:
         shutil.rmtree(home, ignore_errors=True)
         pytest.skip(f"this machine cannot run Slurm: {start.stderr.strip()}")
@@ -101,7 +104,9 @@ def cluster(tmp_path_factory):
     try:
         yield Cluster(conf, tmp_path_factory.mktemp("slurm-logs"))
     finally:
-        stop = subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", str(home)], capture_output=True, text=True, timeout=120)
+        stop = subprocess.run(
+            ["bash", str(CLUSTER_SCRIPT), "stop", str(home)], capture_output=True, text=True, timeout=120
+        )
         assert stop.returncode == 0, f"tests/slurm_cluster.sh stop failed: {stop.stderr}"
         shutil.rmtree(home, ignore_errors=True)
 
@@ -109,7 +114,9 @@ def cluster(tmp_path_factory):
 def wait_ok(cluster: Cluster, job_id: int, name: str, timeout: float) -> str:
     """Wait for a job that must succeed; returns its log."""
     info = cluster.wait(job_id, timeout)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{name} job {job_id}: {info}\n{cluster.logs(job_id)}"
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (
+        f"{name} job {job_id}: {info}\n{cluster.logs(job_id)}"
+    )
     return cluster.log(name, job_id)
 
 
@@ -117,11 +124,29 @@ def wait_ok(cluster: Cluster, job_id: int, name: str, timeout: float) -> str:
 
 
 def submit_pack(cluster: Cluster, root: Path, out: Path, jobs: int) -> tuple[int, int]:
-    env = {**cluster.env, "ROOT": str(root), "OUT": str(out), "SPLIT": "training",
-           "SAMPLES_PER_SHARD": "2", "MAPDET_ENV": sys.prefix}
-    proc = subprocess.run(["bash", str(REPO / "slurm/submit_pack.sh"), str(jobs), "--cpus-per-task=1",
-                           f"--output={cluster.out}/%x-%j.out", "--time=15"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    env = {
+        **cluster.env,
+        "ROOT": str(root),
+        "OUT": str(out),
+        "SPLIT": "training",
+        "SAMPLES_PER_SHARD": "2",
+        "MAPDET_ENV": sys.prefix,
+    }
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "slurm/submit_pack.sh"),
+            str(jobs),
+            "--cpus-per-task=1",
+            f"--output={cluster.out}/%x-%j.out",
+            "--time=15",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     array, merge = map(int, proc.stdout.split())
     return array, merge
@@ -157,17 +182,28 @@ def test_merge_never_runs_after_a_failed_pack(cluster, tmp_path):
 # ---------------------------------------------------------------- training, requeue, evaluation
 
 
-def submit_accelerate(cluster: Cluster, name: str, script: str, shards: Path, run: Path, sets: str = "", nodes: int = 1,
-                      **variables) -> int:
+def submit_accelerate(
+    cluster: Cluster, name: str, script: str, shards: Path, run: Path, sets: str = "", nodes: int = 1, **variables
+) -> int:
     """train.sbatch or evaluate.sbatch with the tiny experiment on 2 CPU processes: both on one node,
     or one on each of ``nodes=2``."""
     config = run.parent / "tiny.yaml"
     config.write_text(TINY_CONFIG)
-    return cluster.sbatch(script, *cluster.options(name), f"--nodes={nodes}", "--gpus-per-node=0",
-                          f"--cpus-per-task={CPUS}", MAPDET_ENV=sys.prefix, CONFIG=str(config),
-                          SETS=f"data.shards={shards} {sets}".strip(), RUN_DIR=str(run),
-                          TOPOLOGY="launch/accelerate/cpu2.yaml", PROCS_PER_NODE=str(2 // nodes),
-                          PORT=str(free_port()), **variables)
+    return cluster.sbatch(
+        script,
+        *cluster.options(name),
+        f"--nodes={nodes}",
+        "--gpus-per-node=0",
+        f"--cpus-per-task={CPUS}",
+        MAPDET_ENV=sys.prefix,
+        CONFIG=str(config),
+        SETS=f"data.shards={shards} {sets}".strip(),
+        RUN_DIR=str(run),
+        TOPOLOGY="launch/accelerate/cpu2.yaml",
+        PROCS_PER_NODE=str(2 // nodes),
+        PORT=str(free_port()),
+        **variables,
+    )
 
 
 def checkpoint_steps(run: Path) -> list[int]:
@@ -226,8 +262,9 @@ def test_evaluate_writes_metrics(cluster, trained, shards, tmp_path):
 
 def test_train_and_evaluate_on_two_nodes(cluster, shards, tmp_path):
     run = tmp_path / "run"
-    job = submit_accelerate(cluster, "train2", "train.sbatch", shards, run, "train.max_steps=4 train.ckpt_every=2",
-                            nodes=2)
+    job = submit_accelerate(
+        cluster, "train2", "train.sbatch", shards, run, "train.max_steps=4 train.ckpt_every=2", nodes=2
+    )
     log = wait_ok(cluster, job, "train2", timeout=300)
     assert re.search(r"training on 2 node\(s\) \(\S+-\[0-1\]\)", log), log
     assert "2 process(es) x data.batch_size 2 x optim.grad_accum 1; 2 node(s)" in log, log

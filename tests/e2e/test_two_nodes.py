@@ -12,15 +12,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO, accelerate_launch, free_port, run_cli
-from tests.commands.test_train import TINY, _args, _weights
+from tests.helpers import (
+    REPO,
+    TINY_TRAIN,
+    accelerate_launch,
+    exported_weights,
+    free_port,
+    run_cli,
+    train_args,
+    wait_for_file,
+)
 
 STEPS = ["train.max_steps=8", "train.ckpt_every=2", "train.timeout_s=20", "train.image_log_every=0"]
 
@@ -36,12 +43,27 @@ class TwoNodes:
             # torch's launcher gives each process 1 thread only when it starts several on a node; one
             # process per node would get 2, and another thread count sums conv gradients in another
             # order (not bit-equal to one node of two processes).
-            env = {**os.environ, "SLURM_NNODES": "2", "SLURM_NODEID": str(node), "PROCS_PER_NODE": "1",
-                   "TOPOLOGY": "launch/accelerate/cpu2.yaml", "MAIN_ADDR": "127.0.0.1", "PORT": port,
-                   "ACCELERATE": accelerate, "OMP_NUM_THREADS": "1"}
-            self.procs.append(subprocess.Popen(["bash", "slurm/node_launch.sh", "-m", "mapdet", *args], cwd=REPO,
-                                               env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+            env = {
+                **os.environ,
+                "SLURM_NNODES": "2",
+                "SLURM_NODEID": str(node),
+                "PROCS_PER_NODE": "1",
+                "TOPOLOGY": "launch/accelerate/cpu2.yaml",
+                "MAIN_ADDR": "127.0.0.1",
+                "PORT": port,
+                "ACCELERATE": accelerate,
+                "OMP_NUM_THREADS": "1",
+            }
+            self.procs.append(
+                subprocess.Popen(
+                    ["bash", "slurm/node_launch.sh", "-m", "mapdet", *args],
+                    cwd=REPO,
+                    env=env,
+                    stdout=open(log, "w"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
     def text(self, node: int) -> str:
         return self.logs[node].read_text(errors="replace")
@@ -51,7 +73,9 @@ class TwoNodes:
             return [p.wait(timeout=timeout) for p in self.procs]
         except subprocess.TimeoutExpired:
             self.kill(0), self.kill(1)
-            raise AssertionError(f"the nodes did not finish in {timeout} s:\n{self.text(0)[-3000:]}\n{self.text(1)[-3000:]}")
+            raise AssertionError(
+                f"the nodes did not finish in {timeout} s:\n{self.text(0)[-3000:]}\n{self.text(1)[-3000:]}"
+            ) from None
 
     def kill(self, node: int) -> None:
         """kill -9 of everything on one node: the launcher and its rank (torch puts each rank in a
@@ -69,46 +93,38 @@ class TwoNodes:
         launcher.wait()
 
 
-def _wait_for(path: Path, job: TwoNodes, timeout: float = 300) -> None:
-    end = time.time() + timeout
-    while not path.exists():
-        assert all(p.poll() is None for p in job.procs), f"a node ended before {path}:\n{job.text(0)[-3000:]}"
-        assert time.time() < end, f"{path} did not appear"
-        time.sleep(0.1)
-
-
 def test_two_nodes_train_like_one_node_survive_a_node_loss_and_evaluate_together(shards, tmp_path):
     # 1. uninterrupted on two nodes = uninterrupted on one node with two processes (same world size)
-    straight = TwoNodes(_args(shards, tmp_path / "straight", *STEPS), tmp_path, "straight")
+    straight = TwoNodes(train_args(shards, tmp_path / "straight", *STEPS), tmp_path, "straight")
     assert straight.wait() == [0, 0], straight.text(0)[-3000:] + straight.text(1)[-3000:]
     assert "2 process(es) x data.batch_size 2 x optim.grad_accum 1; 2 node(s)" in straight.text(0)
     assert "weights identical on all 2 rank(s)" in straight.text(0)
     one_node = tmp_path / "one_node"
-    r = accelerate_launch(*_args(shards, one_node, *STEPS))
+    r = accelerate_launch(*train_args(shards, one_node, *STEPS))
     assert r.returncode == 0 and "; 1 node(s)" in r.stdout + r.stderr, r.stderr[-3000:]
-    expected = _weights(tmp_path / "straight")
-    for key, value in _weights(one_node).items():
+    expected = exported_weights(tmp_path / "straight")
+    for key, value in exported_weights(one_node).items():
         assert torch.equal(value, expected[key]), f"{key}: two nodes differ from one node of two processes"
 
     # 2. node 1 dies after checkpoint 4: node 0 fails its next collective and exits non-zero
     run = tmp_path / "run"
-    job = TwoNodes(_args(shards, run, *STEPS), tmp_path, "killed")
-    _wait_for(run / "checkpoints" / "step_0000004" / "meta.json", job)
+    job = TwoNodes(train_args(shards, run, *STEPS), tmp_path, "killed")
+    wait_for_file(run / "checkpoints" / "step_0000004" / "meta.json", job.procs)
     job.kill(1)
     assert job.wait(timeout=120)[0] != 0 and "a collective failed" in job.text(0), job.text(0)[-3000:]
     assert not (run / "export").exists()
 
     # 3. both nodes again with --resume auto: the uninterrupted weights, bit for bit
-    resumed = TwoNodes(_args(shards, run, *STEPS, "--resume", "auto"), tmp_path, "resumed")
+    resumed = TwoNodes(train_args(shards, run, *STEPS, "--resume", "auto"), tmp_path, "resumed")
     assert resumed.wait() == [0, 0], resumed.text(0)[-3000:] + resumed.text(1)[-3000:]
     assert "resumed from" in resumed.text(0)
-    got = _weights(run)
+    got = exported_weights(run)
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), f"{key} differs from the uninterrupted run"
 
     # 4. evaluation across both nodes = one process
-    evaluate = ["evaluate", "--checkpoint", "latest", "--set", f"data.shards={shards}", f"train.out={run}", *TINY]
+    evaluate = ["evaluate", "--checkpoint", "latest", "--set", f"data.shards={shards}", f"train.out={run}", *TINY_TRAIN]
     both = TwoNodes([*evaluate, "--out", str(tmp_path / "eval2")], tmp_path, "eval")
     assert both.wait() == [0, 0], both.text(0)[-3000:] + both.text(1)[-3000:]
     single = run_cli(*evaluate, "--out", str(tmp_path / "eval1"))

@@ -10,8 +10,9 @@ import torch
 from accelerate.state import AcceleratorState
 
 from mapdet import comm
-from mapdet.data.loaders import Batch
-from mapdet.engine.step import train_step
+from mapdet.config import OptimConfig
+from mapdet.engine.step import TrainParts, train_step
+from mapdet.structures import Batch
 
 
 class Toy(torch.nn.Module):
@@ -39,44 +40,45 @@ def _batches(bad_every: int = 0):
     i = 0
     while True:
         i += 1
-        bad = [{"shard": "s.tar", "key": f"k{i}", "reason": "test", "samples": 1}] if bad_every and i % bad_every == 0 else []
+        bad = (
+            [{"shard": "s.tar", "key": f"k{i}", "reason": "test", "samples": 1}]
+            if bad_every and i % bad_every == 0
+            else []
+        )
         images = [torch.full((3, 4, 4), 0.5), torch.full((3, 4, 4), 0.25)]
         yield Batch(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 2, bad)
 
 
-def _setup(accelerator):
+def _setup(accelerator) -> TrainParts:
     model = Toy()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
     model, optimizer = accelerator.prepare(model, optimizer)
-    return model, optimizer, scheduler
-
-
-def _no_augment(images, targets):
-    return images, targets
+    return TrainParts(accelerator, model, model, optimizer, scheduler, augment=lambda images, targets: (images, targets))
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_a_non_finite_loss_skips_the_update_and_still_counts_the_images(accelerator, grad_accum):
-    model, optimizer, scheduler = _setup(accelerator)
+    parts = _setup(accelerator)
+    model, scheduler = parts.model, parts.scheduler
     batches = _batches()
-    res = train_step(accelerator, model, optimizer, scheduler, batches, _no_augment, grad_accum, clip_norm=1.0)
+    res = train_step(parts, batches, OptimConfig(grad_accum=grad_accum, clip_norm=1.0))
     assert not res.skipped and math.isfinite(res.grad_norm) and res.images == 2 * grad_accum
     weights, lr = model.w.detach().clone(), scheduler.get_last_lr()
     model.poison = True
-    res = train_step(accelerator, model, optimizer, scheduler, batches, _no_augment, grad_accum, clip_norm=1.0)
+    res = train_step(parts, batches, OptimConfig(grad_accum=grad_accum, clip_norm=1.0))
     assert res.skipped and math.isnan(res.grad_norm)
     assert torch.equal(model.w.detach(), weights) and scheduler.get_last_lr() == lr  # no update, no schedule step
     assert model.w.grad is None  # the poisoned gradients are gone
     assert math.isnan(res.losses["loss_b"]) and math.isfinite(res.losses["loss_a"])
     assert res.images == res.all_images == 2 * grad_accum  # every micro-batch was drawn and trained on
     model.poison = False
-    res = train_step(accelerator, model, optimizer, scheduler, batches, _no_augment, grad_accum, clip_norm=1.0)
+    res = train_step(parts, batches, OptimConfig(grad_accum=grad_accum, clip_norm=1.0))
     assert not res.skipped and not torch.equal(model.w.detach(), weights)
 
 
 def test_losses_counts_and_shared_values_come_back_from_the_one_reduction(accelerator):
-    model, optimizer, scheduler = _setup(accelerator)
+    parts = _setup(accelerator)
     batches = _batches(bad_every=2)
     calls = []
 
@@ -84,12 +86,12 @@ def test_losses_counts_and_shared_values_come_back_from_the_one_reduction(accele
         calls.append(1)
         return (3, True)
 
-    res = train_step(accelerator, model, optimizer, scheduler, batches, _no_augment, 2, clip_norm=None, shared=shared)
+    res = train_step(parts, batches, OptimConfig(grad_accum=2, clip_norm=None), shared=shared)
     assert calls == [1] and res.shared == [3.0, 1.0]
     assert res.all_bad == len(res.bad) == 1 and res.all_images == 4
     x = (0.5 + 0.25) / 2
     assert res.losses["loss_a"] == pytest.approx(1.0 * x) and res.losses["loss_b"] == pytest.approx(2.0 * x)
     assert res.losses["loss"] == pytest.approx(3.0 * x)
     assert math.isnan(res.grad_norm)  # no clipping: no norm
-    res = train_step(accelerator, model, optimizer, scheduler, batches, _no_augment, 1, clip_norm=None)
+    res = train_step(parts, batches, OptimConfig(grad_accum=1, clip_norm=None))
     assert res.shared == []

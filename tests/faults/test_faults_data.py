@@ -11,38 +11,26 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mapdet import comm
 from mapdet.config import DataConfig, EvalConfig, ModelConfig
 from mapdet.data.loaders import TrainStream, eval_loader
-from mapdet.shards.manifest import load_manifest
-from mapdet.modeling.detector import build_model
-from mapdet.shards.reader import CorruptSample, read_shard
 from mapdet.evaluation.validation import validate
-from tests.conftest import run_cli
+from mapdet.modeling.detector import build_model
+from mapdet.shards.manifest import load_manifest
+from mapdet.shards.reader import CorruptSample, read_shard
+from tests.faults.damage import rewrite
+from tests.helpers import TINY, run_cli
 
 # the small preset on 160x120 images, one process: well under a second per step
-TINY = ["model.arch=small", "model.min_size=128", "model.max_size=160", "data.batch_size=2", "data.workers=1",
-        "data.shuffle_buffer=4", "optim.warmup_steps=2", "train.log_every=1", "eval.workers=0", "eval.batch_size=3"]
 
 
 def jpeg(w: int, h: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (90, 140, 200)).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def rewrite(tar: Path, edits: dict[str, dict], extra: list[dict] = (), at: int | None = None) -> None:
-    """Rewrite a shard with webdataset's TarWriter, replacing fields of some samples and inserting
-    ``extra`` samples at position ``at`` (default: the end)."""
-    samples = [{k: v for k, v in s.items() if k in ("__key__", "jpg", "json")} for s in read_shard(tar)]
-    at = len(samples) if at is None else at
-    with wds.TarWriter(str(tar), encoder=False) as sink:
-        for s in [*samples[:at], *extra, *samples[at:]]:
-            sink.write({**s, **edits.get(s["__key__"], {})})
 
 
 def flip_header(tar: Path, member: int) -> None:
@@ -72,12 +60,15 @@ def faulty(tmp_path_factory, shards) -> Path:
     rec = json.loads(next(s for s in read_shard(out / "training-000000.tar") if s["__key__"] == k[3])["json"])
     rec.update(boxes=[[-5, -5, 10, 10], [20, 20, 20, 40], [0, 0, 5, 5]], labels=[1, 1, 99], iscrowd=[0, 0, 0])
     tiny = {"image_id": 999, "width": 1, "height": 1, "boxes": [[0, 0, 1, 1]], "labels": [1], "iscrowd": [0]}
-    rewrite(out / "training-000000.tar", {
-        k[0]: {"jpg": b"\xff\xd8 not a jpeg"},
-        k[1]: {"json": b"{not json"},
-        k[2]: {"jpg": jpeg(1, 1), "json": json.dumps(tiny).encode()},
-        k[3]: {"json": json.dumps(rec).encode()},  # one box clipped, one without width, one label 99
-    })
+    rewrite(
+        out / "training-000000.tar",
+        {
+            k[0]: {"jpg": b"\xff\xd8 not a jpeg"},
+            k[1]: {"json": b"{not json"},
+            k[2]: {"jpg": jpeg(1, 1), "json": json.dumps(tiny).encode()},
+            k[3]: {"json": json.dumps(rec).encode()},  # one box clipped, one without width, one label 99
+        },
+    )
     truncate(out / "training-000001.tar")
     flip_header(out / "training-000002.tar", 2)  # samples 1..3 silently cut off
     return out
@@ -105,7 +96,10 @@ def test_training_skips_corrupt_samples_and_counts_them_per_shard(faulty_run, fa
     assert r.returncode == 0, r.stderr[-3000:]
     k = keys(faulty, "training", 0)
     log = r.stdout + r.stderr
-    assert f"skipped bad sample in training-000000.tar ({k[0]}): training-000000.tar: sample '{k[0]}' does not decode" in log
+    assert (
+        f"skipped bad sample in training-000000.tar ({k[0]}): training-000000.tar: sample '{k[0]}' does not decode"
+        in log
+    )
     assert f"skipped bad sample in training-000000.tar ({k[1]})" in log and "JSONDecodeError" in log
     assert "skipped bad sample in training-000002.tar (None): shard ends after 1 of 4 samples" in log
     assert "skipped bad sample in training-000001.tar (None): unreadable shard data after" in log
@@ -139,9 +133,13 @@ def test_verify_names_every_damaged_shard_and_sample(faulty):
     r = run_cli("verify", str(faulty), "--split", "training")
     assert r.returncode == 1
     k = keys(faulty, "training", 0)
-    for needle in (f"training-000000.tar: sample '{k[0]}' does not decode", f"training-000000.tar: sample '{k[1]}' does not decode",
-                   f"training-000000.tar: sample '{k[3]}' has 3 box(es) outside the image or with labels outside",
-                   "training-000001.tar: unreadable after", "training-000002.tar: holds 1 samples, manifest lists 4"):
+    for needle in (
+        f"training-000000.tar: sample '{k[0]}' does not decode",
+        f"training-000000.tar: sample '{k[1]}' does not decode",
+        f"training-000000.tar: sample '{k[3]}' has 3 box(es) outside the image or with labels outside",
+        "training-000001.tar: unreadable after",
+        "training-000002.tar: holds 1 samples, manifest lists 4",
+    ):
         assert needle in r.stdout, needle
 
 
@@ -150,7 +148,9 @@ def test_training_stream_gives_up_on_unreadable_shards_with_one_line(shards, tmp
     shutil.copytree(shards, out)
     for tar in out.glob("training-*.tar"):
         tar.write_bytes(b"")
-    stream = TrainStream(out, load_manifest(out, "training"), DataConfig(batch_size=2, workers=1), rank=0, world=1, seed=0)
+    stream = TrainStream(
+        out, load_manifest(out, "training"), DataConfig(batch_size=2, workers=1), rank=0, world=1, seed=0
+    )
     with pytest.raises(CorruptSample) as e:
         next(iter(stream))
     msg = str(e.value)
@@ -190,7 +190,7 @@ def test_evaluation_fails_naming_shard_and_key_unless_skip_corrupt(shards, tmp_p
     if lost is None:
         k = keys(out, "validation", 0)
         named = re.search(r"from key '([^']+)' on", msg)
-        lost = k[k.index(named.group(1)):] if named else []
+        lost = k[k.index(named.group(1)) :] if named else []
     assert msg.startswith("validation-000000.tar: ") and lost and f"'{lost[0]}'" in msg, msg
     assert "eval.skip_corrupt=true" in msg and "Traceback" not in msg
     batches = list(eval_loader(out, m, 2, workers, rank=0, world=1, skip_corrupt=True))
@@ -212,8 +212,19 @@ def faulty_val(shards, tmp_path) -> tuple[Path, list[str]]:
 
 def _evaluate(faulty_run, shards: Path, tmp_path: Path, *extra: str):
     weights = str(faulty_run[0] / "export" / "model.safetensors")
-    return run_cli("evaluate", "--checkpoint", weights, "--out", str(tmp_path / "eval"), "--set", f"data.shards={shards}",
-                   f"train.out={tmp_path / 'run'}", *TINY[:3], "eval.batch_size=3", *extra)
+    return run_cli(
+        "evaluate",
+        "--checkpoint",
+        weights,
+        "--out",
+        str(tmp_path / "eval"),
+        "--set",
+        f"data.shards={shards}",
+        f"train.out={tmp_path / 'run'}",
+        *TINY[:3],
+        "eval.batch_size=3",
+        *extra,
+    )
 
 
 def test_evaluate_cli_fails_naming_the_sample_or_counts_what_it_left_out(faulty_run, faulty_val, tmp_path):
@@ -245,6 +256,6 @@ def test_a_corrupt_sample_on_another_rank_fails_this_rank_too(shards, monkeypatc
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)
     monkeypatch.setattr(comm, "get_rank", lambda: 0)
     error = "validation-000001.tar: sample 'k' does not decode: RuntimeError: bad"
-    monkeypatch.setattr(comm, "all_gather_object", lambda own: [own, (*own[:3], error)])
+    monkeypatch.setattr(comm, "all_gather_object", lambda own: [own, own._replace(error=error)])
     with pytest.raises(CorruptSample, match="validation-000001.tar: sample 'k' does not decode"):
         validate(model, "cpu", EvalConfig(workers=0, val_loss=False), shards, m, gt)

@@ -16,8 +16,6 @@ import torch
 from PIL import Image
 
 from mapdet import cli
-from mapdet.engine import checkpoint
-from mapdet.data.augment import BatchAugment
 from mapdet.config import (
     AugmentConfig,
     ConfigError,
@@ -25,14 +23,17 @@ from mapdet.config import (
     ModelConfig,
     load_config,
 )
+from mapdet.data.augment import BatchAugment
 from mapdet.data.loaders import eval_loader
-from mapdet.shards.manifest import load_manifest
-from mapdet.modeling.detector import build_model, load_weights_file
-from mapdet.shards.reader import CorruptSample, checked_samples, decode_sample, read_shard
-from mapdet.evaluation.validation import validate
 from mapdet.datasets.vistas import panoptic_json_path
-from tests.conftest import REPO, pack_all, run_cli
-from tests.faults.test_faults_data import TINY, rewrite
+from mapdet.engine import checkpoint
+from mapdet.evaluation.validation import validate
+from mapdet.modeling.detector import build_model
+from mapdet.modeling.weights_io import load_weights_file
+from mapdet.shards.manifest import load_manifest
+from mapdet.shards.reader import CorruptSample, checked_samples, decode_sample, read_shard
+from tests.faults.damage import rewrite
+from tests.helpers import REPO, TINY, pack_all, run_cli
 
 HUGE = (6400, 4800)  # 30.7 megapixels
 
@@ -53,8 +54,15 @@ def _add_raw_image(root: Path, stem: str, size: tuple[int, int], bbox: list[int]
     path = panoptic_json_path(root, "training", "v2.0")
     data = json.loads(path.read_text())
     data["images"].append({"id": stem, "file_name": f"{stem}.jpg", "width": size[0], "height": size[1]})
-    data["annotations"].append({"image_id": stem, "file_name": f"{stem}.png", "segments_info": [
-        {"id": 1, "category_id": category_id, "area": bbox[2] * bbox[3], "bbox": bbox, "iscrowd": 0}]})
+    data["annotations"].append(
+        {
+            "image_id": stem,
+            "file_name": f"{stem}.png",
+            "segments_info": [
+                {"id": 1, "category_id": category_id, "area": bbox[2] * bbox[3], "bbox": bbox, "iscrowd": 0}
+            ],
+        }
+    )
     path.write_text(json.dumps(data))
 
 
@@ -64,10 +72,15 @@ def _break_last_segments(root: Path) -> dict[str, str]:
     path = panoptic_json_path(root, "training", "v2.0")
     data = json.loads(path.read_text())
     things = {c["id"] for c in data["categories"] if c["isthing"]}
-    anns = sorted((a for a in data["annotations"] if any(s["category_id"] in things for s in a["segments_info"])),
-                  key=lambda a: Path(a["file_name"]).stem)
-    edits = [("bbox", [150, 0, 40, 5], "outside the 160x120 image"), ("bbox", [10, 10, -3, 5], "non-positive size"),
-             ("category_id", 999, "unknown category_id 999")]
+    anns = sorted(
+        (a for a in data["annotations"] if any(s["category_id"] in things for s in a["segments_info"])),
+        key=lambda a: Path(a["file_name"]).stem,
+    )
+    edits = [
+        ("bbox", [150, 0, 40, 5], "outside the 160x120 image"),
+        ("bbox", [10, 10, -3, 5], "non-positive size"),
+        ("category_id", 999, "unknown category_id 999"),
+    ]
     reasons = {}
     for ann, (field, value, reason) in zip(anns[-3:], edits):
         next(s for s in ann["segments_info"] if s["category_id"] in things)[field] = value
@@ -78,7 +91,11 @@ def _break_last_segments(root: Path) -> dict[str, str]:
 
 def test_raw_faults_are_skipped_and_named_and_1x1_and_30mp_images_pack_and_train(copy_root, tmp_path):
     reasons = _break_last_segments(copy_root)
-    cat = next(c["id"] for c in json.loads(panoptic_json_path(copy_root, "training", "v2.0").read_text())["categories"] if c["isthing"])
+    cat = next(
+        c["id"]
+        for c in json.loads(panoptic_json_path(copy_root, "training", "v2.0").read_text())["categories"]
+        if c["isthing"]
+    )
     _add_raw_image(copy_root, "zzz_huge", HUGE, [100, 200, 3000, 1500], cat)
     _add_raw_image(copy_root, "zzz_tiny", (1, 1), [0, 0, 1, 1], cat)
     m = pack_all(copy_root, tmp_path / "s", "training", max_side=640)
@@ -125,9 +142,14 @@ def test_an_empty_split_is_a_message(synth_root, shards, tmp_path, capsys):
         validate(None, "cpu", EvalConfig(), empty, load_manifest(empty, "validation"), {})
 
 
-@pytest.mark.parametrize("yaml_text,needle", [("optim:\n  lrr: 0.1\n", "config key 'optim.lrr'"),
-                                              ("train:\n  max_steps: many\n", "config key 'train.max_steps'"),
-                                              ("data: [1, 2]\n", "list is not a subclass of DataConfig")])
+@pytest.mark.parametrize(
+    "yaml_text,needle",
+    [
+        ("optim:\n  lrr: 0.1\n", "config key 'optim.lrr'"),
+        ("train:\n  max_steps: many\n", "config key 'train.max_steps'"),
+        ("data: [1, 2]\n", "list is not a subclass of DataConfig"),
+    ],
+)
 def test_config_file_errors_name_the_key(tmp_path, capsys, yaml_text, needle):
     (tmp_path / "bad.yaml").write_text(yaml_text)
     code, _, err = mapdet(capsys, "train", "--config", str(tmp_path / "bad.yaml"))
@@ -136,7 +158,9 @@ def test_config_file_errors_name_the_key(tmp_path, capsys, yaml_text, needle):
 
 def test_missing_weights_are_a_message(shards, tmp_path):
     missing = tmp_path / "nowhere" / "weights.pth"
-    r = run_cli("train", "--set", f"data.shards={shards}", f"train.out={tmp_path / 'run'}", *TINY, f"model.weights={missing}")
+    r = run_cli(
+        "train", "--set", f"data.shards={shards}", f"train.out={tmp_path / 'run'}", *TINY, f"model.weights={missing}"
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"mapdet train: error: model.weights: weights file '{missing}' does not exist" in r.stderr
     with pytest.raises(FileNotFoundError, match=f"{missing.with_suffix('.safetensors')} does not exist"):
@@ -144,18 +168,30 @@ def test_missing_weights_are_a_message(shards, tmp_path):
 
 
 def test_results_with_a_category_the_ground_truth_lacks_exit_2(tmp_path, capsys):
-    gt = {"images": [{"id": 1, "width": 10, "height": 10}], "categories": [{"id": 1, "name": "a"}],
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0}]}
+    gt = {
+        "images": [{"id": 1, "width": 10, "height": 10}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0}],
+    }
     dets = [{"image_id": 1, "category_id": 7, "bbox": [0, 0, 5, 5], "score": 0.9}]
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "dt.json").write_text(json.dumps(dets))
-    code, out, err = mapdet(capsys, "cocoeval", "--gt", str(tmp_path / "gt.json"), "--results", str(tmp_path / "dt.json"),
-                            "--out", str(tmp_path / "m.json"))
+    code, out, err = mapdet(
+        capsys,
+        "cocoeval",
+        "--gt",
+        str(tmp_path / "gt.json"),
+        "--results",
+        str(tmp_path / "dt.json"),
+        "--out",
+        str(tmp_path / "m.json"),
+    )
     assert code == 2 and "category ids not in the ground truth: [7]" in err and "AP" not in out
     assert not (tmp_path / "m.json").exists()
 
 
 # -- security ------------------------------------------------------------------------------------
+
 
 class _Payload:
     """Pickles as a call of os.system: loading it with plain pickle would create ``marker``."""
@@ -183,8 +219,16 @@ def test_weights_and_checkpoints_never_unpickle_objects(evil, tmp_path):
         checkpoint.load_weights(tmp_path, str(path))
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ckpt = checkpoint.save(tmp_path / "run", 1, model, opt, torch.optim.lr_scheduler.StepLR(opt, 1), None,
-                           {"batches": 1, "counters": {}}, keep_last=1)
+    ckpt = checkpoint.save(
+        tmp_path / "run",
+        1,
+        model,
+        opt,
+        torch.optim.lr_scheduler.StepLR(opt, 1),
+        None,
+        {"batches": 1, "counters": {}},
+        keep_last=1,
+    )
     shutil.copy(path, ckpt / "optimizer.pt")
     with pytest.raises(ValueError, match="optimizer.pt: refused to load"):
         checkpoint.load(ckpt, model, opt)

@@ -20,8 +20,7 @@ import pytest
 import torch
 
 from mapdet.engine import checkpoint
-from tests.conftest import accelerate_launch
-from tests.commands.test_train import _args, _launch_bg, _weights
+from tests.helpers import accelerate_launch, exported_weights, launch_background, train_args
 
 TIMEOUT_S = 20
 STEPS = ["train.max_steps=16", "train.ckpt_every=2", f"train.timeout_s={TIMEOUT_S}", "train.image_log_every=0"]
@@ -39,7 +38,7 @@ class Job:
 
     def __init__(self, shards: Path, run: Path, log: Path, resume: bool):
         self.run, self.log, self.ranks = run, log, set()
-        self.proc = _launch_bg(_args(shards, run, *STEPS) + (["--resume", "auto"] if resume else []), log)
+        self.proc = launch_background(train_args(shards, run, *STEPS) + (["--resume", "auto"] if resume else []), log)
 
     def __enter__(self):
         return self
@@ -87,13 +86,17 @@ class Job:
         try:
             return self.proc.wait(timeout=timeout), time.time() - start
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the launcher did not exit within {timeout} s {REPLAY}:\n{self.text()[-3000:]}") from None
+            raise AssertionError(
+                f"the launcher did not exit within {timeout} s {REPLAY}:\n{self.text()[-3000:]}"
+            ) from None
 
     def wait_for_text(self, needle: str, timeout: float) -> float:
         start = time.time()
         while needle not in self.text():
             self._track()
-            assert time.time() - start < timeout, f"{needle!r} not in the log after {timeout} s {REPLAY}:\n{self.text()[-3000:]}"
+            assert time.time() - start < timeout, (
+                f"{needle!r} not in the log after {timeout} s {REPLAY}:\n{self.text()[-3000:]}"
+            )
             time.sleep(0.1)
         return time.time() - start
 
@@ -116,9 +119,9 @@ def _plant_partial_checkpoint(run: Path) -> Path:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, shards) -> dict:
     run = tmp_path_factory.mktemp("straight") / "run"
-    r = accelerate_launch(*_args(shards, run, *STEPS))
+    r = accelerate_launch(*train_args(shards, run, *STEPS))
     assert r.returncode == 0, r.stderr[-3000:]
-    return _weights(run)
+    return exported_weights(run)
 
 
 def test_kills_and_a_stuck_rank_at_random_steps_resume_to_the_uninterrupted_weights(shards, straight, tmp_path):
@@ -147,9 +150,12 @@ def test_kills_and_a_stuck_rank_at_random_steps_resume_to_the_uninterrupted_weig
         victim = rng.randrange(2)
         os.kill(job.rank_pid(victim), signal.SIGSTOP)
         timings["survivor's error after SIGSTOP of one rank"] = job.wait_for_text(
-            f"[rank {1 - victim}] stopping at step", timeout=TIMEOUT_S + 30)
+            f"[rank {1 - victim}] stopping at step", timeout=TIMEOUT_S + 30
+        )
         rc, rest = job.wait(timeout=60)  # torch elastic gives the stopped rank 30 s to obey SIGTERM
-        timings["launcher exit after SIGSTOP of one rank"] = timings["survivor's error after SIGSTOP of one rank"] + rest
+        timings["launcher exit after SIGSTOP of one rank"] = (
+            timings["survivor's error after SIGSTOP of one rank"] + rest
+        )
         assert rc != 0 and f"train.timeout_s={TIMEOUT_S}" in job.text(), REPLAY
         # the survivor may have been waiting on the stopped rank a little before the stop
         assert TIMEOUT_S / 2 < timings["survivor's error after SIGSTOP of one rank"] < TIMEOUT_S + 15, (timings, REPLAY)
@@ -166,9 +172,9 @@ def test_kills_and_a_stuck_rank_at_random_steps_resume_to_the_uninterrupted_weig
         assert not alive, f"processes of the killed job still run: {alive}"
 
     # 5. resume to the end: the same weights as the uninterrupted run
-    r = accelerate_launch(*_args(shards, run, *STEPS), "--resume", "auto")
+    r = accelerate_launch(*train_args(shards, run, *STEPS), "--resume", "auto")
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
-    got = _weights(run)
+    got = exported_weights(run)
     assert got.keys() == straight.keys()
     for k in straight:
         assert torch.equal(got[k], straight[k]), f"{k} differs from the uninterrupted run {REPLAY}"

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from mapdet.commands import pack as pack_cli
-from mapdet.data.loaders import read_shard
-from mapdet.shards.manifest import describe, load_manifest
-from mapdet.shards.writer import PackOptions, merge, pack, plan_path
 from mapdet.datasets.synthetic.writer import SynthConfig, config_labels, synthesize
 from mapdet.datasets.vistas import VistasReader, config_path, panoptic_json_path
-from tests.conftest import pack_all, run_cli
+from mapdet.shards.manifest import describe, load_manifest
+from mapdet.shards.merge import merge
+from mapdet.shards.reader import read_shard
+from mapdet.shards.writer import PackOptions, pack, plan_path
+from tests.helpers import pack_all, run_cli
 
 SKIPPED = "animal--bird"  # written with "evaluate": false, as v2.0 does for its ambiguous sign classes
 
@@ -22,8 +23,9 @@ SKIPPED = "animal--bird"  # written with "evaluate": false, as v2.0 does for its
 @pytest.fixture(scope="module", params=["v1.2", "v2.0"])
 def raw(request, tmp_path_factory) -> Path:
     cfg = SynthConfig(size=(160, 120), class_shares={SKIPPED: 0.6}, not_evaluated=(SKIPPED,))
-    return synthesize(tmp_path_factory.mktemp(request.param) / "raw", request.param, n_train=8, n_val=2,
-                      seed=3, cfg=cfg)
+    return synthesize(
+        tmp_path_factory.mktemp(request.param) / "raw", request.param, n_train=8, n_val=2, seed=3, cfg=cfg
+    )
 
 
 def _version(root: Path) -> str:
@@ -36,8 +38,9 @@ def _skipped_per_image(root: Path) -> dict[str, int]:
     labels = json.loads(config_path(root, version).read_text())["labels"]
     cat = [i + 1 for i, lab in enumerate(labels) if lab["name"] == SKIPPED][0]
     pan = json.loads(panoptic_json_path(root, "training", version).read_text())
-    return {Path(a["file_name"]).stem: sum(s["category_id"] == cat for s in a["segments_info"])
-            for a in pan["annotations"]}
+    return {
+        Path(a["file_name"]).stem: sum(s["category_id"] == cat for s in a["segments_info"]) for a in pan["annotations"]
+    }
 
 
 def _records(out: Path) -> dict[str, dict]:
@@ -83,7 +86,9 @@ def test_reader_leaves_the_class_out_and_counts_its_objects(raw):
 def test_default_pack_holds_exactly_the_evaluated_classes(raw, tmp_path):
     m = pack_all(raw, tmp_path / "eval", "training")
     a = pack_all(raw, tmp_path / "all", "training", class_set="all-instances")
-    names = [lab["name"] for lab in json.loads(config_path(raw, _version(raw)).read_text())["labels"] if lab["instances"]]
+    names = [
+        lab["name"] for lab in json.loads(config_path(raw, _version(raw)).read_text())["labels"] if lab["instances"]
+    ]
     evaluated = [n for n in names if n != SKIPPED]
     assert [c["name"] for c in m["classes"]] == evaluated and [c["name"] for c in a["classes"]] == names
     assert [c["id"] for c in m["classes"]] == list(range(1, len(evaluated) + 1))
@@ -110,7 +115,9 @@ def test_default_pack_holds_exactly_the_evaluated_classes(raw, tmp_path):
     for key in rec_m:
         assert _by_name(rec_m[key], names_m) == [o for o in _by_name(rec_a[key], names_a) if o[0] != SKIPPED]
     stats_a = {names_a[int(k)]: v for k, v in a["class_stats"].items()}
-    assert {names_m[int(k)]: v for k, v in m["class_stats"].items()} == {k: v for k, v in stats_a.items() if k != SKIPPED}
+    assert {names_m[int(k)]: v for k, v in m["class_stats"].items()} == {
+        k: v for k, v in stats_a.items() if k != SKIPPED
+    }
 
 
 def test_the_cli_flag_chooses_the_class_set(raw, tmp_path):
@@ -131,7 +138,9 @@ def test_another_class_set_into_the_same_folder_is_refused(raw, tmp_path):
 def test_merge_refuses_parts_of_different_class_sets(raw, tmp_path):
     pack(raw, tmp_path, "training", PackOptions(samples_per_shard=4, job_index=0, num_jobs=2))
     plan_path(tmp_path, "training").unlink()  # as when two jobs start at once and both write the plan
-    pack(raw, tmp_path, "training", PackOptions(samples_per_shard=4, job_index=1, num_jobs=2, class_set="all-instances"))
+    pack(
+        raw, tmp_path, "training", PackOptions(samples_per_shard=4, job_index=1, num_jobs=2, class_set="all-instances")
+    )
     with pytest.raises(ValueError, match="different class sets.*evaluated: training-000000.tar"):
         merge(tmp_path, "training")
     assert not (tmp_path / "training.manifest.json").exists()
@@ -149,16 +158,31 @@ def test_verify_and_evaluate_refuse_splits_packed_with_different_class_sets(raw,
     assert verify.run(argparse.Namespace(out=str(tmp_path), split=None)) == 1
     assert "PROBLEM training (" in capsys.readouterr().out
     if _version(raw) == "v2.0":  # one subprocess is enough: the check is before any model or checkpoint
-        r = run_cli("evaluate", "--checkpoint", str(tmp_path / "no-checkpoint-needed"), "--set",
-                    f"data.shards={tmp_path}", f"train.out={tmp_path / 'run'}")
+        r = run_cli(
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "no-checkpoint-needed"),
+            "--set",
+            f"data.shards={tmp_path}",
+            f"train.out={tmp_path / 'run'}",
+        )
         assert r.returncode == 2 and "have different classes" in r.stderr, r.stderr[-2000:]
-        r = run_cli("train", "--set", f"data.shards={tmp_path}", f"train.out={tmp_path / 'run'}", "model.arch=small",
-                    "model.min_size=128", "model.max_size=160")
+        r = run_cli(
+            "train",
+            "--set",
+            f"data.shards={tmp_path}",
+            f"train.out={tmp_path / 'run'}",
+            "model.arch=small",
+            "model.min_size=128",
+            "model.max_size=160",
+        )
         assert r.returncode == 2 and "have different classes" in r.stderr, r.stderr[-2000:]
         assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before the first step
 
 
 def test_a_config_whose_instance_classes_are_all_evaluated_packs_them_all(shards, synth_root):
     m = load_manifest(shards, "training")
-    assert m["class_set"] == "evaluated" and len(m["classes"]) == len(VistasReader(synth_root, "training").classes) == 12
+    assert (
+        m["class_set"] == "evaluated" and len(m["classes"]) == len(VistasReader(synth_root, "training").classes) == 12
+    )
     assert m["not_evaluated"] == {"classes": [], "objects": {}, "handling": "left-out"}

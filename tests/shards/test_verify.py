@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 from mapdet.shards.manifest import load_manifest
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_cli_pack_verify_peek_round_trip(tmp_path, synth_root):
@@ -22,7 +22,19 @@ def test_cli_pack_verify_peek_round_trip(tmp_path, synth_root):
 def test_cli_multi_job_pack_then_merge(tmp_path, synth_root):
     out = tmp_path / "shards"
     for j in ("0", "1"):
-        r = run_cli("pack", str(synth_root), str(out), "--split", "training", "--samples-per-shard", "4", "--job-index", j, "--num-jobs", "2")
+        r = run_cli(
+            "pack",
+            str(synth_root),
+            str(out),
+            "--split",
+            "training",
+            "--samples-per-shard",
+            "4",
+            "--job-index",
+            j,
+            "--num-jobs",
+            "2",
+        )
         assert r.returncode == 0 and "mapdet merge" in r.stdout, r.stderr
     assert not (out / "training.manifest.json").exists()
     r = run_cli("merge", str(out), "--split", "training")

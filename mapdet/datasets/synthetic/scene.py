@@ -8,8 +8,8 @@ into COCO panoptic segments (bbox [x, y, w, h], w = max_col - min_col + 1) and t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -35,30 +35,141 @@ def _same(name: str) -> tuple[str, str]:
 
 
 THINGS = (
-    Thing(_same("object--support--pole"), "Pole", (153, 153, 153),
-          share=0.75, mean_count=5, height=(0.25, 0.6), aspect=(0.015, 0.035), place="ground", draw=shapes.pole),
-    Thing(_same("object--vehicle--car"), "Car", (0, 0, 142),
-          share=0.70, mean_count=3.5, height=(0.08, 0.18), aspect=(1.8, 2.4), place="ground", draw=shapes.car, crowd=True),
-    Thing(("human--person", "human--person--individual"), "Person", (220, 20, 60),
-          share=0.45, mean_count=3, height=(0.12, 0.3), aspect=(0.3, 0.42), place="ground", draw=shapes.person, crowd=True),
-    Thing(_same("object--traffic-sign--front"), "Traffic Sign (Front)", (220, 220, 0),
-          share=0.40, mean_count=2, height=(0.05, 0.1), aspect=(0.9, 1.1), place="air", draw=shapes.sign),
-    Thing(_same("object--street-light"), "Street Light", (210, 170, 100),
-          share=0.25, mean_count=2, height=(0.03, 0.06), aspect=(1.0, 1.0), place="air", draw=shapes.street_light),
-    Thing(("object--traffic-light", "object--traffic-light--general-upright"), "Traffic Light", (250, 170, 30),
-          share=0.20, mean_count=1.8, height=(0.07, 0.12), aspect=(0.36, 0.44), place="air", draw=shapes.traffic_light),
-    Thing(_same("object--vehicle--bicycle"), "Bicycle", (119, 11, 32),
-          share=0.08, mean_count=1.5, height=(0.08, 0.14), aspect=(1.6, 1.9), place="ground", draw=shapes.bicycle, crowd=True),
-    Thing(_same("object--vehicle--bus"), "Bus", (0, 60, 100),
-          share=0.06, mean_count=1, height=(0.14, 0.25), aspect=(1.8, 2.3), place="ground", draw=shapes.bus),
-    Thing(_same("object--fire-hydrant"), "Fire Hydrant", (100, 170, 30),
-          share=0.022, mean_count=1.2, height=(0.07, 0.11), aspect=(0.6, 0.7), place="ground", draw=shapes.hydrant),
-    Thing(_same("object--vehicle--trailer"), "Trailer", (0, 0, 110),
-          share=0.022, mean_count=1.2, height=(0.12, 0.2), aspect=(2.0, 2.5), place="ground", draw=shapes.trailer),
-    Thing(_same("animal--bird"), "Bird", (165, 42, 42),
-          share=0.022, mean_count=3, height=(0.025, 0.045), aspect=(2.0, 2.4), place="sky", draw=shapes.bird),
-    Thing(_same("object--vehicle--caravan"), "Caravan", (0, 0, 90),
-          share=0.022, mean_count=1.2, height=(0.14, 0.22), aspect=(1.8, 2.2), place="ground", draw=shapes.caravan),
+    Thing(
+        _same("object--support--pole"),
+        "Pole",
+        (153, 153, 153),
+        share=0.75,
+        mean_count=5,
+        height=(0.25, 0.6),
+        aspect=(0.015, 0.035),
+        place="ground",
+        draw=shapes.pole,
+    ),
+    Thing(
+        _same("object--vehicle--car"),
+        "Car",
+        (0, 0, 142),
+        share=0.70,
+        mean_count=3.5,
+        height=(0.08, 0.18),
+        aspect=(1.8, 2.4),
+        place="ground",
+        draw=shapes.car,
+        crowd=True,
+    ),
+    Thing(
+        ("human--person", "human--person--individual"),
+        "Person",
+        (220, 20, 60),
+        share=0.45,
+        mean_count=3,
+        height=(0.12, 0.3),
+        aspect=(0.3, 0.42),
+        place="ground",
+        draw=shapes.person,
+        crowd=True,
+    ),
+    Thing(
+        _same("object--traffic-sign--front"),
+        "Traffic Sign (Front)",
+        (220, 220, 0),
+        share=0.40,
+        mean_count=2,
+        height=(0.05, 0.1),
+        aspect=(0.9, 1.1),
+        place="air",
+        draw=shapes.sign,
+    ),
+    Thing(
+        _same("object--street-light"),
+        "Street Light",
+        (210, 170, 100),
+        share=0.25,
+        mean_count=2,
+        height=(0.03, 0.06),
+        aspect=(1.0, 1.0),
+        place="air",
+        draw=shapes.street_light,
+    ),
+    Thing(
+        ("object--traffic-light", "object--traffic-light--general-upright"),
+        "Traffic Light",
+        (250, 170, 30),
+        share=0.20,
+        mean_count=1.8,
+        height=(0.07, 0.12),
+        aspect=(0.36, 0.44),
+        place="air",
+        draw=shapes.traffic_light,
+    ),
+    Thing(
+        _same("object--vehicle--bicycle"),
+        "Bicycle",
+        (119, 11, 32),
+        share=0.08,
+        mean_count=1.5,
+        height=(0.08, 0.14),
+        aspect=(1.6, 1.9),
+        place="ground",
+        draw=shapes.bicycle,
+        crowd=True,
+    ),
+    Thing(
+        _same("object--vehicle--bus"),
+        "Bus",
+        (0, 60, 100),
+        share=0.06,
+        mean_count=1,
+        height=(0.14, 0.25),
+        aspect=(1.8, 2.3),
+        place="ground",
+        draw=shapes.bus,
+    ),
+    Thing(
+        _same("object--fire-hydrant"),
+        "Fire Hydrant",
+        (100, 170, 30),
+        share=0.022,
+        mean_count=1.2,
+        height=(0.07, 0.11),
+        aspect=(0.6, 0.7),
+        place="ground",
+        draw=shapes.hydrant,
+    ),
+    Thing(
+        _same("object--vehicle--trailer"),
+        "Trailer",
+        (0, 0, 110),
+        share=0.022,
+        mean_count=1.2,
+        height=(0.12, 0.2),
+        aspect=(2.0, 2.5),
+        place="ground",
+        draw=shapes.trailer,
+    ),
+    Thing(
+        _same("animal--bird"),
+        "Bird",
+        (165, 42, 42),
+        share=0.022,
+        mean_count=3,
+        height=(0.025, 0.045),
+        aspect=(2.0, 2.4),
+        place="sky",
+        draw=shapes.bird,
+    ),
+    Thing(
+        _same("object--vehicle--caravan"),
+        "Caravan",
+        (0, 0, 90),
+        share=0.022,
+        mean_count=1.2,
+        height=(0.14, 0.22),
+        aspect=(1.8, 2.2),
+        place="ground",
+        draw=shapes.caravan,
+    ),
 )
 
 # key -> ((v1.2 name, v2.0 name), readable, palette colour); a None name: absent from that release
@@ -124,8 +235,9 @@ def render(rng, cfg, names: list[str], version: str) -> Scene:
     number = _instance_numbers(object_label[1:])
     instance = np.where(is_obj, object_label[objects] * 256 + number[objects], label.astype(np.int64) * 256)
     image = np.where(is_obj[..., None], obj_rgb, rgb) + rng.normal(0, cfg.noise_std, rgb.shape)
-    return Scene(np.clip(image, 0, 255).astype(np.uint8), label, instance.astype(np.uint16),
-                 objects, object_label, object_crowd)
+    return Scene(
+        np.clip(image, 0, 255).astype(np.uint8), label, instance.astype(np.uint16), objects, object_label, object_crowd
+    )
 
 
 def _instance_numbers(labels: np.ndarray) -> np.ndarray:
@@ -157,8 +269,7 @@ def _background(rng, w: int, h: int, stuff: dict[str, int]):
         x0, bw = rng.uniform(-0.1, 1.0) * w, rng.uniform(0.1, 0.35) * w
         building = (y >= top) & (y < horizon) & (x >= x0) & (x < x0 + bw)
         base = rng.choice([(150, 130, 110), (120, 110, 100), (170, 160, 140), (100, 95, 95)])
-        regions += [(stuff["building"], building, base, 8),
-                    (stuff["building"], building & windows, (60, 60, 70), 4)]
+        regions += [(stuff["building"], building, base, 8), (stuff["building"], building & windows, (60, 60, 70), 4)]
     for _ in range(rng.integers(0, 4)):
         cx, cy = rng.uniform(0, w), horizon - rng.uniform(0, 0.1) * h
         rx, ry = rng.uniform(0.05, 0.15) * w, rng.uniform(0.04, 0.12) * h
@@ -166,8 +277,9 @@ def _background(rng, w: int, h: int, stuff: dict[str, int]):
     regions.append((stuff["marking"], dashes, (235, 235, 225), 4))
     if rng.random() < 0.08:  # a tram: looks like a thing, is stuff in Vistas
         y0, x0 = horizon - int(0.1 * h), rng.uniform(0, 0.6) * w
-        regions.append((stuff["on-rails"], (y >= y0) & (y < horizon + 0.1 * h) & (x >= x0) & (x < x0 + 0.35 * w),
-                        (0, 120, 140), 6))
+        regions.append(
+            (stuff["on-rails"], (y >= y0) & (y < horizon + 0.1 * h) & (x >= x0) & (x < x0 + 0.35 * w), (0, 120, 140), 6)
+        )
     for index, mask, colour, noise in regions:
         mask = np.broadcast_to(mask, (h, w))
         label[mask] = index
@@ -258,8 +370,10 @@ def panoptic(rng, scene: Scene, void_of: np.ndarray) -> tuple[list[dict], np.nda
     stuff_ids = np.zeros(len(void_of), np.uint32)
     stuff_ids[stuff] = ids[n:]
     pan = np.where(scene.objects > 0, thing_ids[scene.objects], stuff_ids[scene.label])
-    segments = [_segment(pan == thing_ids[k], thing_ids[k], scene.object_label[k], scene.object_crowd[k])
-                for k in range(1, n + 1)]
+    segments = [
+        _segment(pan == thing_ids[k], thing_ids[k], scene.object_label[k], scene.object_crowd[k])
+        for k in range(1, n + 1)
+    ]
     segments += [_segment(pan == stuff_ids[i], stuff_ids[i], i, 0) for i in stuff]
     return segments, pan
 
@@ -267,8 +381,13 @@ def panoptic(rng, scene: Scene, void_of: np.ndarray) -> tuple[list[dict], np.nda
 def _segment(mask: np.ndarray, seg_id, index, crowd) -> dict:
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     bbox = [cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1]  # w = max - min + 1
-    return {"id": int(seg_id), "category_id": int(index) + 1, "area": int(mask.sum()),
-            "bbox": [int(b) for b in bbox], "iscrowd": int(crowd)}
+    return {
+        "id": int(seg_id),
+        "category_id": int(index) + 1,
+        "area": int(mask.sum()),
+        "bbox": [int(b) for b in bbox],
+        "iscrowd": int(crowd),
+    }
 
 
 def _distinct_ids(rng, n: int) -> np.ndarray:

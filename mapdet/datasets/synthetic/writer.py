@@ -64,15 +64,28 @@ def config_labels(version: str, not_evaluated=()) -> list[dict]:
     """
     skip = set(not_evaluated)
     labels = [
-        {"name": names[version == "v2.0"], "readable": readable, "instances": thing,
-         "evaluate": not names[1].startswith("void--") and not skip & set(names), "color": list(color)}
+        {
+            "name": names[version == "v2.0"],
+            "readable": readable,
+            "instances": thing,
+            "evaluate": not names[1].startswith("void--") and not skip & set(names),
+            "color": list(color),
+        }
         for names, readable, color, thing in scene.label_table(version)
     ]
     return sorted(labels, key=lambda lab: lab["name"])
 
 
-def synthesize(out, version: str = "v2.0", n_train: int = 20, n_val: int = 5, seed: int = 0,
-               cfg: SynthConfig | None = None, progress: bool = False, overwrite: bool = False) -> Path:
+def synthesize(
+    out,
+    version: str = "v2.0",
+    n_train: int = 20,
+    n_val: int = 5,
+    seed: int = 0,
+    cfg: SynthConfig | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Write a synthetic Vistas release under ``out`` (see the module docstring); returns ``out``.
 
     An ``out`` that already holds a dataset is refused, or with ``overwrite`` its config files and
@@ -85,8 +98,7 @@ def synthesize(out, version: str = "v2.0", n_train: int = 20, n_val: int = 5, se
     out = Path(out)
     _clear(out, overwrite)
     labels = config_labels(version, cfg.not_evaluated)
-    config = {"labels": labels, "version": version,
-              "mapdet_synthetic": {"seed": seed, "size": list(cfg.size)}}
+    config = {"labels": labels, "version": version, "mapdet_synthetic": {"seed": seed, "size": list(cfg.size)}}
     config_path(out, version).write_text(json.dumps(config, indent=1))
     palette = _palette(labels)
     stems: set[str] = set()
@@ -115,12 +127,16 @@ def _write_split(out, split, version, count, seed, split_no, cfg, labels, palett
         _write_sample(dirs, stem, sample, pan, palette, cfg.jpeg_quality)
         h, w = sample.label.shape
         images.append({"id": stem, "file_name": f"{stem}.jpg", "width": w, "height": h})
-        annotations.append({"image_id": stem, "file_name": f"{stem}.png",
-                            "segments_info": segments})
+        annotations.append({"image_id": stem, "file_name": f"{stem}.png", "segments_info": segments})
         bar.update()
     categories = [
-        {"id": i + 1, "name": lab["readable"], "supercategory": lab["name"],
-         "isthing": int(lab["instances"]), "color": lab["color"]}
+        {
+            "id": i + 1,
+            "name": lab["readable"],
+            "supercategory": lab["name"],
+            "isthing": int(lab["instances"]),
+            "color": lab["color"],
+        }
         for i, lab in enumerate(labels)
     ]
     panoptic = {"images": images, "annotations": annotations, "categories": categories}
@@ -140,8 +156,10 @@ def _write_sample(dirs, stem, sample, pan, palette, quality) -> None:
 def _clear(out: Path, overwrite: bool) -> None:
     ours = [*out.glob("config_v*.json"), *(out / split for split in SPLITS if (out / split).exists())]
     if ours and not overwrite:
-        raise FileExistsError(f"{out} already holds a dataset ({ours[0].name}); use --overwrite "
-                              "(overwrite=True) or choose an empty folder")
+        raise FileExistsError(
+            f"{out} already holds a dataset ({ours[0].name}); use --overwrite "
+            "(overwrite=True) or choose an empty folder"
+        )
     for path in ours:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mapdet.shards import writer as packer
-from mapdet.data.loaders import read_shard
-from mapdet.shards.manifest import load_manifest
-from mapdet.shards.writer import PackOptions, merge, pack
 from mapdet.datasets.vistas import VistasReader
-from tests.conftest import pack_all
+from mapdet.shards import writer as packer
+from mapdet.shards.manifest import load_manifest
+from mapdet.shards.merge import merge
+from mapdet.shards.reader import read_shard
+from mapdet.shards.writer import PackOptions, pack
+from tests.helpers import pack_all
 
 
 def _samples(path: Path) -> list[dict]:
@@ -64,7 +65,11 @@ def test_repack_is_byte_identical(tmp_path, synth_root, shards):
 
 def test_max_side_scales_boxes_exactly(tmp_path, synth_root, shards):
     pack_all(synth_root, tmp_path, "validation", max_side=80)
-    full = {s["__key__"]: json.loads(s["json"]) for sh in load_manifest(shards, "validation")["shards"] for s in _samples(shards / sh["name"])}
+    full = {
+        s["__key__"]: json.loads(s["json"])
+        for sh in load_manifest(shards, "validation")["shards"]
+        for s in _samples(shards / sh["name"])
+    }
     for shard in load_manifest(tmp_path, "validation")["shards"]:
         for s in _samples(tmp_path / shard["name"]):
             rec, ref = json.loads(s["json"]), full[s["__key__"]]

@@ -1,23 +1,19 @@
 """mapdet.modeling.detector: archs build, the small preset learns, config validation, class-weighted loss, weights I/O."""
 
-
 import pytest
 import torch
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from mapdet.config import ModelConfig
-from mapdet.modeling.detector import (
+from mapdet.modeling.detector import build_inference_model, build_model, resolve_config
+from mapdet.modeling.roi_heads import (
     ClassWeightedRoIHeads,
-    build_inference_model,
-    build_model,
     class_weights,
-    export_weights,
-    load_weights_file,
-    resolve_config,
     unweighted_loss,
     weighted_classification_loss,
 )
+from mapdet.modeling.weights_io import export_weights, load_weights_file
 
 K1 = 4  # background + 3 classes
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]])

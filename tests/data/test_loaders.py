@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from mapdet.config import DataConfig
-from mapdet.data.loaders import CorruptSample, TrainStream, _repeat, decode_sample, eval_keys, eval_loader, image_repeat_factor, repeat_factors
+from mapdet.data.loaders import TrainStream, eval_keys, eval_loader, image_repeat_factor, repeat_factors, repeat_stream
 from mapdet.shards.manifest import load_manifest
+from mapdet.shards.reader import CorruptSample, decode_sample
 
 
 def _eval_seen(shards, ranks: int, workers: int, batch_size: int = 2) -> list[list[str]]:
@@ -76,7 +77,7 @@ def test_repeat_factor_rates_match_the_formula(shards):
     r = 2.3
     sample = {"json": json.dumps({"labels": [1], "iscrowd": [0]}).encode()}
     rng = random.Random(0)
-    copies = [sum(1 for _ in _repeat([sample], {1: r}, rng, [])) for _ in range(4000)]
+    copies = [sum(1 for _ in repeat_stream([sample], {1: r}, rng, [])) for _ in range(4000)]
     assert set(copies) == {2, 3}
     assert np.mean(copies) == pytest.approx(r, abs=4 * np.sqrt(0.3 * 0.7 / 4000))
     assert image_repeat_factor([1, 2], [0, 1], {1: 1.5, 2: 9.0}) == 1.5  # crowd classes do not count
@@ -89,16 +90,27 @@ def _raw(rec: dict, jpg: bytes) -> dict:
 
 def _jpeg(w=8, h=6) -> bytes:
     import io
+
     from PIL import Image
+
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (10, 200, 30)).save(buf, format="JPEG")
     return buf.getvalue()
 
 
 def test_decode_empty_image_and_sanitised_boxes():
-    image, t = decode_sample(_raw({"image_id": 1, "width": 8, "height": 6, "boxes": [], "labels": [], "iscrowd": []}, _jpeg()))
+    image, t = decode_sample(
+        _raw({"image_id": 1, "width": 8, "height": 6, "boxes": [], "labels": [], "iscrowd": []}, _jpeg())
+    )
     assert image.shape == (3, 6, 8) and t["boxes"].shape == (0, 4) and t["labels"].shape == (0,)
-    rec = {"image_id": 2, "width": 8, "height": 6, "boxes": [[-2, 1, 4, 3], [1, 1, 1, 5], [0, 0, 2, 2]], "labels": [1, 1, 7], "iscrowd": [0, 0, 0]}
+    rec = {
+        "image_id": 2,
+        "width": 8,
+        "height": 6,
+        "boxes": [[-2, 1, 4, 3], [1, 1, 1, 5], [0, 0, 2, 2]],
+        "labels": [1, 1, 7],
+        "iscrowd": [0, 0, 0],
+    }
     _, t = decode_sample(_raw(rec, _jpeg()), num_classes=3)
     assert t["boxes"].tolist() == [[0, 1, 4, 3]] and t["labels"].tolist() == [1]
     assert t["sanitized"] == 3  # one clipped, one without width, one label outside 1..3
@@ -106,6 +118,8 @@ def test_decode_empty_image_and_sanitised_boxes():
 
 def test_decode_corrupt_sample_names_shard_and_key():
     with pytest.raises(CorruptSample, match=r"s-000000.tar: sample 'k'"):
-        decode_sample(_raw({"image_id": 1, "width": 8, "height": 6, "boxes": [], "labels": [], "iscrowd": []}, b"garbage"))
+        decode_sample(
+            _raw({"image_id": 1, "width": 8, "height": 6, "boxes": [], "labels": [], "iscrowd": []}, b"garbage")
+        )
     with pytest.raises(CorruptSample, match="does not match"):
         decode_sample(_raw({"image_id": 1, "width": 9, "height": 6, "boxes": [], "labels": [], "iscrowd": []}, _jpeg()))

@@ -1,0 +1,126 @@
+"""The RoI box head's classification loss, class-weighted for the long tail, and the one
+unweighted loss that every validation loss uses.
+
+``ClassWeightedRoIHeads`` is torchvision's ``RoIHeads`` with ``loss_classifier`` computed as a
+weighted cross-entropy over the sampled RoIs: logits (R, K+1), labels (R,) in 0..K (0 background),
+weights (K+1,) from ``class_weights``. Box regression and inference are torchvision's, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+
+from mapdet.config import CHOICES, ModelConfig
+
+
+def class_weights(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] | None = None) -> Tensor | None:
+    """Per-class weights (K+1,) for the RoI classification loss (index 0 = background, weight 1).
+
+    ``inv_sqrt``: w_c proportional to 1/sqrt(instances_c), scaled so that the foreground weights
+    average 1; a class with no training instances never appears as a target and gets 1.
+    ``explicit``: ``model.class_weights_list`` as given. ``none``: None (torchvision's loss).
+    """
+    mode = cfg.class_weights
+    if mode == "none":
+        return None
+    if mode == "explicit":
+        values = cfg.class_weights_list
+        if values is None or len(values) != num_classes:
+            got = "nothing" if values is None else f"{len(values)} values"
+            raise ValueError(
+                f"model.class_weights_list: expected {num_classes} values (background + "
+                f"{num_classes - 1} classes), got {got}"
+            )
+        weights = torch.tensor(values, dtype=torch.float32)
+        if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"model.class_weights_list={values}: weights must be finite, >= 0, not all 0")
+        return weights
+    if mode != "inv_sqrt":
+        raise ValueError(
+            f"model.class_weights={mode!r} is unknown; choose one of {' | '.join(CHOICES['model.class_weights'])}"
+        )
+    if class_counts is None or len(class_counts) != num_classes - 1:
+        got = "none" if class_counts is None else f"{len(class_counts)}"
+        raise ValueError(
+            f"model.class_weights=inv_sqrt needs {num_classes - 1} per-class instance counts "
+            f"from the training manifest, got {got}"
+        )
+    counts = torch.tensor([float(c) for c in class_counts])
+    if (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(f"model.class_weights=inv_sqrt: bad class counts {list(class_counts)}")
+    seen = counts > 0
+    fg = torch.ones_like(counts)
+    fg[seen] = counts[seen].rsqrt()
+    fg[seen] /= fg[seen].mean()
+    return torch.cat([torch.ones(1), fg])
+
+
+def weighted_classification_loss(class_logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+    """Cross-entropy over sampled RoIs, each weighted by its target class, normalised by the weight sum."""
+    return F.cross_entropy(class_logits, labels, weight=weight)
+
+
+class ClassWeightedRoIHeads(RoIHeads):
+    """torchvision's box RoIHeads with a class-weighted classification loss (box loss unchanged).
+
+    Training composes RoIHeads' own sampling, pooling, head and predictor and torchvision's
+    ``fastrcnn_loss`` (its box term); only the classification term is replaced. The weights are a
+    non-persistent buffer: they follow ``.to(device)`` and stay out of the state dict, so weights
+    trained with it load into a plain torchvision model. No global state is touched.
+    """
+
+    def __init__(self, heads: RoIHeads, weight: Tensor):
+        if heads.has_mask() or heads.has_keypoint():
+            raise ValueError("class-weighted RoI heads support box detection only (no masks/keypoints)")
+        super().__init__(
+            heads.box_roi_pool,
+            heads.box_head,
+            heads.box_predictor,
+            heads.proposal_matcher.high_threshold,
+            heads.proposal_matcher.low_threshold,
+            heads.fg_bg_sampler.batch_size_per_image,
+            heads.fg_bg_sampler.positive_fraction,
+            heads.box_coder.weights,
+            heads.score_thresh,
+            heads.nms_thresh,
+            heads.detections_per_img,
+        )
+        self.register_buffer("class_weight", weight.float(), persistent=False)
+        self.weighted = True  # off inside ``unweighted_loss``
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training or not self.weighted:
+            return super().forward(features, proposals, image_shapes, targets)
+        for t in targets or []:  # the dtype checks RoIHeads.forward would have made
+            if not t["boxes"].is_floating_point() or t["labels"].dtype != torch.int64:
+                raise TypeError("targets need float boxes and int64 labels")
+        proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        _, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        loss_classifier = weighted_classification_loss(class_logits, torch.cat(labels), self.class_weight)
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+
+
+@contextlib.contextmanager
+def unweighted_loss(model: nn.Module):
+    """Inside the block every ``ClassWeightedRoIHeads`` computes torchvision's plain loss.
+
+    The validation loss has one definition everywhere (training's validation, ``mapdet evaluate``,
+    TensorBoard, metrics.json): torchvision's four losses, unweighted. ``evaluate`` has no training
+    manifest to weight with, and a weighted number would change whenever the weights do.
+    """
+    heads = [m for m in model.modules() if isinstance(m, ClassWeightedRoIHeads)]
+    for h in heads:
+        h.weighted = False
+    try:
+        yield
+    finally:
+        for h in heads:
+            h.weighted = True
