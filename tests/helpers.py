@@ -47,8 +47,14 @@ def pack_all(root: Path, out: Path, split: str, **kw) -> dict:
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m mapdet ARGS`` in a subprocess; returns the completed process (never raises)."""
-    return subprocess.run([sys.executable, "-m", "mapdet", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "mapdet", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def free_port() -> int:
@@ -59,20 +65,36 @@ def free_port() -> int:
 
 
 def _launch_command(args) -> list[str]:
-    return [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu2.yaml"), "--main_process_port",
-            str(free_port()), "-m", "mapdet", *args]
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/cpu2.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "mapdet",
+        *args,
+    ]
 
 
 def accelerate_launch(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``accelerate launch`` with the 2-CPU-process topology, running ``-m mapdet ARGS``."""
-    return subprocess.run(_launch_command(args), capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        _launch_command(args),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def launch_background(args, log: Path) -> subprocess.Popen:
     """``accelerate_launch`` without waiting, output to ``log``, in a session of its own."""
-    return subprocess.Popen(_launch_command(args), stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO,
-                            start_new_session=True)
+    return subprocess.Popen(
+        _launch_command(args), stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+    )
 
 
 def wait_for_file(path: Path, procs: list[subprocess.Popen], timeout: float = 300) -> None:

@@ -195,7 +195,8 @@ def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict
     print(f"  metrics      {run_dir / 'eval' / 'final' / 'metrics.json'}")
     print(f"  report       {report / 'report.md'}")
     print(
-        f"  validation   AP {bbox['AP']:.3f}   AP50 {bbox['AP50']:.3f}   val loss {metrics['val_loss'].get('loss', float('nan')):.3f}"
+        f"  validation   AP {bbox['AP']:.3f}   AP50 {bbox['AP50']:.3f}   "
+        f"val loss {metrics['val_loss'].get('loss', float('nan')):.3f}"
     )
     if top and top["impact"] > 0:
         print(f"  top cause    {top['cause']} ({top['impact']:.1f} AP points): {top['advice']}")

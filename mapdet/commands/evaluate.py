@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         default="latest",
-        help="latest (of train.out) | a checkpoint folder | a weights file (.safetensors/.pth, e.g. RUN/export/model.safetensors)",
+        help="latest (of train.out) | a checkpoint folder | a weights file (.safetensors/.pth, "
+        "e.g. RUN/export/model.safetensors)",
     )
     p.add_argument("--split", default=None, help="split to evaluate (default: data.val_split)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval/step_N)")

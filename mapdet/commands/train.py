@@ -40,8 +40,9 @@ from mapdet.shards.manifest import class_instance_counts, class_names, classes_m
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="experiment YAML (launch/configs/*.yaml); default: built-in defaults")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="overrides, e.g. optim.lr=0.01 train.max_steps=500")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.lr=0.01 train.max_steps=500"
+    )
     p.add_argument("--resume", default="none", help="auto (latest checkpoint of train.out, if any) | none | PATH")
 
 
@@ -49,16 +50,22 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     run_dir = Path(cfg.train.out)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))  # a dead rank ends the rest
-    accelerator = comm.make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
-                                        project_dir=str(run_dir), kwargs_handlers=[timeout])
+    accelerator = comm.make_accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+        kwargs_handlers=[timeout],
+    )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     set_seed(cfg.train.seed + rank)  # per-rank: augmentation and sampling differ across ranks
     # A config that sets data.global_batch learns the same on any topology: the per-rank batch follows
     # the world size. Without it, fewer processes silently mean fewer images per step (and less learned).
     cfg.data.batch_size = per_rank_batch(cfg.data, world, cfg.optim.grad_accum)
-    accelerator.print(f"global batch {world * cfg.data.batch_size * cfg.optim.grad_accum} images per step = "
-                      f"{world} process(es) x data.batch_size {cfg.data.batch_size} x optim.grad_accum "
-                      f"{cfg.optim.grad_accum}; {comm.get_num_nodes()} node(s)")
+    accelerator.print(
+        f"global batch {world * cfg.data.batch_size * cfg.optim.grad_accum} images per step = "
+        f"{world} process(es) x data.batch_size {cfg.data.batch_size} x optim.grad_accum "
+        f"{cfg.optim.grad_accum}; {comm.get_num_nodes()} node(s)"
+    )
 
     train_manifest = load_manifest(cfg.data.shards, cfg.data.train_split)
     names = class_names(train_manifest)
@@ -67,14 +74,16 @@ def run(args: argparse.Namespace) -> int:
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)  # stepped once per step, never prepared
     model, optimizer = accelerator.prepare(model, optimizer)
-    parts = TrainParts(accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler,
-                       BatchAugment(cfg.augment).to(device))
+    parts = TrainParts(
+        accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, BatchAugment(cfg.augment).to(device)
+    )
 
     state = LoopState()
     resume_from = checkpoint.resolve(run_dir, args.resume)
     if resume_from is not None:
-        state = LoopState.from_meta(checkpoint.load(resume_from, parts.raw_model, optimizer, scheduler,
-                                                    accelerator.scaler))
+        state = LoopState.from_meta(
+            checkpoint.load(resume_from, parts.raw_model, optimizer, scheduler, accelerator.scaler)
+        )
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     if state.step >= cfg.train.max_steps:
         accelerator.print(f"{run_dir} already finished {state.step} steps (train.max_steps={cfg.train.max_steps})")
@@ -138,7 +147,8 @@ def _validate(accelerator, raw_model, cfg, val, train_manifest, run_dir: Path, s
     if accelerator.is_main_process:
         (run_dir / f"metrics_step_{step:07d}.json").write_text(json.dumps(metrics, indent=1))
     accelerator.print(
-        f"step {step}: val AP {summary['AP']:.4f} AP50 {summary['AP50']:.4f} loss {v.loss.get('loss', float('nan')):.4f}"
+        f"step {step}: val AP {summary['AP']:.4f} AP50 {summary['AP50']:.4f} "
+        f"loss {v.loss.get('loss', float('nan')):.4f}"
     )
 
 

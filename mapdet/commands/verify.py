@@ -82,7 +82,8 @@ def _check_samples(path: Path, shard: dict, num_classes: int) -> list[str]:
                 continue
             if target["sanitized"]:
                 problems.append(
-                    f"{shard['name']}: sample {sample['__key__']!r} has {target['sanitized']} box(es) outside the image or with labels outside 1..{num_classes}"
+                    f"{shard['name']}: sample {sample['__key__']!r} has {target['sanitized']} box(es) outside "
+                    f"the image or with labels outside 1..{num_classes}"
                 )
     except Exception as e:  # a truncated or garbled tar stops the read; say where
         problems.append(f"{shard['name']}: unreadable after {len(keys)} samples: {type(e).__name__}: {e}")

@@ -111,7 +111,8 @@ class _TrainEpoch(IterableDataset):
                 sample = next(samples, None)
                 if sample is None or len(bad) >= _GIVE_UP:
                     yield _fatal(
-                        f"no readable training sample in the last {len(bad)} tries (lost per shard: {_lost_per_shard(bad)})"
+                        f"no readable training sample in the last {len(bad)} tries "
+                        f"(lost per shard: {_lost_per_shard(bad)})"
                     )
                     return
                 try:

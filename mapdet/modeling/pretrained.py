@@ -109,7 +109,8 @@ def load_named(spec: str, key: str):
 def _missing_message(specs, key: str) -> str:
     paths = ", ".join(str(cache_path(resolve(s))) for s in specs)
     return (
-        f"{key}: {' and '.join(specs)} {'is' if len(specs) == 1 else 'are'} not in torch's cache ({paths}); training never downloads. Where "
+        f"{key}: {' and '.join(specs)} {'is' if len(specs) == 1 else 'are'} not in torch's cache ({paths}); "
+        "training never downloads. Where "
         f"there is network run once: {fetch_command(specs)} (the cache is $TORCH_HOME/hub/checkpoints; "
         f"share it by pointing TORCH_HOME at the same folder)"
     )

@@ -5,40 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mapdet.diagnosis import measures as diagnosis
 from mapdet.config import ModelConfig
-from mapdet.diagnosis.measures import DiagnoseSettings
+from mapdet.diagnosis import measures
+from mapdet.diagnosis.caps import cap_per_image, infer_cap
+from mapdet.diagnosis.causes import add_cause, under_training
+from mapdet.diagnosis.measures import DiagnoseSettings, diagnose
+from mapdet.diagnosis.stats import average_ranks, spearman
+from mapdet.diagnosis.tide_matching import ImageTruth
 from mapdet.evaluation.coco import Detections
-
-PITCH, SIDE = 50, 40  # boxes on a grid: never overlapping, all medium (40 x 40 = 1600 px)
-
-
-def scene(n_img: int, classes_per_image, width: int = 1000, height: int = 800) -> tuple[dict, list]:
-    """GT on a grid; ``classes_per_image(i)`` lists the classes of image i's boxes, in grid order."""
-    cols = width // PITCH
-    images, anns, objs = [], [], []
-    for i in range(1, n_img + 1):
-        images.append({"id": i, "width": width, "height": height, "file_name": f"{i}.jpg"})
-        for j, c in enumerate(classes_per_image(i)):
-            x, y = (j % cols) * PITCH, (j // cols) * PITCH
-            anns.append({"id": len(anns) + 1, "image_id": i, "bbox": [x, y, SIDE, SIDE], "area": SIDE * SIDE,
-                         "iscrowd": 0, "category_id": c})
-            objs.append((i, [x, y, x + SIDE, y + SIDE], c))
-    cats = sorted({a["category_id"] for a in anns} | {1, 2, 3})
-    return {"images": images, "annotations": anns, "categories": [{"id": k, "name": f"class{k}"} for k in cats]}, objs
-
-
-def detect(objs: list, dx: float = 0.0, seed: int = 0, keep=lambda c: True) -> Detections:
-    rng = np.random.default_rng(seed)
-    rows = [o for o in objs if keep(o[2])]
-    boxes = np.array([[b[0] + dx, b[1], b[2] + dx, b[3]] for _, b, _ in rows], dtype=np.float32).reshape(-1, 4)
-    return Detections(np.array([o[0] for o in rows]), boxes, rng.uniform(0.3, 1.0, len(rows)),
-                      np.array([o[2] for o in rows]))
-
-
-def manifest(freq_images: dict[int, int], num_samples: int) -> dict:
-    return {"classes": [{"id": k, "name": f"class{k}"} for k in sorted(freq_images)], "num_samples": num_samples,
-            "class_stats": {str(k): {"images": n, "instances": 3 * n} for k, n in freq_images.items()}}
+from tests.diagnosis.scenes import PITCH, capped_scene, detect, manifest, scene
 
 
 def causes(d: dict) -> list[str]:
@@ -47,7 +22,7 @@ def causes(d: dict) -> list[str]:
 
 def test_perfect_detections_have_no_cause():
     gt, objs = scene(4, lambda i: [1, 2, 3] * 4)
-    d = diagnosis.diagnose(gt, detect(objs))
+    d = diagnose(gt, detect(objs))
     assert d["summary"]["AP"] == pytest.approx(100.0)
     assert all(c["impact"] == 0 for c in d["causes"])
     assert set(d["errors"]) == set(d["counts"]) == {"cls", "loc", "both", "dupe", "bkg", "miss", "fp", "fn"}
@@ -55,7 +30,7 @@ def test_perfect_detections_have_no_cause():
 
 def test_detection_cap_ranks_first_when_images_hold_more_objects_than_the_cap():
     gt, objs = scene(4, lambda i: [1, 2, 3] * 40)  # 120 objects per image
-    d = diagnosis.diagnose(gt, detect(objs), settings=DiagnoseSettings(cap=100))
+    d = diagnose(gt, detect(objs), settings=DiagnoseSettings(cap=100))
     top = d["causes"][0]
     assert top["cause"] == "detection_cap" and top["impact"] > 10
     md = d["max_dets"]
@@ -70,7 +45,7 @@ def test_cap_filled_by_the_results_is_estimated_from_the_misses():
     # results capped at 100, 120 objects per image: what lies beyond the cap is not in the results,
     # so the cap's impact is estimated from the objects missed there, never 0
     gt, objs = scene(2, lambda i: [1, 2, 3] * 40)
-    d = diagnosis.diagnose(gt, diagnosis.cap_per_image(detect(objs), 100), settings=DiagnoseSettings(cap=100))
+    d = diagnose(gt, cap_per_image(detect(objs), 100), settings=DiagnoseSettings(cap=100))
     cap = next(c for c in d["causes"] if c["cause"] == "detection_cap")
     assert d["causes"][0] is cap
     est = d["max_dets"]["estimate"]
@@ -80,15 +55,9 @@ def test_cap_filled_by_the_results_is_estimated_from_the_misses():
     assert d["max_dets"]["cap_note"] is None  # 2 images are too few to infer a cap: the given one stands
 
 
-def capped_scene(n_img: int = 5, objects: int = 150, cap: int = 100):
-    """``n_img`` images of ``objects`` objects each, every one detected, results kept to ``cap`` per image."""
-    gt, objs = scene(n_img, lambda i: ([1, 2, 3] * objects)[:objects])
-    return gt, diagnosis.cap_per_image(detect(objs), cap)
-
-
 def test_cap_is_inferred_from_results_when_none_is_given():
     gt, dets = capped_scene()
-    d = diagnosis.diagnose(gt, dets)  # no cap given: the default 300 is only an assumption
+    d = diagnose(gt, dets)  # no cap given: the default 300 is only an assumption
     md = d["max_dets"]
     assert md["model_cap"] == 100 and md["results_cap"] == 100 and md["given_cap"] is None
     assert md["inferred"] == {"cap": 100, "images_at_cap": 5, "evidence": 5, "images_with_dets": 5}
@@ -103,7 +72,7 @@ def test_cap_is_inferred_from_results_when_none_is_given():
 
 def test_cap_above_tides_count_is_estimated_from_a_matching_at_that_cap():
     gt, dets = capped_scene(n_img=3, objects=320, cap=300)
-    d = diagnosis.diagnose(gt, dets)
+    d = diagnose(gt, dets)
     md = d["max_dets"]
     assert md["model_cap"] == 300 and md["inferred"]["cap"] == 300
     est = md["estimate"]
@@ -118,7 +87,7 @@ def test_cap_above_tides_count_is_estimated_from_a_matching_at_that_cap():
 
 def test_given_cap_that_disagrees_with_the_results_is_reported_and_replaced():
     gt, dets = capped_scene()
-    d = diagnosis.diagnose(gt, dets, settings=DiagnoseSettings(cap=300, cap_from="--detections-per-img"))
+    d = diagnose(gt, dets, settings=DiagnoseSettings(cap=300, cap_from="--detections-per-img"))
     md = d["max_dets"]
     assert md["model_cap"] == 100 and md["given_cap"] == 300
     assert "--detections-per-img = 300" in md["cap_note"] and "uses 100" in md["cap_note"]
@@ -128,7 +97,7 @@ def test_given_cap_that_disagrees_with_the_results_is_reported_and_replaced():
 
 def test_given_cap_that_matches_the_results_has_no_note():
     gt, dets = capped_scene()
-    d = diagnosis.diagnose(gt, dets, settings=DiagnoseSettings(cap=100, cap_from="--detections-per-img"))
+    d = diagnose(gt, dets, settings=DiagnoseSettings(cap=100, cap_from="--detections-per-img"))
     md = d["max_dets"]
     assert md["model_cap"] == 100 and md["cap_note"] is None
     assert md["cap_source"].startswith("given: --detections-per-img = 100, confirmed by the results")
@@ -139,7 +108,7 @@ def test_results_without_a_cap_pattern_infer_nothing():
     gt, objs = scene(12, lambda i: [1, 2, 3] * (2 + i))  # 9..42 objects per image, all found
     rng = np.random.default_rng(1)
     dets = detect([o for o in objs if rng.uniform() < 0.8])  # varying counts, the largest in one image
-    d = diagnosis.diagnose(gt, dets)
+    d = diagnose(gt, dets)
     md = d["max_dets"]
     assert md["inferred"] is None and md["model_cap"] == 300 and md["cap_note"] is None
     assert md["cap_source"].startswith("assumed: model.detections_per_img defaults to 300")
@@ -153,8 +122,6 @@ def test_results_without_a_cap_pattern_infer_nothing():
 
 
 def test_infer_cap_needs_many_images_at_the_maximum_that_their_objects_do_not_explain():
-    from mapdet.diagnosis import tide
-
     def counts(per_image: list[int], objects: int = 150):
         gt, objs = scene(len(per_image), lambda i: [1] * objects)
         by_image = {i + 1: n for i, n in enumerate(per_image)}
@@ -164,7 +131,7 @@ def test_infer_cap_needs_many_images_at_the_maximum_that_their_objects_do_not_ex
             seen[o[0]] = seen.get(o[0], 0) + 1
             if seen[o[0]] <= by_image[o[0]]:
                 rows.append(o)
-        return diagnosis.infer_cap(tide.GroundTruth.from_coco(gt), detect(rows))
+        return infer_cap(ImageTruth.from_coco(gt), detect(rows))
 
     # 20 images with detections: "many" = max(3, 10% of 20) = 3 images at the maximum
     assert counts([100] * 3 + [50 + i for i in range(17)])["cap"] == 100
@@ -191,9 +158,9 @@ def test_miss_breakdown_partitions_the_misses_over_the_causes():
             small.add((a["image_id"], a["bbox"][0]))
     objs = [o for o in objs if (o[0], o[1][0]) not in small and not (o[0] > 3 and o[1][0] in (0, 9 * PITCH))]
     dets = detect(objs)
-    dets = diagnosis.cap_per_image(dets, 100)
+    dets = cap_per_image(dets, 100)
     m = manifest({1: 20, 2: 20, 3: 20, 4: 1}, 20)
-    d = diagnosis.diagnose(gt, dets, m)
+    d = diagnose(gt, dets, m)
     assert d["max_dets"]["model_cap"] == 100  # inferred: 3 of 9 images hold exactly 100
     mb = d["miss_breakdown"]
     assert mb["precedence"] == ["detection_cap", "rare_class", "small", "unexplained"]
@@ -218,7 +185,7 @@ def test_miss_breakdown_partitions_the_misses_over_the_causes():
 def test_rare_classes_never_detected_rank_class_imbalance_first():
     gt, objs = scene(20, lambda i: [1, 2, 3] * 3 + ([4, 5] if i == 1 else []))
     m = manifest({1: 20, 2: 20, 3: 20, 4: 1, 5: 1}, 20)
-    d = diagnosis.diagnose(gt, detect(objs, keep=lambda c: c <= 3), m)
+    d = diagnose(gt, detect(objs, keep=lambda c: c <= 3), m)
     top = d["causes"][0]
     assert top["cause"] == "class_imbalance"
     assert top["impact"] == pytest.approx(100.0 * 2 / 5)  # (100 - 0) x 2 of 5 classes
@@ -231,7 +198,7 @@ def test_rare_classes_never_detected_rank_class_imbalance_first():
 
 def test_jittered_boxes_rank_localization_first():
     gt, objs = scene(6, lambda i: [1, 2, 3] * 5)
-    d = diagnosis.diagnose(gt, detect(objs, dx=9))  # IoU = 31/49 = 0.63
+    d = diagnose(gt, detect(objs, dx=9))  # IoU = 31/49 = 0.63
     assert d["summary"]["AP50"] == pytest.approx(100.0) and d["summary"]["AP75"] == pytest.approx(0.0)
     assert causes(d)[0] == "localization"
     assert d["causes"][0]["impact"] == pytest.approx(100.0 - d["summary"]["AP"])
@@ -247,7 +214,7 @@ def test_small_objects_gap_and_anchor_comparison():
     small = {(a["image_id"], a["bbox"][0], a["bbox"][1]) for a in gt["annotations"] if a["area"] == 100}
     objs = [o for o in objs if (o[0], o[1][0], o[1][1]) not in small]
     model = ModelConfig(min_size=400, max_size=1000, anchor_sizes=[32, 64, 128, 256, 512])
-    d = diagnosis.diagnose(gt, detect(objs), settings=DiagnoseSettings(model=model))
+    d = diagnose(gt, detect(objs), settings=DiagnoseSettings(model=model))
     size = d["size"]
     assert size["share_gt"]["small"] == pytest.approx(0.5)
     assert size["ap50"]["small"] == pytest.approx(0.0) and size["ap50"]["medium"] == pytest.approx(100.0)
@@ -257,16 +224,16 @@ def test_small_objects_gap_and_anchor_comparison():
 
 
 def test_spearman_and_ranks():
-    assert diagnosis.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert diagnosis.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert diagnosis.spearman([1, 2], [1, 2]) is None
-    assert diagnosis.spearman([1, 1, 1], [1, 2, 3]) is None
-    assert diagnosis._ranks(np.array([5.0, 1.0, 5.0, 3.0])).tolist() == [2.5, 0.0, 2.5, 1.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+    assert average_ranks(np.array([5.0, 1.0, 5.0, 3.0])).tolist() == [2.5, 0.0, 2.5, 1.0]
 
 
 def test_rebalancing_factors_and_weights():
     m = manifest({1: 20, 2: 1, 3: 0}, 40)  # instances = 3 x images: 60, 3, 0
-    r, w = diagnosis.rebalancing(m, t=0.1)
+    r, w = measures.rebalancing(m, t=0.1)
     assert r == {1: 1.0, 2: pytest.approx(2.0), 3: 1.0}  # f = 0.5, 0.025, 0 (never seen: not repeated)
     assert w[2] == pytest.approx(w[1] * np.sqrt(20)) and w[1] + w[2] == pytest.approx(2.0) and w[3] == 1.0
 
@@ -274,24 +241,27 @@ def test_rebalancing_factors_and_weights():
 def test_manifest_from_coco_counts_images_and_instances():
     gt, _ = scene(4, lambda i: [1, 1, 2] if i == 1 else [1])
     gt["annotations"][0]["iscrowd"] = 1
-    m = diagnosis.manifest_from_coco(gt)
+    m = measures.manifest_from_coco(gt)
     assert m["num_samples"] == 4
-    assert m["class_stats"]["1"] == {"instances": 4, "images": 4} and m["class_stats"]["2"] == {"instances": 1, "images": 1}
+    assert m["class_stats"]["1"] == {"instances": 4, "images": 4} and m["class_stats"]["2"] == {
+        "instances": 1,
+        "images": 1,
+    }
     assert m["class_stats"]["3"] == {"instances": 0, "images": 0}
 
 
 def test_cap_per_image_keeps_top_scores_of_each_image():
     d = Detections([1, 1, 1, 2, 2], np.zeros((5, 4)), [0.1, 0.9, 0.5, 0.2, 0.3], [1, 1, 2, 1, 1])
-    kept = diagnosis.cap_per_image(d, 2)
+    kept = cap_per_image(d, 2)
     pairs = sorted(zip(kept.image_id.tolist(), kept.scores.tolist()))
     assert [i for i, _ in pairs] == [1, 1, 2, 2]
     assert [s for _, s in pairs] == pytest.approx([0.5, 0.9, 0.2, 0.3])
-    assert len(diagnosis.cap_per_image(Detections.empty(), 5)) == 0
+    assert len(cap_per_image(Detections.empty(), 5)) == 0
 
 
 def test_empty_results_are_diagnosed():
     gt, _ = scene(2, lambda i: [1, 2, 3])
-    d = diagnosis.diagnose(gt, Detections.empty())
+    d = diagnose(gt, Detections.empty())
     assert d["summary"]["AP"] == pytest.approx(0.0) and d["counts"]["miss"] == 6
     assert len(d["causes"]) == 8
 
@@ -304,19 +274,24 @@ def test_training_curves_read_tensorboard_and_name_missing_tags(tmp_path):
         w.add_scalar("train/loss", 1.0 / (step + 1), step)
     w.add_scalar("val/AP", 0.25, 20)
     w.close()
-    tc = diagnosis.training_curves(tmp_path)
+    tc = measures.training_curves(tmp_path)
     assert tc["series"]["train/loss"] == [[0, 1.0], [10, pytest.approx(1 / 11)], [20, pytest.approx(1 / 21)]]
     assert tc["series"]["val/AP"] == [[20, 0.25]]
     assert tc["missing"] == ["val/loss", "val/AP50"]
-    assert diagnosis.training_curves(tmp_path / "nothing") == {"series": {}, "missing": ["train/loss", "val/loss",
-                                                                                          "val/AP", "val/AP50"], "files": []}
+    assert measures.training_curves(tmp_path / "nothing") == {
+        "series": {},
+        "missing": ["train/loss", "val/loss", "val/AP", "val/AP50"],
+        "files": [],
+    }
 
 
 def test_under_training_is_the_ap50_the_last_interval_added():
-    from mapdet.diagnosis.causes import add_cause, under_training
-
-    curves = {"series": {"val/AP50": [[360, 0.10], [720, 0.18], [1080, 0.30]],
-                         "train/loss": [[s, 3.0 / (1 + s)] for s in range(0, 1090, 10)]}}
+    curves = {
+        "series": {
+            "val/AP50": [[360, 0.10], [720, 0.18], [1080, 0.30]],
+            "train/loss": [[s, 3.0 / (1 + s)] for s in range(0, 1090, 10)],
+        }
+    }
     c = under_training(curves, {"step": 1080, "global_batch": 4, "processes": 1}, 240)
     assert c["impact"] == pytest.approx(12.0)
     assert "18.0 at step 720 to 30.0 at step 1080" in c["evidence"]
@@ -328,8 +303,6 @@ def test_under_training_is_the_ap50_the_last_interval_added():
 
 
 def test_under_training_needs_two_validations_and_never_goes_negative():
-    from mapdet.diagnosis.causes import under_training
-
     one = under_training({"series": {"val/AP50": [[720, 0.5]]}}, None, None)
     assert one["impact"] == 0.0 and "not measurable (set train.eval_every)" in one["evidence"]
     assert "images" not in one["evidence"]  # an old run's meta has no global batch: nothing invented

@@ -7,9 +7,10 @@ import json
 import pytest
 from PIL import Image
 
-from mapdet.diagnosis import measures as diagnosis, report
+from mapdet.diagnosis import report
+from mapdet.diagnosis.measures import diagnose
 from mapdet.diagnosis.tide import ALL_TYPES
-from tests.diagnosis.test_diagnosis import detect, scene
+from tests.diagnosis.scenes import detect, scene
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -17,15 +18,28 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def diag() -> dict:
     gt, objs = scene(3, lambda i: [1, 2, 3] * 4)
-    d = diagnosis.diagnose(gt, detect(objs, dx=9))
-    d["training_curves"] = {"series": {"train/loss": [[0, 2.0], [10, 1.0]], "val/AP": [[10, 0.2]]},
-                            "missing": ["val/loss", "val/AP50"], "files": ["events"]}
-    d["sweep"] = {"nms_thresh": [0.3, 0.5], "score_thresh": [0.0, 0.05], "detections_per_img": [100, 300],
-                  "ap": [[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]], "ap50": [[[1.0] * 2] * 2] * 2,
-                  "best": {"nms_thresh": 0.5, "score_thresh": 0.05, "detections_per_img": 300, "ap": 8.0},
-                  "current_ap": 7.0, "num_images": 3}
-    d["proposal_recall"] = {"iou": 0.5, "proposals_per_image": 1000.0, "num_gt": {"all": 3},
-                            "recall": {"all": 0.5, "small": None, "medium": 0.5, "large": None}}
+    d = diagnose(gt, detect(objs, dx=9))
+    d["training_curves"] = {
+        "series": {"train/loss": [[0, 2.0], [10, 1.0]], "val/AP": [[10, 0.2]]},
+        "missing": ["val/loss", "val/AP50"],
+        "files": ["events"],
+    }
+    d["sweep"] = {
+        "nms_thresh": [0.3, 0.5],
+        "score_thresh": [0.0, 0.05],
+        "detections_per_img": [100, 300],
+        "ap": [[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]],
+        "ap50": [[[1.0] * 2] * 2] * 2,
+        "best": {"nms_thresh": 0.5, "score_thresh": 0.05, "detections_per_img": 300, "ap": 8.0},
+        "current_ap": 7.0,
+        "num_images": 3,
+    }
+    d["proposal_recall"] = {
+        "iou": 0.5,
+        "proposals_per_image": 1000.0,
+        "num_gt": {"all": 3},
+        "recall": {"all": 0.5, "small": None, "medium": 0.5, "large": None},
+    }
     return d
 
 
@@ -34,20 +48,42 @@ def test_report_json_and_figures(tmp_path, diag):
     text = paths["report"].read_text()
     assert text.startswith("# Why is the mAP low?")
     assert "1. **localization**" in text  # the planted cause leads the summary
-    for section in ("## 1. Error decomposition", "## 2. Per-class", "## 3. AP vs IoU", "## 4. Object size",
-                    "## 5. Post-processing sweep", "## 6. Loss vs mAP", "## How each impact is measured"):
+    for section in (
+        "## 1. Error decomposition",
+        "## 2. Per-class",
+        "## 3. AP vs IoU",
+        "## 4. Object size",
+        "## 5. Post-processing sweep",
+        "## 6. Loss vs mAP",
+        "## How each impact is measured",
+    ):
         assert section in text
     assert "Not logged in 1 event files: val/loss, val/AP50" in text
     saved = json.loads(paths["json"].read_text())
     assert set(saved["errors"]) == set(saved["counts"]) == set(ALL_TYPES)
     impacts = [c["impact"] for c in saved["causes"]]
     assert impacts == sorted(impacts, reverse=True)
-    assert {c["cause"] for c in saved["causes"]} == {"detection_cap", "class_imbalance", "localization",
-                                                     "classification", "duplicates", "background", "missed",
-                                                     "small_objects"}
+    assert {c["cause"] for c in saved["causes"]} == {
+        "detection_cap",
+        "class_imbalance",
+        "localization",
+        "classification",
+        "duplicates",
+        "background",
+        "missed",
+        "small_objects",
+    }
     figures = {k: p for k, p in paths.items() if k not in ("report", "json")}
-    assert set(figures) == {"tide_errors", "per_class_vs_frequency", "ap_vs_iou", "ap_vs_max_dets", "box_sizes",
-                            "loss_vs_map", "postprocess_sweep", "proposal_recall"}
+    assert set(figures) == {
+        "tide_errors",
+        "per_class_vs_frequency",
+        "ap_vs_iou",
+        "ap_vs_max_dets",
+        "box_sizes",
+        "loss_vs_map",
+        "postprocess_sweep",
+        "proposal_recall",
+    }
     for name, path in figures.items():
         assert path.read_bytes()[:8] == PNG_SIGNATURE, name
         with Image.open(path) as im:

@@ -13,8 +13,15 @@ from mapdet.diagnosis import sweep
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=4, min_size=96,
-                                              max_size=128, rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=40)
+    m = fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=4,
+        min_size=96,
+        max_size=128,
+        rpn_pre_nms_top_n_test=60,
+        rpn_post_nms_top_n_test=40,
+    )
     return m.eval()
 
 
@@ -27,8 +34,14 @@ def batches(n_batches: int = 2, per_batch: int = 2):
             h, w = int(rng.integers(110, 130)), int(rng.integers(120, 160))
             images.append(torch.from_numpy(rng.integers(0, 255, (3, h, w), dtype=np.uint8)))
             boxes = torch.tensor([[0.0, 0.0, 110.0, 100.0], [70.0, 20.0, 95.0, 80.0], [10.0, 60.0, 16.0, 66.0]])
-            targets.append({"boxes": boxes, "labels": torch.tensor([1, 2, 3]), "iscrowd": torch.tensor([0, 0, 1]),
-                            "image_id": image_id})
+            targets.append(
+                {
+                    "boxes": boxes,
+                    "labels": torch.tensor([1, 2, 3]),
+                    "iscrowd": torch.tensor([0, 0, 1]),
+                    "image_id": image_id,
+                }
+            )
             image_id += 1
         out.append((images, targets, []))
     return out
@@ -50,10 +63,17 @@ def test_postprocess_equals_a_full_model_run(model):
 
 def test_sweep_runs_the_network_once_per_image(model):
     calls = []
-    hook = model.backbone.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    hook = model.backbone.register_forward_hook(lambda _mod, inp, out: calls.append(inp[0].shape[0]))
     try:
-        sw, pr = sweep.run_model_checks(model, batches(), cat_ids=[1, 2, 3], nms_thresh=(0.3, 0.6),
-                                        score_thresh=(0.0, 0.3), detections_per_img=(5, 20), current=(0.5, 0.05, 20))
+        sw, pr = sweep.run_model_checks(
+            model,
+            batches(),
+            cat_ids=[1, 2, 3],
+            nms_thresh=(0.3, 0.6),
+            score_thresh=(0.0, 0.3),
+            detections_per_img=(5, 20),
+            current=(0.5, 0.05, 20),
+        )
     finally:
         hook.remove()
     assert sum(calls) == 4  # 4 images, one backbone pass each, for a 3 x 3 x 2 grid
@@ -77,5 +97,5 @@ def test_proposal_recall_is_one_when_proposals_are_the_boxes(model):
     images, targets, _ = batches(1, 1)[0]
     out = sweep.head_outputs(model, images, targets)
     out.proposals = [out.targets[0]["boxes"].clone()]
-    hits, areas = sweep._proposal_hits(out, targets, 0.5)
+    hits, areas = sweep.proposal_hits(out, targets, 0.5)
     assert hits.tolist() == [True, True] and areas.tolist() == pytest.approx([110 * 100, 25 * 60])

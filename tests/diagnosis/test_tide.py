@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mapdet.diagnosis import tide
+from mapdet.diagnosis.tide_matching import box_iou
 
 A = [0, 0, 10, 10]  # xyxy
 B = [20, 0, 30, 10]
@@ -20,9 +21,18 @@ def coco(boxes_by_image: dict[int, list[tuple[list[float], int]]], crowd: set[in
         images.append({"id": image_id, "width": 100, "height": 100, "file_name": f"{image_id}.jpg"})
         for (x1, y1, x2, y2), c in objs:
             aid = len(anns) + 1
-            anns.append({"id": aid, "image_id": image_id, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                         "area": (x2 - x1) * (y2 - y1), "iscrowd": int(aid in crowd), "category_id": c})
-    return {"images": images, "annotations": anns, "categories": [{"id": k, "name": f"c{k}"} for k in (1, 2, 3)]}
+            anns.append(
+                {
+                    "id": aid,
+                    "image_id": image_id,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(aid in crowd),
+                    "category_id": c,
+                }
+            )
+    classes = sorted({1, 2, 3} | {a["category_id"] for a in anns})
+    return {"images": images, "annotations": anns, "categories": [{"id": k, "name": f"c{k}"} for k in classes]}
 
 
 def dets(rows: list[tuple[int, list[float], int, float]]):
@@ -131,9 +141,9 @@ def test_empty_inputs_and_unknown_images():
 def test_box_iou_edges():
     a = np.array([[0, 0, 10, 10]], float)
     b = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [5, 0, 15, 10], [0, 0, 0, 0]], float)
-    assert tide.box_iou(a, b).ravel().tolist() == pytest.approx([1.0, 0.0, 1 / 3, 0.0])
-    assert tide.box_iou(b[2:3], np.array([[0, 0, 100, 100]], float), crowd=True).item() == pytest.approx(1.0)
-    assert tide.box_iou(a, np.zeros((0, 4))).shape == (1, 0)
+    assert box_iou(a, b).ravel().tolist() == pytest.approx([1.0, 0.0, 1 / 3, 0.0])
+    assert box_iou(b[2:3], np.array([[0, 0, 100, 100]], float), crowd=True).item() == pytest.approx(1.0)
+    assert box_iou(a, np.zeros((0, 4))).shape == (1, 0)
 
 
 def test_unknown_fix_type_fails_loudly():
@@ -157,12 +167,21 @@ def _random_set(seed: int, n_img: int = 40, n_cls: int = 4, crowd_dets: int = 0)
                 rows.append((i, [x + j[0], y + j[1], x + w + j[2] + 1, y + h + j[3] + 1], cc, float(rng.random())))
         for _ in range(rng.integers(0, 6) + crowd_dets):
             x, y = rng.uniform(0, 400), rng.uniform(0, 300)
-            rows.append((i, [x, y, x + rng.uniform(5, 120), y + rng.uniform(5, 90)], int(rng.integers(1, n_cls + 1)), float(rng.random())))
+            rows.append(
+                (
+                    i,
+                    [x, y, x + rng.uniform(5, 120), y + rng.uniform(5, 90)],
+                    int(rng.integers(1, n_cls + 1)),
+                    float(rng.random()),
+                )
+            )
     return coco(gt), rows
 
 
 def _tidecv(g: dict, rows):
-    tidecv = pytest.importorskip("tidecv", reason="tidecv is not installed (pip install tidecv) - agreement not checked")
+    tidecv = pytest.importorskip(
+        "tidecv", reason="tidecv is not installed (pip install tidecv) - agreement not checked"
+    )
     gd, pd = tidecv.Data("gt"), tidecv.Data("dt")
     for im in g["images"]:
         gd.add_image(im["id"], im["file_name"])
@@ -172,8 +191,7 @@ def _tidecv(g: dict, rows):
         pd.add_detection(i, c, s, [x1, y1, x2 - x1, y2 - y1])
     t = tidecv.TIDE()
     run = t.evaluate(gd, pd, mode=tidecv.TIDE.BOX, name="dt")
-    names = {"Cls": "cls", "Loc": "loc", "Both": "both", "Dupe": "dupe", "Bkg": "bkg", "Miss": "miss",
-             "FalsePos": "fp", "FalseNeg": "fn"}
+    names = dict(zip(("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss", "FalsePos", "FalseNeg"), tide.ALL_TYPES))
     errors = {**t.get_main_errors()["dt"], **t.get_special_errors()["dt"]}
     counts = {names[k.short_name]: v for k, v in run.count_errors().items()}
     return run.ap, {names[k]: v for k, v in errors.items()}, counts

@@ -340,7 +340,8 @@ TRAINED = os.environ.get("MAPDET_TRAINED_RUN")  # a finished `mapdet demo --out 
 
 @pytest.mark.skipif(
     not (TRAINED and (Path(TRAINED) / "run" / "export" / "model.safetensors").exists()),
-    reason="set MAPDET_TRAINED_RUN to a finished `mapdet demo --out DIR` folder (bench/gpu_check.sh does, after its demo)",
+    reason="set MAPDET_TRAINED_RUN to a finished `mapdet demo --out DIR` folder "
+    "(bench/gpu_check.sh does, after its demo)",
 )
 def test_a_trained_model_validates_on_cuda_to_the_cpu_ap():
     from mapdet.config import load_config

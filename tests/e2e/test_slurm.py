@@ -2,9 +2,10 @@
 two slurmd daemons on this one machine, so `--nodes=2` jobs run one task per node as on a cluster).
 
 The same scripts a GPU cluster runs, with CPU settings: --gpus-per-node=0, TOPOLOGY=cpu2.yaml and
-PROCS_PER_NODE=2 (two gloo processes on one node) or 1 (one on each of two nodes). Jobs are polled with `scontrol show job -o` (sbatch --wait
-polls every 10 s). Skipped, saying why, only where this machine cannot run Slurm at all (not root,
-or Slurm missing and no apt-get); any other failure of the cluster fails the tests.
+PROCS_PER_NODE=2 (two gloo processes on one node) or 1 (one on each of two nodes). Jobs are polled
+with `scontrol show job -o` (sbatch --wait polls every 10 s). Skipped, saying why, only where this
+machine cannot run Slurm at all (not root, or Slurm missing and no apt-get); any other failure of
+the cluster fails the tests.
 """
 
 from __future__ import annotations

@@ -54,7 +54,9 @@ def _setup(accelerator) -> TrainParts:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
     model, optimizer = accelerator.prepare(model, optimizer)
-    return TrainParts(accelerator, model, model, optimizer, scheduler, augment=lambda images, targets: (images, targets))
+    return TrainParts(
+        accelerator, model, model, optimizer, scheduler, augment=lambda images, targets: (images, targets)
+    )
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

@@ -9,8 +9,8 @@ import pytest
 
 from mapdet.cli import main
 from mapdet.evaluation.coco import evaluate_coco
-from tests.conftest import accelerate_launch
-from tests.evaluation.test_evaluator import STATS, random_coco
+from tests.evaluation.cocodata import STATS, random_coco
+from tests.helpers import accelerate_launch
 
 
 def cocoeval(*args: str) -> int:
@@ -29,8 +29,19 @@ def files(tmp_path):
 
 def test_scores_prints_and_writes_metrics(files, capsys):
     tmp, gt, dets = files
-    assert cocoeval("--gt", str(tmp / "gt.json"), "--results", str(tmp / "dt.json"),
-                    "--max-dets", "300", "--out", str(tmp / "out" / "metrics.json")) == 0
+    assert (
+        cocoeval(
+            "--gt",
+            str(tmp / "gt.json"),
+            "--results",
+            str(tmp / "dt.json"),
+            "--max-dets",
+            "300",
+            "--out",
+            str(tmp / "out" / "metrics.json"),
+        )
+        == 0
+    )
     bbox = json.loads((tmp / "out" / "metrics.json").read_text())["bbox"]
     expected = evaluate_coco(gt, dets, max_dets=(300,))
     assert [bbox[k] for k in STATS] == [expected.summary()[k] for k in STATS]
@@ -43,26 +54,38 @@ def test_scores_prints_and_writes_metrics(files, capsys):
 def test_empty_results_score_zero(files):
     tmp, _, _ = files
     (tmp / "empty.json").write_text("[]")
-    assert cocoeval("--gt", str(tmp / "gt.json"), "--results", str(tmp / "empty.json"),
-                    "--out", str(tmp / "m.json")) == 0
+    assert (
+        cocoeval("--gt", str(tmp / "gt.json"), "--results", str(tmp / "empty.json"), "--out", str(tmp / "m.json")) == 0
+    )
     assert json.loads((tmp / "m.json").read_text())["bbox"]["AP"] == 0.0
 
 
-@pytest.mark.parametrize("results, max_dets, message", [
-    ("missing.json", "100", "results file not found"),
-    ("broken.json", "100", "not valid JSON"),
-    ("object.json", "100", "must be a list"),
-    ("alien.json", "100", "category ids not in the ground truth: \\[99\\]"),
-    ("dt.json", "100,x", "--max-dets must be comma-separated integers"),
-    ("dt.json", "0", "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "results, max_dets, message",
+    [
+        ("missing.json", "100", "results file not found"),
+        ("broken.json", "100", "not valid JSON"),
+        ("object.json", "100", "must be a list"),
+        ("alien.json", "100", "category ids not in the ground truth: \\[99\\]"),
+        ("dt.json", "100,x", "--max-dets must be comma-separated integers"),
+        ("dt.json", "0", "must be >= 1"),
+    ],
+)
 def test_bad_input_exits_2_with_a_message(files, capsys, results, max_dets, message):
     tmp, _, dets = files
     (tmp / "broken.json").write_text('[{"image_id": 1,')
     (tmp / "object.json").write_text('{"image_id": 1}')
     (tmp / "alien.json").write_text(json.dumps([{**dets[0], "category_id": 99}]))
-    code = cocoeval("--gt", str(tmp / "gt.json"), "--results", str(tmp / results), "--max-dets", max_dets,
-                    "--out", str(tmp / "m.json"))
+    code = cocoeval(
+        "--gt",
+        str(tmp / "gt.json"),
+        "--results",
+        str(tmp / results),
+        "--max-dets",
+        max_dets,
+        "--out",
+        str(tmp / "m.json"),
+    )
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp / "m.json").exists()

@@ -2,94 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 
 import numpy as np
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from mapdet import comm
-from mapdet.evaluation import matching as cocoengine
+from mapdet.evaluation.coco import Detections, assemble, evaluate_coco, format_table, score_categories, write_metrics
 from mapdet.evaluation.inputs import GroundTruth, detection_rows, rows_to_boxes
+from mapdet.evaluation.matching import IOU_THRS
 from mapdet.evaluation.routing import share_categories
-from mapdet.evaluation.coco import Detections, _assemble, _score, evaluate_coco, format_table, write_metrics
-
-STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-CATS = [1, 2, 3, 5, 7]  # 5: crowd GT only; 7: no GT at all
-
-
-def random_coco(seed: int, n_images: int = 10):
-    """GT and results with crowd regions, images without GT, categories without GT, score ties,
-    duplicate GT boxes (IoU ties), integer boxes (IoUs exactly at thresholds), GT ``area`` unlike
-    w * h, detections of all sizes, and 150 detections of one category in one image."""
-    rng = np.random.default_rng(seed)
-    images = [{"id": 100 + 7 * i} for i in range(n_images)]  # sparse, unsorted ids below
-    images.reverse()
-    anns = []
-    for im in images[2:]:  # the first two images have no GT
-        for _ in range(rng.integers(0, 10)):
-            c = int(rng.choice([1, 2, 3, 5], p=[0.4, 0.3, 0.2, 0.1]))
-            x, y, w, h = (int(v) for v in (*rng.integers(0, 150, 2), *rng.integers(1, 130, 2)))
-            for _ in range(2 if rng.random() < 0.1 else 1):  # sometimes a duplicate GT box
-                anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": c,
-                             "bbox": [x, y, w, h], "area": float(w * h * rng.uniform(0.6, 1.2)),
-                             "iscrowd": int(c == 5 or rng.random() < 0.08)})
-    dets = []
-    for im in images:
-        own = [a for a in anns if a["image_id"] == im["id"]]
-        for _ in range(rng.integers(0, 40)):
-            if own and rng.random() < 0.7:
-                a = own[rng.integers(len(own))]
-                box = [v + int(rng.integers(-6, 7)) for v in a["bbox"]]
-                box[2:] = [max(v, 1) for v in box[2:]]
-                c = a["category_id"] if rng.random() < 0.85 else int(rng.choice(CATS))
-            else:
-                box = [int(v) for v in (*rng.integers(0, 200, 2), *rng.integers(1, 150, 2))]
-                c = int(rng.choice(CATS))
-            dets.append({"image_id": im["id"], "category_id": c, "bbox": box,
-                         "score": round(float(rng.random()), 1)})
-    crowded = images[3]["id"]
-    for _ in range(150):  # > 100 detections of one category in one image
-        x, y = (int(v) for v in rng.integers(0, 100, 2))
-        dets.append({"image_id": crowded, "category_id": 1, "bbox": [x, y, 40, 40],
-                     "score": round(float(rng.random()), 2)})
-    gt = {"images": images, "annotations": anns,
-          "categories": [{"id": c, "name": f"class{c}"} for c in CATS]}
-    return gt, dets
-
-
-def pycocotools_eval(gt: dict, dets: list, max_dets=(1, 10, 100)) -> COCOeval:
-    """Plain single-process pycocotools on copies (it mutates its inputs)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = copy.deepcopy(gt)
-        coco_gt.createIndex()
-        if dets:
-            coco_dt = coco_gt.loadRes(copy.deepcopy(dets))
-        else:  # loadRes([]) raises IndexError
-            coco_dt = COCO()
-            coco_dt.dataset = {**copy.deepcopy(gt), "annotations": []}
-            coco_dt.createIndex()
-        E = COCOeval(coco_gt, coco_dt, "bbox")
-        E.params.maxDets = list(max_dets)
-        E.evaluate()
-        E.accumulate()
-        E.summarize()
-    return E
+from tests.evaluation.cocodata import CATS, STATS, assert_same_as_pycocotools, pycocotools_eval, random_coco
 
 
 def per_class_ap(precision: np.ndarray, k: int, m: int, t=slice(None)) -> float:
     s = precision[t, :, k, 0, m]
     return float(np.mean(s[s > -1])) if (s > -1).any() else -1.0
-
-
-def assert_same_as_pycocotools(result, E: COCOeval) -> None:
-    for key in ("precision", "recall", "scores"):
-        assert np.array_equal(getattr(result, key), E.eval[key]), key
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -102,7 +31,7 @@ def test_arrays_summary_and_per_class_equal_pycocotools(seed):
     E = pycocotools_eval(gt, dets)
     summary = result.summary()
     assert [summary[k] for k in STATS] == E.stats.tolist()
-    for m, max_det in enumerate(E300.params.maxDets):
+    for max_det in E300.params.maxDets:
         assert summary["AP_at_maxdets"][str(max_det)] == result.ap(max_dets=max_det)
     rows = {r["category_id"]: r for r in result.per_class({c: f"class{c}" for c in CATS})}
     for k, cat in enumerate(CATS):
@@ -166,13 +95,13 @@ def test_category_split_over_ranks_concatenates_to_the_whole(world):
     counts = np.bincount(rows["cat"], minlength=len(CATS))[None]
     owner = share_categories(truth.counts(), counts, world)
     assert len(owner) == len(CATS) and len(set(owner.tolist())) == min(world, len(CATS))
-    max_dets, thrs = [1, 10, 100, 300], cocoengine.IOU_THRS
+    max_dets = [1, 10, 100, 300]
     parts = []
     for rank in range(world):  # each rank parses only its categories' GT boxes
         cats = np.flatnonzero(owner == rank)
         found = rows_to_boxes(rows[owner[rows["cat"]] == rank])
-        parts.append((cats, _score("numpy", gt, truth, found, cats, thrs, max_dets), None))
-    assert_same_as_pycocotools(_assemble(parts, truth, thrs, max_dets), pycocotools_eval(gt, dets, max_dets))
+        parts.append(score_categories("numpy", gt, truth, found, cats, IOU_THRS, max_dets))
+    assert_same_as_pycocotools(assemble(parts, truth, IOU_THRS, max_dets), pycocotools_eval(gt, dets, max_dets))
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank(monkeypatch):
@@ -180,7 +109,9 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(monkeypatch):
     gt, dets = random_coco(0)
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)
     monkeypatch.setattr(comm, "get_rank", lambda: 0)
-    monkeypatch.setattr(comm, "all_gather_object", lambda own: [own, (own[0], False, ValueError("rank 1: NaN"))])
+    monkeypatch.setattr(
+        comm, "all_gather_object", lambda own: [own, own._replace(wide=False, error=ValueError("rank 1: NaN"))]
+    )
     with pytest.raises(ValueError, match="rank 1: NaN"):
         evaluate_coco(gt, dets)
 
@@ -205,17 +136,20 @@ def test_custom_iou_thresholds():
     assert result.summary()["AP"] != E.stats[0]  # the mean over the two thresholds only
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda gt, d: d.append({**d[0], "category_id": 99}), "category ids not in the ground truth: \\[99\\]"),
-    (lambda gt, d: d.append({**d[0], "image_id": 4242}), "image ids not in the ground truth: \\[4242\\]"),
-    (lambda gt, d: d.append({**d[0], "score": float("nan")}), "non-finite"),
-    (lambda gt, d: d.append({"image_id": d[0]["image_id"], "bbox": [1, 2, 3, 4]}), "malformed detection"),
-    (lambda gt, d: d.append({**d[0], "bbox": [1, 2, 3]}), "malformed detection"),
-    (lambda gt, d: gt["annotations"][0].update(id=0), "ids must be unique and >= 1"),
-    (lambda gt, d: gt["annotations"][1].update(id=gt["annotations"][0]["id"]), "unique"),
-    (lambda gt, d: gt["annotations"][0].update(category_id=99), "ground-truth annotations refer to category"),
-    (lambda gt, d: gt.pop("images"), "no list 'images'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda gt, d: d.append({**d[0], "category_id": 99}), "category ids not in the ground truth: \\[99\\]"),
+        (lambda gt, d: d.append({**d[0], "image_id": 4242}), "image ids not in the ground truth: \\[4242\\]"),
+        (lambda gt, d: d.append({**d[0], "score": float("nan")}), "non-finite"),
+        (lambda gt, d: d.append({"image_id": d[0]["image_id"], "bbox": [1, 2, 3, 4]}), "malformed detection"),
+        (lambda gt, d: d.append({**d[0], "bbox": [1, 2, 3]}), "malformed detection"),
+        (lambda gt, d: gt["annotations"][0].update(id=0), "ids must be unique and >= 1"),
+        (lambda gt, d: gt["annotations"][1].update(id=gt["annotations"][0]["id"]), "unique"),
+        (lambda gt, d: gt["annotations"][0].update(category_id=99), "ground-truth annotations refer to category"),
+        (lambda gt, d: gt.pop("images"), "no list 'images'"),
+    ],
+)
 def test_bad_input_raises_a_clear_error(change, message):
     gt, dets = random_coco(0)
     change(gt, dets)

@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 
 from mapdet import comm
 from mapdet.evaluation.coco import Detections, evaluate_coco
-from tests.conftest import free_port
-from tests.evaluation.test_evaluator import pycocotools_eval, random_coco
+from tests.evaluation.cocodata import pycocotools_eval, random_coco
+from tests.helpers import free_port
 
 WORLD = 3
 MAX_DETS = (1, 10, 100, 300)
@@ -44,8 +44,11 @@ def _noisy_packed(seed: int):
 def _two_categories():
     """Only categories 1 and 2: one of the three ranks scores nothing."""
     gt, dets = random_coco(1)
-    gt = {**gt, "categories": gt["categories"][:2],
-          "annotations": [a for a in gt["annotations"] if a["category_id"] in (1, 2)]}
+    gt = {
+        **gt,
+        "categories": gt["categories"][:2],
+        "annotations": [a for a in gt["annotations"] if a["category_id"] in (1, 2)],
+    }
     return gt, _thirds([d for d in dets if d["category_id"] in (1, 2)], (0.3, 0.6))
 
 

@@ -1,4 +1,4 @@
-"""mapdet.modeling.detector: archs build, the small preset learns, config validation, class-weighted loss, weights I/O."""
+"""mapdet.modeling: archs build, the small preset learns, config validation, class-weighted loss, weights I/O."""
 
 import pytest
 import torch
