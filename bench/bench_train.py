@@ -395,8 +395,13 @@ GPU_VARIANTS = [
 def main_train_step(parts, batches, optim_cfg):
     """main's train_step before the one-sync change, verbatim, plus the 3 small all-reduces its training
     loop made per step (counts, stop flag, preemption flag): the baseline of the sync lever."""
-    accelerator, model, optimizer, scheduler, augment = (parts.accelerator, parts.model, parts.optimizer,
-                                                         parts.scheduler, parts.augment)
+    accelerator, model, optimizer, scheduler, augment = (
+        parts.accelerator,
+        parts.model,
+        parts.optimizer,
+        parts.scheduler,
+        parts.augment,
+    )
     grad_accum, clip_norm = optim_cfg.grad_accum, optim_cfg.clip_norm
     start, wait, n_images, bad = time.perf_counter(), 0.0, 0, []
     sums: dict[str, float] = {}

@@ -150,7 +150,7 @@ def predict_gathered(model, loader, device, expected: list[str], progress=None, 
         raise RuntimeError(errors[0])
     keys = [k for p in parts for k in p[0]]
     bad = [b for p in parts for b in p[1]]
-    check_exactly_once(expected, keys, {b['key'] for b in bad}, "prediction")
+    check_exactly_once(expected, keys, {b["key"] for b in bad}, "prediction")
     # The main process alone receives the detections, one rank's packed rows at a time.
     received: list[Detections] = []
     main = comm.is_main_process()

@@ -47,8 +47,12 @@ class LoopState:
         return cls(meta["step"], meta["batches"], Counters(**meta["counters"]))
 
     def meta(self, global_batch: int, processes: int) -> dict:
-        return {"batches": self.batches, "counters": asdict(self.counters), "global_batch": global_batch,
-                "processes": processes}
+        return {
+            "batches": self.batches,
+            "counters": asdict(self.counters),
+            "global_batch": global_batch,
+            "processes": processes,
+        }
 
 
 class RankFailure(RuntimeError):
@@ -72,8 +76,15 @@ class SanitizedTally:
         return n
 
 
-def train_loop(parts: TrainParts, batches: SanitizedTally, cfg: Config, state: LoopState, run_dir: Path,
-               names: dict[int, str], validate: Callable[[int], None] | None) -> int:
+def train_loop(
+    parts: TrainParts,
+    batches: SanitizedTally,
+    cfg: Config,
+    state: LoopState,
+    run_dir: Path,
+    names: dict[int, str],
+    validate: Callable[[int], None] | None,
+) -> int:
     """Train from ``state`` to ``cfg.train.max_steps``; returns the exit code (0 done, 1 stopped,
     preemption.EXIT_PREEMPTED). ``validate(step)`` runs at ``train.eval_every`` and at the end.
     Raises ``RankFailure`` when a collective fails because another rank is gone."""
@@ -94,22 +105,34 @@ def train_loop(parts: TrainParts, batches: SanitizedTally, cfg: Config, state: L
             # the counters restored from rank 0's checkpoint), so no rank can decide otherwise.
             stop, preempted = stop_reason(cfg, state), preempt_flags > 0
             if state.step % train.ckpt_every == 0 or state.step == train.max_steps or preempted or stop:
-                checkpoint.save(run_dir, state.step, parts.raw_model, parts.optimizer, parts.scheduler, acc.scaler,
-                                state.meta(global_batch, world), train.keep_last)
+                checkpoint.save(
+                    run_dir,
+                    state.step,
+                    parts.raw_model,
+                    parts.optimizer,
+                    parts.scheduler,
+                    acc.scaler,
+                    state.meta(global_batch, world),
+                    train.keep_last,
+                )
             if preempted:
                 return _preempted(acc, run_dir, state.step)
             if stop:
                 acc.print(f"stopping at step {state.step}: {stop}")
                 return 1
-            if validate and (state.step == train.max_steps or (train.eval_every and state.step % train.eval_every == 0)):
+            if validate and (
+                state.step == train.max_steps or (train.eval_every and state.step % train.eval_every == 0)
+            ):
                 validate(state.step)
     except RuntimeError as e:
         if not rank_failure(e):
             raise
-        raise RankFailure(f"[rank {acc.process_index}] stopping at step {state.step}: a collective failed "
-                          f"({str(e).splitlines()[0][:300]}). Another rank died or did not answer within "
-                          f"train.timeout_s={train.timeout_s}. Checkpoints up to the last complete one are kept: "
-                          "rerun with --resume auto") from e
+        raise RankFailure(
+            f"[rank {acc.process_index}] stopping at step {state.step}: a collective failed "
+            f"({str(e).splitlines()[0][:300]}). Another rank died or did not answer within "
+            f"train.timeout_s={train.timeout_s}. Checkpoints up to the last complete one are kept: "
+            "rerun with --resume auto"
+        ) from e
     finally:
         bar.close()
     return 0
@@ -122,11 +145,15 @@ def _advance(state: LoopState, res: StepResult, sanitized: float, grad_accum: in
     state.counters.skipped_steps += res.skipped
     everyone = _count_samples(res, sanitized, state.counters)
     for b in res.bad:
-        print(f"[rank {acc.process_index}] skipped bad sample in {b['shard']} ({b['key']}): {b['reason']}",
-              file=sys.stderr)
+        print(
+            f"[rank {acc.process_index}] skipped bad sample in {b['shard']} ({b['key']}): {b['reason']}",
+            file=sys.stderr,
+        )
     if everyone:
-        acc.print(f"step {state.step}: {sum(b.get('samples', 1) for b in everyone)} corrupt sample(s) skipped; "
-                  f"so far per shard: {_per_shard(state.counters)}")
+        acc.print(
+            f"step {state.step}: {sum(b.get('samples', 1) for b in everyone)} corrupt sample(s) skipped; "
+            f"so far per shard: {_per_shard(state.counters)}"
+        )
 
 
 def _count_samples(res: StepResult, sanitized: float, counters: Counters) -> list[dict]:
@@ -147,27 +174,37 @@ def _count_samples(res: StepResult, sanitized: float, counters: Counters) -> lis
 def _log(parts: TrainParts, res: StepResult, state: LoopState, cfg: Config, names: dict[int, str], bar) -> None:
     acc, step = parts.accelerator, state.step
     if step % cfg.train.log_every == 0 or step == 1:
-        tracking.scalars(acc, _step_scalars(res, parts.scheduler.get_last_lr()[0], state.counters, acc.num_processes),
-                         step)
+        tracking.scalars(
+            acc, _step_scalars(res, parts.scheduler.get_last_lr()[0], state.counters, acc.num_processes), step
+        )
         bar.set_postfix(loss=f"{res.losses['loss']:.3f}")
     if cfg.train.image_log_every and step % cfg.train.image_log_every == 0 and res.last_images is not None:
         shown = res.last_targets[:2]
-        tracking.images_with_boxes(acc, "train/augmented", res.last_images[:2], [t["boxes"] for t in shown],
-                                   [t["labels"] for t in shown], names, step)
+        tracking.images_with_boxes(
+            acc,
+            "train/augmented",
+            res.last_images[:2],
+            [t["boxes"] for t in shown],
+            [t["labels"] for t in shown],
+            names,
+            step,
+        )
 
 
 def _step_scalars(res: StepResult, lr: float, counters: Counters, world: int) -> dict[str, float]:
     values = {f"train/{k}": v for k, v in res.losses.items()}
-    values.update({
-        "train/lr": lr,
-        "train/grad_norm": res.grad_norm,
-        "train/images_per_s": res.images * world / max(res.step_time_s, 1e-9),
-        "train/step_time_s": res.step_time_s,
-        "train/data_wait": res.data_wait_s / max(res.step_time_s, 1e-9),
-        "train/skipped_steps": counters.skipped_steps,
-        "train/bad_samples": counters.bad_samples,
-        "train/sanitized_boxes": counters.sanitized_boxes,
-    })
+    values.update(
+        {
+            "train/lr": lr,
+            "train/grad_norm": res.grad_norm,
+            "train/images_per_s": res.images * world / max(res.step_time_s, 1e-9),
+            "train/step_time_s": res.step_time_s,
+            "train/data_wait": res.data_wait_s / max(res.step_time_s, 1e-9),
+            "train/skipped_steps": counters.skipped_steps,
+            "train/bad_samples": counters.bad_samples,
+            "train/sanitized_boxes": counters.sanitized_boxes,
+        }
+    )
     values.update({f"train/bad_samples/{shard}": n for shard, n in counters.bad_by_shard.items()})
     if torch.cuda.is_available():
         values["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -183,19 +220,25 @@ def stop_reason(cfg: Config, state: LoopState) -> str:
     corrupt samples."""
     c, train = state.counters, cfg.train
     if state.nonfinite_in_row >= train.max_nonfinite:
-        return (f"{state.nonfinite_in_row} steps in a row had a non-finite loss (train.max_nonfinite="
-                f"{train.max_nonfinite}); lower optim.lr, raise optim.warmup_steps or set optim.clip_norm")
+        return (
+            f"{state.nonfinite_in_row} steps in a row had a non-finite loss (train.max_nonfinite="
+            f"{train.max_nonfinite}); lower optim.lr, raise optim.warmup_steps or set optim.clip_norm"
+        )
     seen = c.samples + c.bad_samples
     if seen >= 50 and c.bad_samples > train.max_bad_samples * seen:
-        return (f"{c.bad_samples} of {seen} training samples were corrupt, above train.max_bad_samples="
-                f"{train.max_bad_samples} (per shard: {_per_shard(c)}); run `mapdet verify {cfg.data.shards}` "
-                "and repack the shards it names")
+        return (
+            f"{c.bad_samples} of {seen} training samples were corrupt, above train.max_bad_samples="
+            f"{train.max_bad_samples} (per shard: {_per_shard(c)}); run `mapdet verify {cfg.data.shards}` "
+            "and repack the shards it names"
+        )
     return ""
 
 
 def _preempted(acc, run_dir: Path, step: int) -> int:
-    acc.print(f"preempted ({preemption.reason() or 'signal on another rank'}): checkpoint at step {step} written; "
-              f"exiting {preemption.EXIT_PREEMPTED}")
+    acc.print(
+        f"preempted ({preemption.reason() or 'signal on another rank'}): checkpoint at step {step} written; "
+        f"exiting {preemption.EXIT_PREEMPTED}"
+    )
     if acc.is_main_process:
         preemption.write_marker(run_dir, step)
     return preemption.EXIT_PREEMPTED
