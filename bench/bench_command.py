@@ -55,30 +55,56 @@ JOIN = "import torch.distributed as d; d.init_process_group('gloo'); d.barrier()
 
 def commands(tmp: Path) -> dict[str, list[str]]:
     py = [sys.executable]
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-              str(REPO / "launch/accelerate/cpu2.yaml"), "--main_process_port", "{port}"]
+    launch = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/cpu2.yaml"),
+        "--main_process_port",
+        "{port}",
+    ]
     cocoeval = ["-m", "mapdet", "cocoeval", "--gt", str(tmp / "gt.json"), "--max-dets"]
     out = {}
     for m in MAX_DETS:
-        out[f"pycocotools, maxDets {m}"] = [*py, "-c", PYCOCOTOOLS, str(tmp / "gt.json"), str(tmp / "dt.json"),
-                                            f"1,10,100{',300' * (m == 300)}", str(tmp / f"stats{m}.json")]
-        out[f"mapdet, maxDets {m}"] = [*py, *cocoeval, str(m), "--results", str(tmp / "dt.json"),
-                                       "--out", str(tmp / f"one{m}.json")]
+        out[f"pycocotools, maxDets {m}"] = [
+            *py,
+            "-c",
+            PYCOCOTOOLS,
+            str(tmp / "gt.json"),
+            str(tmp / "dt.json"),
+            f"1,10,100{',300' * (m == 300)}",
+            str(tmp / f"stats{m}.json"),
+        ]
+        out[f"mapdet, maxDets {m}"] = [
+            *py,
+            *cocoeval,
+            str(m),
+            "--results",
+            str(tmp / "dt.json"),
+            "--out",
+            str(tmp / f"one{m}.json"),
+        ]
     return {
         **out,
         "mapdet, empty results": [*py, *cocoeval, "300", "--results", str(tmp / "empty.json")],
         "launcher": [*launch, str(tmp / "empty.py")],
         "launcher + group": [*launch, str(tmp / "join.py")],
-        "mapdet, 2 processes": [*launch, *cocoeval, "300", "--results", str(tmp / "dt.json"),
-                                "--out", str(tmp / "two.json")],
+        "mapdet, 2 processes": [
+            *launch,
+            *cocoeval,
+            "300",
+            "--results",
+            str(tmp / "dt.json"),
+            "--out",
+            str(tmp / "two.json"),
+        ],
     }
 
 
 def timed(cmd: list[str]) -> float:
     cmd = [c.replace("{port}", str(free_port())) for c in cmd]
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)[:300]}\n{done.stderr[-3000:]}")
@@ -118,15 +144,37 @@ def main(argv=None) -> int:
     case = {"images": args.images, "classes": args.classes, "detections": len(dets), "rounds": args.rounds}
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        print(json.dumps({**case, "command": name, "median_s": round(med[name], 2), "best_s": round(min(t), 2),
-                          "all_s": [round(x, 2) for x in t]}), flush=True)
-    ratios = {f"pycocotools_over_mapdet_maxdets_{m}": round(med[f"pycocotools, maxDets {m}"] / med[f"mapdet, maxDets {m}"], 1)
-              for m in MAX_DETS}
+        print(
+            json.dumps(
+                {
+                    **case,
+                    "command": name,
+                    "median_s": round(med[name], 2),
+                    "best_s": round(min(t), 2),
+                    "all_s": [round(x, 2) for x in t],
+                }
+            ),
+            flush=True,
+        )
+    ratios = {
+        f"pycocotools_over_mapdet_maxdets_{m}": round(med[f"pycocotools, maxDets {m}"] / med[f"mapdet, maxDets {m}"], 1)
+        for m in MAX_DETS
+    }
     two = med["mapdet, 2 processes"]
-    print(json.dumps({**case, "summary": True, **ratios, "one_process_s": round(med["mapdet, maxDets 300"], 2),
-                      "two_processes_minus_launcher_s": round(two - med["launcher"], 2),
-                      "two_processes_minus_launcher_and_group_s": round(two - med["launcher + group"], 2),
-                      "load_avg_1min": round(os.getloadavg()[0], 2)}), flush=True)
+    print(
+        json.dumps(
+            {
+                **case,
+                "summary": True,
+                **ratios,
+                "one_process_s": round(med["mapdet, maxDets 300"], 2),
+                "two_processes_minus_launcher_s": round(two - med["launcher"], 2),
+                "two_processes_minus_launcher_and_group_s": round(two - med["launcher + group"], 2),
+                "load_avg_1min": round(os.getloadavg()[0], 2),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Prints one JSON line per measurement. On the same inputs (a subset small enough for tidecv) it
 times both TIDE implementations side by side and checks that every dAP agrees within 0.5 AP
-points; then it times mapdet.diagnosis.tide and mapdet.diagnosis.measures.diagnose alone on the full set.
+points; then it times mapdet.diagnosis.tide and mapdet.diagnosis.measures.diagnose alone on the
+full set.
 
     .venv/bin/python bench/bench_diagnose.py                       # 2000 images, 90 GT, 300 dets
     .venv/bin/python bench/bench_diagnose.py --images 300 --tidecv-images 50   # quick
@@ -20,7 +21,8 @@ import time
 
 import numpy as np
 
-from mapdet.diagnosis import measures as diagnosis, tide
+from mapdet.diagnosis import tide
+from mapdet.diagnosis.measures import diagnose
 from mapdet.evaluation.coco import Detections
 
 
@@ -38,12 +40,27 @@ def make_set(num_images: int, gt_per_image: int, dets_per_image: int, num_classe
         w, h = np.minimum(size * np.exp(rng.normal(0, 0.4, n)), W - 1), size
         x, y = rng.uniform(0, W - w), rng.uniform(0, H - h)
         for i in range(n):
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": int(cls[i]), "iscrowd": 0,
-                         "bbox": [float(x[i]), float(y[i]), float(w[i]), float(h[i])], "area": float(w[i] * h[i])})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img_id,
+                    "category_id": int(cls[i]),
+                    "iscrowd": 0,
+                    "bbox": [float(x[i]), float(y[i]), float(w[i]), float(h[i])],
+                    "area": float(w[i] * h[i]),
+                }
+            )
         src = np.repeat(np.arange(n), rng.integers(0, 4, n))
         jit = rng.normal(0, 0.1, (len(src), 4))
-        box = np.stack([x[src] + jit[:, 0] * w[src], y[src] + jit[:, 1] * h[src],
-                        x[src] + w[src] * (1 + jit[:, 2]), y[src] + h[src] * (1 + jit[:, 3])], 1)
+        box = np.stack(
+            [
+                x[src] + jit[:, 0] * w[src],
+                y[src] + jit[:, 1] * h[src],
+                x[src] + w[src] * (1 + jit[:, 2]),
+                y[src] + h[src] * (1 + jit[:, 3]),
+            ],
+            1,
+        )
         label = np.where(rng.random(len(src)) < 0.15, rng.integers(1, num_classes + 1, len(src)), cls[src])
         score = np.clip(rng.beta(4, 2, len(src)) - np.abs(jit).sum(1), 0.01, 1)
         nfp = max(dets_per_image - len(src), 0)
@@ -74,8 +91,7 @@ def run_tidecv(gt: dict, dets: Detections):
         pd.add_detection(r["image_id"], r["category_id"], r["score"], r["bbox"])
     t = tidecv.TIDE()
     t.evaluate(gd, pd, mode=tidecv.TIDE.BOX, name="dt")
-    names = {"Cls": "cls", "Loc": "loc", "Both": "both", "Dupe": "dupe", "Bkg": "bkg", "Miss": "miss",
-             "FalsePos": "fp", "FalseNeg": "fn"}
+    names = dict(zip(("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss", "FalsePos", "FalseNeg"), tide.ALL_TYPES))
     return {names[k]: v for k, v in {**t.get_main_errors()["dt"], **t.get_special_errors()["dt"]}.items()}
 
 
@@ -103,14 +119,31 @@ def main() -> None:
         theirs, t_theirs = timed(lambda: run_tidecv(sgt, sdets))
         mine, t_mine = timed(lambda: tide.decompose(sgt, sdets))
         worst = max(abs(mine.errors[k] - theirs[k]) for k in tide.ALL_TYPES)
-        print(json.dumps({"images": args.tidecv_images, "tidecv_s": round(t_theirs, 2), "mapdet_tide_s": round(t_mine, 3),
-                          "speedup": round(t_theirs / t_mine, 1), "max_abs_dAP_diff": round(worst, 4)}))
+        print(
+            json.dumps(
+                {
+                    "images": args.tidecv_images,
+                    "tidecv_s": round(t_theirs, 2),
+                    "mapdet_tide_s": round(t_mine, 3),
+                    "speedup": round(t_theirs / t_mine, 1),
+                    "max_abs_dAP_diff": round(worst, 4),
+                }
+            )
+        )
         assert worst < 0.5, f"mapdet.diagnosis.tide and tidecv differ by {worst:.3f} AP points"
     result, t_tide = timed(lambda: tide.decompose(gt, dets))
     print(json.dumps({"images": args.images, **info, "mapdet_tide_s": round(t_tide, 2), "ap50": round(result.ap, 2)}))
-    d, t_all = timed(lambda: diagnosis.diagnose(gt, dets))
-    print(json.dumps({"images": args.images, "diagnose_s": round(t_all, 2),
-                      "top_cause": d["causes"][0]["cause"], "top_impact": d["causes"][0]["impact"]}))
+    d, t_all = timed(lambda: diagnose(gt, dets))
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "diagnose_s": round(t_all, 2),
+                "top_cause": d["causes"][0]["cause"],
+                "top_impact": d["causes"][0]["impact"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

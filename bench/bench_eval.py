@@ -54,13 +54,27 @@ def make_dataset(num_images: int, num_classes: int, dets_per_image: int, seed: i
         x, y = rng.uniform(0, W - w), rng.uniform(0, H - h)
         crowd = rng.random(n) < 0.02
         for i in range(n):
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": int(cls[i]),
-                         "bbox": [float(x[i]), float(y[i]), float(w[i]), float(h[i])],
-                         "area": float(w[i] * h[i] * 0.8), "iscrowd": int(crowd[i])})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img_id,
+                    "category_id": int(cls[i]),
+                    "bbox": [float(x[i]), float(y[i]), float(w[i]), float(h[i])],
+                    "area": float(w[i] * h[i] * 0.8),
+                    "iscrowd": int(crowd[i]),
+                }
+            )
         src = np.repeat(np.arange(n), rng.integers(0, 4, n))  # 0-3 detections per object
         jit = rng.normal(0, 0.12, (len(src), 4))
-        box = np.stack([x[src] + jit[:, 0] * w[src], y[src] + jit[:, 1] * h[src],
-                        w[src] * np.exp(jit[:, 2]), h[src] * np.exp(jit[:, 3])], 1)
+        box = np.stack(
+            [
+                x[src] + jit[:, 0] * w[src],
+                y[src] + jit[:, 1] * h[src],
+                w[src] * np.exp(jit[:, 2]),
+                h[src] * np.exp(jit[:, 3]),
+            ],
+            1,
+        )
         label = np.where(rng.random(len(src)) < 0.1, rng.integers(1, num_classes + 1, len(src)), cls[src])
         score = np.clip(rng.beta(4, 2, len(src)) - np.abs(jit).sum(1), 0.01, 1)
         nfp = max(dets_per_image - len(src), 0)
@@ -71,8 +85,9 @@ def make_dataset(num_images: int, num_classes: int, dets_per_image: int, seed: i
         label = np.concatenate([label, rng.choice(num_classes, nfp, p=freq) + 1])
         score = np.concatenate([score, rng.beta(1, 6, nfp)]).astype(np.float32)
         for j in np.argsort(-score, kind="stable")[:dets_per_image]:
-            dets.append({"image_id": img_id, "category_id": int(label[j]),
-                         "bbox": box[j].tolist(), "score": float(score[j])})
+            dets.append(
+                {"image_id": img_id, "category_id": int(label[j]), "bbox": box[j].tolist(), "score": float(score[j])}
+            )
     cats = [{"id": c, "name": f"class{c}"} for c in range(1, num_classes + 1)]
     return {"images": images, "annotations": anns, "categories": cats}, dets
 
@@ -84,7 +99,7 @@ class Clock:
         self.times = np.array([time.perf_counter(), time.process_time()])
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *_exc):
         self.times = np.array([time.perf_counter(), time.process_time()]) - self.times
 
 
@@ -201,12 +216,32 @@ def launch(args, dets: int, packed: bool, engine: str):
     """Run `worker` under accelerate launch with --ranks processes; (arrays, [wall, cpu])."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.npz"
-        cmd = [str(REPO / ".venv/bin/accelerate"), "launch", "--config_file",
-               str(REPO / "launch/accelerate/cpu2.yaml"), "--num_processes", str(args.ranks),
-               "--main_process_port", str(free_port()),
-               str(Path(__file__).resolve()), "--worker", "--out", str(out), "--images",
-               str(args.images), "--classes", str(args.classes), "--dets", str(dets), "--seed",
-               str(args.seed), "--repeat", str(args.repeat), "--engine", engine]
+        cmd = [
+            str(REPO / ".venv/bin/accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO / "launch/accelerate/cpu2.yaml"),
+            "--num_processes",
+            str(args.ranks),
+            "--main_process_port",
+            str(free_port()),
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--out",
+            str(out),
+            "--images",
+            str(args.images),
+            "--classes",
+            str(args.classes),
+            "--dets",
+            str(dets),
+            "--seed",
+            str(args.seed),
+            "--repeat",
+            str(args.repeat),
+            "--engine",
+            engine,
+        ]
         cmd += ["--packed"] if packed else []
         subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         data = np.load(out)
@@ -216,10 +251,15 @@ def launch(args, dets: int, packed: bool, engine: str):
 
 def emit(case: dict, engine: str, ranks: int, times, base) -> None:
     """One JSON line; ``times`` and ``base`` (pycocotools') are [wall, cpu] seconds."""
-    row = {**case, "engine": engine, "ranks": ranks, "seconds": round(float(times[0]), 3),
-           "cpu_seconds_per_rank": round(float(times[1]), 3),
-           "speedup_vs_pycocotools": round(float(base[0] / times[0]), 1),
-           "load_avg_1min": round(os.getloadavg()[0], 2)}  # other work on the machine skews times
+    row = {
+        **case,
+        "engine": engine,
+        "ranks": ranks,
+        "seconds": round(float(times[0]), 3),
+        "cpu_seconds_per_rank": round(float(times[1]), 3),
+        "speedup_vs_pycocotools": round(float(base[0] / times[0]), 1),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+    }  # other work on the machine skews times
     print(json.dumps(row), flush=True)
 
 
@@ -228,8 +268,14 @@ def bench_case(args, dets_per_image: int) -> None:
 
     gt, dets = make_dataset(args.images, args.classes, dets_per_image, args.seed)
     max_dets = sorted({1, 10, 100, dets_per_image})
-    case = {"images": args.images, "classes": args.classes, "gt": len(gt["annotations"]),
-            "dets_per_image": dets_per_image, "detections": len(dets), "max_dets": max_dets}
+    case = {
+        "images": args.images,
+        "classes": args.classes,
+        "gt": len(gt["annotations"]),
+        "dets_per_image": dets_per_image,
+        "detections": len(dets),
+        "max_dets": max_dets,
+    }
     ref, base = run_reference("pycocotools", gt, dets, max_dets)  # slow: once
     emit(case, "pycocotools", 1, base, base)
     faster, times = best_time(lambda: run_reference("faster-coco-eval", gt, dets, max_dets), args.repeat)
@@ -253,11 +299,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--classes", type=int, default=38)
-    parser.add_argument("--dets", type=lambda s: [int(x) for x in s.split(",")], default=[100, 300],
-                        help="detections per image, comma-separated cases")
+    parser.add_argument(
+        "--dets",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[100, 300],
+        help="detections per image, comma-separated cases",
+    )
     parser.add_argument("--ranks", type=int, default=2, help="processes for the distributed run (1: skip it)")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs per measurement, the best counts (pycocotools runs once)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per measurement, the best counts (pycocotools runs once)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)

@@ -71,15 +71,20 @@ def make_gt(args) -> dict:
         ids, img, cls, xywh, crowd = _gt_block(block, args)
         images += [{"id": i, "width": int(W), "height": int(H)} for i in ids.tolist()]
         area = (xywh[:, 2] * xywh[:, 3] * 0.8).tolist()
-        anns += [{"id": len(anns) + j + 1, "image_id": i, "category_id": c, "bbox": b, "area": a,
-                  "iscrowd": int(k)} for j, (i, c, b, a, k) in
-                 enumerate(zip(img.tolist(), cls.tolist(), xywh.tolist(), area, crowd.tolist()))]
-    return {"images": images, "annotations": anns,
-            "categories": [{"id": c, "name": f"class{c}"} for c in range(1, args.classes + 1)]}
+        anns += [
+            {"id": len(anns) + j + 1, "image_id": i, "category_id": c, "bbox": b, "area": a, "iscrowd": int(k)}
+            for j, (i, c, b, a, k) in enumerate(zip(img.tolist(), cls.tolist(), xywh.tolist(), area, crowd.tolist()))
+        ]
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c, "name": f"class{c}"} for c in range(1, args.classes + 1)],
+    }
 
 
 def make_detections(block: int, args):
     """One block's detections: exactly min(--dets, made) per image, as Detections arrays."""
+    from mapdet.boxes import xywh_to_xyxy
     from mapdet.evaluation.coco import Detections
 
     ids, img, cls, xywh, _ = _gt_block(block, args)
@@ -87,8 +92,9 @@ def make_detections(block: int, args):
     src = np.repeat(np.arange(len(img)), rng.integers(0, 4, len(img)))
     jit = rng.normal(0, 0.12, (len(src), 4))
     w, h = xywh[src, 2], xywh[src, 3]
-    box = np.stack([xywh[src, 0] + jit[:, 0] * w, xywh[src, 1] + jit[:, 1] * h,
-                    w * np.exp(jit[:, 2]), h * np.exp(jit[:, 3])], 1)
+    box = np.stack(
+        [xywh[src, 0] + jit[:, 0] * w, xywh[src, 1] + jit[:, 1] * h, w * np.exp(jit[:, 2]), h * np.exp(jit[:, 3])], 1
+    )
     relabel = rng.random(len(src)) < 0.1
     label = np.where(relabel, rng.integers(1, args.classes + 1, len(src)), cls[src])
     score = np.clip(rng.beta(4, 2, len(src)) - np.abs(jit).sum(1), 0.01, 1)
@@ -103,8 +109,7 @@ def make_detections(block: int, args):
     order = np.lexsort((-score, img_all))
     starts = np.searchsorted(img_all[order], ids)
     keep = order[(np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))) < args.dets]
-    xyxy = np.concatenate([box[keep, :2], box[keep, :2] + box[keep, 2:]], 1)
-    return Detections(img_all[keep], xyxy, score[keep], label[keep])
+    return Detections(img_all[keep], xywh_to_xyxy(box[keep]), score[keep], label[keep])
 
 
 def _status() -> dict:
@@ -132,8 +137,7 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=1800))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800))
     gt = make_gt(args)
     blocks = (args.images + BLOCK - 1) // BLOCK
     lo, hi = blocks * rank // world, blocks * (rank + 1) // world
@@ -148,14 +152,23 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
     result = evaluate_coco(gt, dets, max_dets=(1, 10, 100, args.dets))
     seconds = time.perf_counter() - start
     traffic = getattr(result, "traffic", None) or {}  # the old CocoResult has none
-    row = {"ranks": world, "rank": rank, "path": "all-gather (old)" if args.allgather_from else "route by category",
-           "images": args.images, "dets_per_image": args.dets, "classes": args.classes,
-           "local": local,
-           "local_packed_mb": round(local_mb, 1), "scored": traffic.get("scored"),
-           "sent_mb": round(traffic.get("sent_bytes", 0) / 2**20, 1),
-           "det_peak_mb": round(_status()["VmHWM"] - base, 1),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "seconds": round(seconds, 2), "digest": _digest(result), "AP": result.summary()["AP"]}
+    row = {
+        "ranks": world,
+        "rank": rank,
+        "path": "all-gather (old)" if args.allgather_from else "route by category",
+        "images": args.images,
+        "dets_per_image": args.dets,
+        "classes": args.classes,
+        "local": local,
+        "local_packed_mb": round(local_mb, 1),
+        "scored": traffic.get("scored"),
+        "sent_mb": round(traffic.get("sent_bytes", 0) / 2**20, 1),
+        "det_peak_mb": round(_status()["VmHWM"] - base, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "seconds": round(seconds, 2),
+        "digest": _digest(result),
+        "AP": result.summary()["AP"],
+    }
     Path(out, f"rank{rank}.json").write_text(json.dumps(row))
     if world > 1:
         dist.destroy_process_group()
@@ -180,19 +193,28 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=38)
     parser.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--allgather-from", default=None, metavar="DIR",
-                        help="import mapdet from DIR and all-gather the detections first (old path)")
+    parser.add_argument(
+        "--allgather-from",
+        default=None,
+        metavar="DIR",
+        help="import mapdet from DIR and all-gather the detections first (old path)",
+    )
     args = parser.parse_args(argv)
     peaks, digests = {}, set()
     for world in args.ranks:
         rows = run_world(world, args)
         peaks[world] = max(r["det_peak_mb"] for r in rows)
         digests |= {r["digest"] for r in rows}
-        summary = {"summary": True, "ranks": world, "path": rows[0]["path"],
-                   "max_det_peak_mb": peaks[world], "max_peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
-                   "max_sent_mb": max(r["sent_mb"] for r in rows),
-                   "max_scored_fraction": round(max(r["scored"] or 0 for r in rows) / sum(r["local"] for r in rows), 3),
-                   "seconds": max(r["seconds"] for r in rows)}
+        summary = {
+            "summary": True,
+            "ranks": world,
+            "path": rows[0]["path"],
+            "max_det_peak_mb": peaks[world],
+            "max_peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+            "max_sent_mb": max(r["sent_mb"] for r in rows),
+            "max_scored_fraction": round(max(r["scored"] or 0 for r in rows) / sum(r["local"] for r in rows), 3),
+            "seconds": max(r["seconds"] for r in rows),
+        }
         if 1 in peaks:
             summary["det_peak_vs_1_rank"] = round(peaks[world] / peaks[1], 3)
         print(json.dumps(summary), flush=True)

@@ -1,8 +1,10 @@
-"""Box arithmetic shared by the packer, the loaders and the evaluator.
+"""Box arithmetic shared by the packer, the loaders, the evaluator and the diagnosis.
 
 Every box in mapdet is ``xyxy`` in pixel-edge coordinates of the image it belongs to: a one-pixel
 object at column ``c`` spans ``[c, c + 1]``, so an image of width ``W`` has boxes within ``[0, W]``
-and a box's width is ``x2 - x1`` (no ``+ 1``). Arrays are float (N, 4); functions accept numpy.
+and a box's width is ``x2 - x1`` (no ``+ 1``). COCO files carry ``[x, y, w, h]`` with the same
+``w = x2 - x1``; ``xyxy_to_xywh`` and ``xywh_to_xyxy`` are the only conversions between the two.
+Arrays are float (N, 4); functions accept anything numpy reads and compute in float64.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class SanitizeCounts:
     clipped: int = 0
     dropped: int = 0
 
-    def add(self, other: "SanitizeCounts") -> None:
+    def add(self, other: SanitizeCounts) -> None:
         self.clipped += other.clipped
         self.dropped += other.dropped
 
@@ -49,15 +51,20 @@ def scale(boxes: np.ndarray, sx: float, sy: float) -> np.ndarray:
 
 
 def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """float64 (N, 4) ``[x1, y1, x2 - x1, y2 - y1]``: float32 boxes are widened first, so the
+    numbers are exactly those a COCO results file written from them carries (what the evaluator
+    needs to equal pycocotools bitwise)."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
 
 
 def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """float64 (N, 4) ``[x, y, x + w, y + h]`` of COCO ``[x, y, w, h]`` boxes."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
 
 
 def area(boxes: np.ndarray) -> np.ndarray:
+    """float64 (N,) ``(x2 - x1) * (y2 - y1)`` of xyxy boxes."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])

@@ -23,9 +23,14 @@ def write_figures(d: dict, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawers = {
-        "tide_errors": _tide, "per_class_vs_frequency": _per_class, "ap_vs_iou": _iou,
-        "ap_vs_max_dets": _max_dets, "box_sizes": _sizes, "loss_vs_map": _curves,
-        "postprocess_sweep": _sweep, "proposal_recall": _proposals,
+        "tide_errors": _tide,
+        "per_class_vs_frequency": _per_class,
+        "ap_vs_iou": _iou,
+        "ap_vs_max_dets": _max_dets,
+        "box_sizes": _sizes,
+        "loss_vs_map": _curves,
+        "postprocess_sweep": _sweep,
+        "proposal_recall": _proposals,
     }
     paths = {}
     for name, draw in drawers.items():
@@ -47,8 +52,10 @@ def _tide(d: dict):
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_ylim(min(0.0, min(values) * 1.15), max(1.0, max(values) * 1.15))
     ax.set_ylabel("dAP50 (AP points)")
-    ax.set_title(f"TIDE error decomposition (AP50 {d['tide']['ap50']:.1f}, "
-                 f"IoU {d['tide']['pos_thr']}/{d['tide']['bkg_thr']}, {d['tide']['max_dets']} dets/img)")
+    ax.set_title(
+        f"TIDE error decomposition (AP50 {d['tide']['ap50']:.1f}, "
+        f"IoU {d['tide']['pos_thr']}/{d['tide']['bkg_thr']}, {d['tide']['max_dets']} dets/img)"
+    )
     return fig
 
 
@@ -134,8 +141,14 @@ def _curves(d: dict):
     for tag, series in tc["series"].items():
         steps, values = zip(*series)
         target = right if tag.startswith("val/AP") else ax
-        target.plot(steps, values, marker="." if len(steps) < 50 else None, label=tag,
-                    ls="--" if target is right else "-", color=_TAG_COLORS.get(tag))
+        target.plot(
+            steps,
+            values,
+            marker="." if len(steps) < 50 else None,
+            label=tag,
+            ls="--" if target is right else "-",
+            color=_TAG_COLORS.get(tag),
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_ylim(bottom=0)

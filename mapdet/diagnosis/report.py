@@ -9,7 +9,6 @@ same numbers, the report text and the figures to a TensorBoard event file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,18 @@ import numpy as np
 from mapdet.diagnosis.causes import METHODS
 from mapdet.diagnosis.figures import write_figures
 from mapdet.diagnosis.tide import ALL_TYPES
+from mapdet.fileio import write_text_atomic
 
-_TIDE_NAMES = {"cls": "Cls", "loc": "Loc", "both": "Both", "dupe": "Dupe", "bkg": "Bkg", "miss": "Miss",
-               "fp": "FP (all false positives)", "fn": "FN (all false negatives)"}
+_TIDE_NAMES = {
+    "cls": "Cls",
+    "loc": "Loc",
+    "both": "Both",
+    "dupe": "Dupe",
+    "bkg": "Bkg",
+    "miss": "Miss",
+    "fp": "FP (all false positives)",
+    "fn": "FN (all false negatives)",
+}
 
 
 def write_report(d: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -27,15 +35,9 @@ def write_report(d: dict, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     figures = write_figures(d, out_dir)
     text = render_markdown(d, {k: p.name for k, p in figures.items()})
-    _write_atomic(out_dir / "report.md", text)
-    _write_atomic(out_dir / "diagnosis.json", json.dumps(d, indent=1, default=_jsonable) + "\n")
+    write_text_atomic(out_dir / "report.md", text)
+    write_text_atomic(out_dir / "diagnosis.json", json.dumps(d, indent=1, default=_jsonable) + "\n")
     return {"report": out_dir / "report.md", "json": out_dir / "diagnosis.json", **figures}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _jsonable(x):
@@ -59,8 +61,12 @@ def render_markdown(d: dict, fig: dict[str, str]) -> str:
         "## Summary: causes ranked by measured impact",
         *_causes(d["causes"]),
         "Impacts are AP50 points (localization adds COCO AP points); each method is listed at the end.",
-        *_tide_section(d, fig), *_class_section(d, fig), *_thresholds_section(d, fig),
-        *_size_section(d, fig), *_sweep_section(d, fig), *_curves_section(d, fig),
+        *_tide_section(d, fig),
+        *_class_section(d, fig),
+        *_thresholds_section(d, fig),
+        *_size_section(d, fig),
+        *_sweep_section(d, fig),
+        *_curves_section(d, fig),
         "## How each impact is measured",
         "\n".join(f"- **{k}**: {v}." for k, v in METHODS.items()),
     ]
@@ -72,8 +78,11 @@ def _img(fig: dict[str, str], name: str) -> list[str]:
 
 
 def _causes(causes: list[dict]) -> list[str]:
-    lines = [f"{i}. **{c['cause']}**: {c['impact']:.1f} points. {c['evidence']}. *Fix:* {c['advice']}."
-             for i, c in enumerate(causes, 1) if c["impact"] > 0]
+    lines = [
+        f"{i}. **{c['cause']}**: {c['impact']:.1f} points. {c['evidence']}. *Fix:* {c['advice']}."
+        for i, c in enumerate(causes, 1)
+        if c["impact"] > 0
+    ]
     zero = [c["cause"] for c in causes if c["impact"] <= 0]
     if zero:
         lines.append(f"No measurable impact: {', '.join(zero)}.")
@@ -89,13 +98,20 @@ def _table(head: list[str], rows: list[list]) -> str:
 def _tide_section(d: dict, fig) -> list[str]:
     t = d["tide"]
     rows = [[_TIDE_NAMES[k], _f(d["errors"][k], 2), d["counts"][k]] for k in ALL_TYPES]
-    notes = (f"TIDE (Bolya et al. 2020): AP50 {t['ap50']:.1f} with at most {t['max_dets']} detections per "
-             f"image, foreground IoU {t['pos_thr']}, background IoU {t['bkg_thr']}. dAP = AP50 after fixing "
-             "only that error type minus the baseline.")
+    notes = (
+        f"TIDE (Bolya et al. 2020): AP50 {t['ap50']:.1f} with at most {t['max_dets']} detections per "
+        f"image, foreground IoU {t['pos_thr']}, background IoU {t['bkg_thr']}. dAP = AP50 after fixing "
+        "only that error type minus the baseline."
+    )
     if t["dropped_by_cap"]:
         notes += f" {t['dropped_by_cap']} detections beyond {t['max_dets']} per image were not counted."
-    return ["## 1. Error decomposition", notes, _table(["error", "dAP50", "count"], rows), *_img(fig, "tide_errors"),
-            *_miss_section(d)]
+    return [
+        "## 1. Error decomposition",
+        notes,
+        _table(["error", "dAP50", "count"], rows),
+        *_img(fig, "tide_errors"),
+        *_miss_section(d),
+    ]
 
 
 def _miss_section(d: dict) -> list[str]:
@@ -103,15 +119,36 @@ def _miss_section(d: dict) -> list[str]:
     if not mb:
         return []
     total = max(mb["count"], 1)
-    rows = [[g["group"], g["cause"], g["definition"], g["count"], f"{g['count'] / total:.1%}", _f(g["dAP"], 2),
-             _f(g["dAP_in_order"], 2)] for g in mb["groups"]]
-    rows.append(["all misses", "", "TIDE Miss", mb["count"], "100.0%" if mb["count"] else "0.0%",
-                 _f(d["errors"]["miss"], 2), _f(mb["dAP"], 2)])
-    text = (f"Missed objects by cause: every missed ground-truth box falls in exactly one group, the first that "
-            f"applies in this order: {', '.join(mb['precedence'])} (the cap in force in TIDE's matching is "
-            f"{mb['cap']} detections per image). dAP50 alone: TIDE's miss fix on that group only; in order: what "
-            "it adds after the groups above it, so that column sums to the Miss dAP (dAPs are not additive). "
-            "The 'unexplained' group is the **missed** cause.")
+    rows = [
+        [
+            g["group"],
+            g["cause"],
+            g["definition"],
+            g["count"],
+            f"{g['count'] / total:.1%}",
+            _f(g["dAP"], 2),
+            _f(g["dAP_in_order"], 2),
+        ]
+        for g in mb["groups"]
+    ]
+    rows.append(
+        [
+            "all misses",
+            "",
+            "TIDE Miss",
+            mb["count"],
+            "100.0%" if mb["count"] else "0.0%",
+            _f(d["errors"]["miss"], 2),
+            _f(mb["dAP"], 2),
+        ]
+    )
+    text = (
+        f"Missed objects by cause: every missed ground-truth box falls in exactly one group, the first that "
+        f"applies in this order: {', '.join(mb['precedence'])} (the cap in force in TIDE's matching is "
+        f"{mb['cap']} detections per image). dAP50 alone: TIDE's miss fix on that group only; in order: what "
+        "it adds after the groups above it, so that column sums to the Miss dAP (dAPs are not additive). "
+        "The 'unexplained' group is the **missed** cause."
+    )
     head = ["group", "cause", "which missed objects", "count", "share", "dAP50 alone", "dAP50 in order"]
     return [text, _table(head, rows)]
 
@@ -119,14 +156,27 @@ def _miss_section(d: dict) -> list[str]:
 def _class_section(d: dict, fig) -> list[str]:
     pc = d["per_class"]
     rho = pc["spearman_ap_vs_freq"]
-    text = (f"Training frequency from the {pc['source']}. Spearman rank correlation of AP with frequency: "
-            f"{_f(rho, 2)}. Repeat factor r(c) = max(1, sqrt(t / f(c))) with t = {pc['repeat_threshold']} "
-            "(data.repeat_threshold); class weight = inverse square root of the instance count, mean 1 "
-            "(model.class_weights=inv_sqrt).")
+    text = (
+        f"Training frequency from the {pc['source']}. Spearman rank correlation of AP with frequency: "
+        f"{_f(rho, 2)}. Repeat factor r(c) = max(1, sqrt(t / f(c))) with t = {pc['repeat_threshold']} "
+        "(data.repeat_threshold); class weight = inverse square root of the instance count, mean 1 "
+        "(model.class_weights=inv_sqrt)."
+    )
     zero = pc["zero_ap"]
-    zero_text = (f"{len(zero)} classes have AP50 below 1 point:" if zero else "No class has AP50 below 1 point.")
-    rows = [[r["id"], r["name"], _f(r["ap"]), _f(r["ap50"]), f"{r['train_freq']:.4f}", r["train_instances"],
-             f"{r['repeat_factor']:.2f}", f"{r['class_weight']:.2f}"] for r in pc["rows"]]
+    zero_text = f"{len(zero)} classes have AP50 below 1 point:" if zero else "No class has AP50 below 1 point."
+    rows = [
+        [
+            r["id"],
+            r["name"],
+            _f(r["ap"]),
+            _f(r["ap50"]),
+            f"{r['train_freq']:.4f}",
+            r["train_instances"],
+            f"{r['repeat_factor']:.2f}",
+            f"{r['class_weight']:.2f}",
+        ]
+        for r in pc["rows"]
+    ]
     head = ["id", "class", "AP", "AP50", "train freq", "train boxes", "repeat factor", "class weight"]
     out = ["## 2. Per-class AP vs training frequency", text, *_img(fig, "per_class_vs_frequency"), zero_text]
     if zero:
@@ -138,38 +188,58 @@ def _class_section(d: dict, fig) -> list[str]:
 def _thresholds_section(d: dict, fig) -> list[str]:
     c, m = d["iou_curve"], d["max_dets"]
     iou = _table(["IoU"] + [f"{x:.2f}" for x in c["iou"]], [["AP"] + [_f(v) for v in c["ap"]]])
-    caps = _table(["detections kept"] + [str(k) for k in m["per_image"]["cap"]],
-                  [["AP50, per image"] + [_f(v) for v in m["per_image"]["ap50"]],
-                   ["AP, per image"] + [_f(v) for v in m["per_image"]["ap"]]])
-    coco = _table(["COCO maxDets"] + [str(k) for k in m["coco"]["max_dets"]],
-                  [["AP"] + [_f(v) for v in m["coco"]["ap"]]])
-    text = (f"{m['share_images_gt_over_100']:.1%} of images have more than 100 ground-truth objects "
-            f"(mean {m['gt_per_image_mean']:.1f}, max {m['gt_per_image_max']}); the model's cap is "
-            f"{m['model_cap']} detections per image, the results hold up to {m['most_dets_per_image']} and "
-            f"{m['share_images_at_cap']:.1%} of images fill the cap. COCO's maxDets caps each image AND class, "
-            "the model's cap (model.detections_per_img) each image over all classes: both curves are shown.")
+    caps = _table(
+        ["detections kept"] + [str(k) for k in m["per_image"]["cap"]],
+        [
+            ["AP50, per image"] + [_f(v) for v in m["per_image"]["ap50"]],
+            ["AP, per image"] + [_f(v) for v in m["per_image"]["ap"]],
+        ],
+    )
+    coco = _table(
+        ["COCO maxDets"] + [str(k) for k in m["coco"]["max_dets"]], [["AP"] + [_f(v) for v in m["coco"]["ap"]]]
+    )
+    text = (
+        f"{m['share_images_gt_over_100']:.1%} of images have more than 100 ground-truth objects "
+        f"(mean {m['gt_per_image_mean']:.1f}, max {m['gt_per_image_max']}); the model's cap is "
+        f"{m['model_cap']} detections per image, the results hold up to {m['most_dets_per_image']} and "
+        f"{m['share_images_at_cap']:.1%} of images fill the cap. COCO's maxDets caps each image AND class, "
+        "the model's cap (model.detections_per_img) each image over all classes: both curves are shown."
+    )
     if "cap_source" in m:
         text += f" Cap: {m['cap_source']}."
     if m.get("cap_note"):
         text += f" **Note:** {m['cap_note']}."
-    return ["## 3. AP vs IoU threshold and detection cap", iou, *_img(fig, "ap_vs_iou"), text, caps, coco,
-            *_img(fig, "ap_vs_max_dets")]
+    return [
+        "## 3. AP vs IoU threshold and detection cap",
+        iou,
+        *_img(fig, "ap_vs_iou"),
+        text,
+        caps,
+        coco,
+        *_img(fig, "ap_vs_max_dets"),
+    ]
 
 
 def _size_section(d: dict, fig) -> list[str]:
     s = d["size"]
     rows = [[k, f"{s['share_gt'][k]:.1%}", _f(s["ap"][k]), _f(s["ap50"][k])] for k in ("small", "medium", "large")]
     mi = s["model_input"]
-    text = (f"Anchor sizes {[round(a) for a in s['anchor_sizes']]} px ({s['anchors_from']}) at the model's "
-            f"input size (arch {mi['arch']}: min_size {mi['min_size']}, max_size {mi['max_size']}); "
-            f"median box side there {s['median_side_model_input']:.1f} px; "
-            f"{s['share_below_smallest_anchor_half']:.1%} of boxes are smaller than half the smallest anchor.")
+    text = (
+        f"Anchor sizes {[round(a) for a in s['anchor_sizes']]} px ({s['anchors_from']}) at the model's "
+        f"input size (arch {mi['arch']}: min_size {mi['min_size']}, max_size {mi['max_size']}); "
+        f"median box side there {s['median_side_model_input']:.1f} px; "
+        f"{s['share_below_smallest_anchor_half']:.1%} of boxes are smaller than half the smallest anchor."
+    )
     out = ["## 4. Object size", _table(["size", "share of GT", "AP", "AP50"], rows), text, *_img(fig, "box_sizes")]
     pr = d.get("proposal_recall")
     if pr:
         rec = pr["recall"]
-        out += [f"RPN proposal recall at IoU {pr['iou']} ({pr['proposals_per_image']:.0f} proposals per image): "
-                + ", ".join(f"{k} {_f(v, 3)}" for k, v in rec.items()) + ".", *_img(fig, "proposal_recall")]
+        out += [
+            f"RPN proposal recall at IoU {pr['iou']} ({pr['proposals_per_image']:.0f} proposals per image): "
+            + ", ".join(f"{k} {_f(v, 3)}" for k, v in rec.items())
+            + ".",
+            *_img(fig, "proposal_recall"),
+        ]
     else:
         out.append("Proposal recall by size: not measured (pass --checkpoint and --config).")
     return out
@@ -178,13 +248,18 @@ def _size_section(d: dict, fig) -> list[str]:
 def _sweep_section(d: dict, fig) -> list[str]:
     sw = d.get("sweep")
     if not sw:
-        return ["## 5. Post-processing sweep", "Not run: pass --checkpoint and --config to sweep NMS IoU "
-                "threshold x score threshold x detections per image (the network runs once per image)."]
+        return [
+            "## 5. Post-processing sweep",
+            "Not run: pass --checkpoint and --config to sweep NMS IoU "
+            "threshold x score threshold x detections per image (the network runs once per image).",
+        ]
     b = sw["best"]
-    text = (f"{sw['num_images']} images; the backbone, RPN and box head ran once per image, only torchvision's "
-            f"postprocess reran per grid point. Best AP {b['ap']:.1f} at model.nms_thresh={b['nms_thresh']}, "
-            f"model.score_thresh={b['score_thresh']}, model.detections_per_img={b['detections_per_img']} "
-            f"(current settings: AP {_f(sw['current_ap'])}).")
+    text = (
+        f"{sw['num_images']} images; the backbone, RPN and box head ran once per image, only torchvision's "
+        f"postprocess reran per grid point. Best AP {b['ap']:.1f} at model.nms_thresh={b['nms_thresh']}, "
+        f"model.score_thresh={b['score_thresh']}, model.detections_per_img={b['detections_per_img']} "
+        f"(current settings: AP {_f(sw['current_ap'])})."
+    )
     return ["## 5. Post-processing sweep", text, *_img(fig, "postprocess_sweep")]
 
 
@@ -197,8 +272,13 @@ def _curves_section(d: dict, fig) -> list[str]:
         out.append(f"Not logged in {len(tc['files'])} event files: {', '.join(tc['missing'])}.")
     if not tc["series"]:
         return out
-    out.append("\n".join(f"- {tag}: {len(series)} points, first {series[0][1]:.4g} (step {series[0][0]}), "
-                         f"last {series[-1][1]:.4g} (step {series[-1][0]})" for tag, series in tc["series"].items()))
+    out.append(
+        "\n".join(
+            f"- {tag}: {len(series)} points, first {series[0][1]:.4g} (step {series[0][0]}), "
+            f"last {series[-1][1]:.4g} (step {series[-1][0]})"
+            for tag, series in tc["series"].items()
+        )
+    )
     return out + _img(fig, "loss_vs_map")
 
 

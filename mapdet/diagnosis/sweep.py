@@ -17,14 +17,18 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
-from mapdet.diagnosis.measures import SMALL, MEDIUM, cap_per_image, points
+from mapdet.boxes import area, xyxy_to_xywh
+from mapdet.diagnosis.caps import cap_per_image
+from mapdet.diagnosis.stats import points
 from mapdet.evaluation.coco import Detections, evaluate_coco
+from mapdet.evaluation.matching import MEDIUM, SMALL
 
 
 @dataclass
@@ -64,8 +68,9 @@ def postprocess(model, out: HeadOutputs, nms_thresh: float, score_thresh: float,
     saved = heads.nms_thresh, heads.score_thresh, heads.detections_per_img
     heads.nms_thresh, heads.score_thresh, heads.detections_per_img = nms_thresh, score_thresh, detections_per_img
     try:
-        boxes, scores, labels = heads.postprocess_detections(out.class_logits, out.box_regression, out.proposals,
-                                                             out.image_sizes)
+        boxes, scores, labels = heads.postprocess_detections(
+            out.class_logits, out.box_regression, out.proposals, out.image_sizes
+        )
     finally:
         heads.nms_thresh, heads.score_thresh, heads.detections_per_img = saved
     result = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
@@ -74,8 +79,11 @@ def postprocess(model, out: HeadOutputs, nms_thresh: float, score_thresh: float,
 
 def _to_detections(image_ids: list[int], outputs: list[dict]) -> Detections:
     return Detections.concat(
-        Detections(np.full(len(o["scores"]), i), o["boxes"].cpu().numpy(), o["scores"].cpu().numpy(),
-                   o["labels"].cpu().numpy()) for i, o in zip(image_ids, outputs))
+        Detections(
+            np.full(len(o["scores"]), i), o["boxes"].cpu().numpy(), o["scores"].cpu().numpy(), o["labels"].cpu().numpy()
+        )
+        for i, o in zip(image_ids, outputs)
+    )
 
 
 def coco_from_targets(targets: list[dict], cat_ids: list[int]) -> dict:
@@ -85,58 +93,103 @@ def coco_from_targets(targets: list[dict], cat_ids: list[int]) -> dict:
         h, w = t.get("size", (0, 0))
         images.append({"id": int(t["image_id"]), "width": int(w), "height": int(h)})
         crowd = t.get("iscrowd", torch.zeros(len(t["labels"]), dtype=torch.int64))
-        for (x1, y1, x2, y2), c, cr in zip(t["boxes"].tolist(), t["labels"].tolist(), crowd.tolist()):
-            anns.append({"id": len(anns) + 1, "image_id": int(t["image_id"]), "category_id": int(c),
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(cr)})
+        boxes = t["boxes"].cpu().numpy()
+        rows = zip(xyxy_to_xywh(boxes).tolist(), area(boxes).tolist(), t["labels"].tolist(), crowd.tolist())
+        for box, a, c, cr in rows:
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": int(t["image_id"]),
+                    "category_id": int(c),
+                    "bbox": box,
+                    "area": a,
+                    "iscrowd": int(cr),
+                }
+            )
     return {"images": images, "annotations": anns, "categories": [{"id": int(k)} for k in cat_ids]}
+
+
+class Postprocess(NamedTuple):
+    """The three settings of torchvision's post-processing that the sweep varies."""
+
+    nms_thresh: float
+    score_thresh: float
+    detections_per_img: int
+
+
+@dataclass
+class _ModelPass:
+    """What one pass of the network over the images leaves for the measurements."""
+
+    found: dict  # (nms, score) -> list of Detections, one per batch
+    targets: list[dict]  # of the images seen, with their stored "size"
+    hits: list  # proposal_hits of each batch
+    proposals: list[int]  # per image
 
 
 def _grid_values(values) -> list[float]:
     return sorted({float(v) for v in values})
 
 
-def run_model_checks(model, batches, cat_ids: list[int], nms_thresh=(0.3, 0.5, 0.7), score_thresh=(0.0, 0.05, 0.3),
-                     detections_per_img=(100, 300, 1000), current=None, iou: float = 0.5,
-                     max_images: int | None = None, progress: bool = False) -> tuple[dict, dict]:
+def run_model_checks(
+    model,
+    batches,
+    cat_ids: list[int],
+    nms_thresh=(0.3, 0.5, 0.7),
+    score_thresh=(0.0, 0.05, 0.3),
+    detections_per_img=(100, 300, 1000),
+    current=None,
+    iou: float = 0.5,
+    max_images: int | None = None,
+    progress: bool = False,
+) -> tuple[dict, dict]:
     """(sweep, proposal_recall) over ``batches``; ``current`` = (nms, score, dets) of the model config.
 
     sweep: ``ap`` (len(nms), len(score), len(dets)) COCO AP points, ``ap50`` the same, ``best``,
     ``current_ap``. proposal_recall: share of non-crowd GT boxes (by COCO size of the stored box)
     with IoU >= ``iou`` to some RPN proposal.
     """
-    nms_v, score_v, caps = _grid_values(nms_thresh), _grid_values(score_thresh), sorted({int(c) for c in detections_per_img})
+    nms_v, score_v = _grid_values(nms_thresh), _grid_values(score_thresh)
+    caps = sorted({int(c) for c in detections_per_img})
     if current is not None:
-        nms_v, score_v = _grid_values(nms_v + [current[0]]), _grid_values(score_v + [current[1]])
-        caps = sorted(set(caps) | {int(current[2])})
+        current = Postprocess(float(current[0]), float(current[1]), int(current[2]))
+        nms_v, score_v = _grid_values(nms_v + [current.nms_thresh]), _grid_values(score_v + [current.score_thresh])
+        caps = sorted(set(caps) | {current.detections_per_img})
     grid = list(itertools.product(nms_v, score_v))
-    found = {p: [] for p in grid}
-    seen_targets, recall_hits, n_props = [], [], []
+    seen = _model_pass(model, batches, grid, caps[-1], iou, max_images, progress)
+    if not seen.targets:
+        raise ValueError("the model checks saw no image: the loader is empty")
+    gt = coco_from_targets(seen.targets, cat_ids)
+    found = {p: Detections.concat(v) for p, v in seen.found.items()}
+    sweep = _evaluate_grid(gt, found, nms_v, score_v, caps, current)
+    sweep["num_images"] = len(seen.targets)
+    return sweep, _recall_by_size(seen.hits, iou, float(np.mean(seen.proposals)))
+
+
+def _model_pass(model, batches, grid, cap: int, iou: float, max_images: int | None, progress: bool) -> _ModelPass:
+    """The network once per image (at most ``max_images``), post-processed at every grid point."""
+    seen = _ModelPass({p: [] for p in grid}, [], [], [])
     bar = tqdm(desc="diagnose: model pass", unit="img", disable=not progress, total=max_images)
     for batch in batches:
         images, targets = batch[0], batch[1]
         if max_images is not None:
-            room = max_images - len(seen_targets)
+            room = max_images - len(seen.targets)
             images, targets = images[:room], targets[:room]
         if not images:
             break
         out = head_outputs(model, images, targets)
         ids = [int(t["image_id"]) for t in targets]
-        for p in grid:
-            found[p].append(_to_detections(ids, postprocess(model, out, p[0], p[1], caps[-1])))
-        recall_hits.append(_proposal_hits(out, targets, iou))
-        n_props += [len(p) for p in out.proposals]
-        seen_targets += [{**t, "size": tuple(im.shape[-2:])} for t, im in zip(targets, images)]
+        for nms, score in grid:
+            seen.found[(nms, score)].append(_to_detections(ids, postprocess(model, out, nms, score, cap)))
+        seen.hits.append(proposal_hits(out, targets, iou))
+        seen.proposals += [len(p) for p in out.proposals]
+        seen.targets += [{**t, "size": tuple(im.shape[-2:])} for t, im in zip(targets, images)]
         bar.update(len(images))
     bar.close()
-    if not seen_targets:
-        raise ValueError("the model checks saw no image: the loader is empty")
-    gt = coco_from_targets(seen_targets, cat_ids)
-    sweep = _evaluate_grid(gt, {p: Detections.concat(v) for p, v in found.items()}, nms_v, score_v, caps, current)
-    sweep["num_images"] = len(seen_targets)
-    return sweep, _recall_by_size(recall_hits, iou, float(np.mean(n_props)))
+    return seen
 
 
-def _evaluate_grid(gt: dict, found: dict, nms_v, score_v, caps, current) -> dict:
+def _evaluate_grid(gt: dict, found: dict, nms_v, score_v, caps, current: Postprocess | None) -> dict:
     ap = np.zeros((len(nms_v), len(score_v), len(caps)))
     ap50 = np.zeros_like(ap)
     for (i, n), (j, s) in itertools.product(enumerate(nms_v), enumerate(score_v)):
@@ -148,14 +201,25 @@ def _evaluate_grid(gt: dict, found: dict, nms_v, score_v, caps, current) -> dict
     best = {"nms_thresh": nms_v[i], "score_thresh": score_v[j], "detections_per_img": caps[k], "ap": float(ap[i, j, k])}
     cur = None
     if current is not None:
-        cur = float(ap[nms_v.index(float(current[0])), score_v.index(float(current[1])), caps.index(int(current[2]))])
-    return {"nms_thresh": nms_v, "score_thresh": score_v, "detections_per_img": caps, "ap": ap.tolist(),
-            "ap50": ap50.tolist(), "best": best, "current_ap": cur,
-            "current": None if current is None else {"nms_thresh": float(current[0]), "score_thresh": float(current[1]),
-                                                      "detections_per_img": int(current[2])}}
+        at = (
+            nms_v.index(current.nms_thresh),
+            score_v.index(current.score_thresh),
+            caps.index(current.detections_per_img),
+        )
+        cur = float(ap[at])
+    return {
+        "nms_thresh": nms_v,
+        "score_thresh": score_v,
+        "detections_per_img": caps,
+        "ap": ap.tolist(),
+        "ap50": ap50.tolist(),
+        "best": best,
+        "current_ap": cur,
+        "current": None if current is None else current._asdict(),
+    }
 
 
-def _proposal_hits(out: HeadOutputs, targets: list[dict], iou: float) -> tuple[np.ndarray, np.ndarray]:
+def proposal_hits(out: HeadOutputs, targets: list[dict], iou: float) -> tuple[np.ndarray, np.ndarray]:
     """Per non-crowd GT box: (covered by a proposal at ``iou``, COCO area in the stored frame)."""
     hits, areas = [], []
     for props, resized, t in zip(out.proposals, out.targets, targets):
@@ -166,15 +230,23 @@ def _proposal_hits(out: HeadOutputs, targets: list[dict], iou: float) -> tuple[n
             continue
         best = box_iou(boxes, props.cpu()).max(dim=1).values if len(props) else torch.zeros(len(boxes))
         hits.append((best >= iou).numpy())
-        areas.append(((stored[:, 2] - stored[:, 0]) * (stored[:, 3] - stored[:, 1])).numpy())
+        areas.append(area(stored.numpy()))
     return (np.concatenate(hits) if hits else np.zeros(0, bool)), (np.concatenate(areas) if areas else np.zeros(0))
 
 
 def _recall_by_size(parts, iou: float, proposals_per_image: float) -> dict:
-    hits = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, bool)
-    area = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
-    ranges = {"all": np.ones(len(area), bool), "small": area < SMALL, "medium": (area >= SMALL) & (area < MEDIUM),
-              "large": area >= MEDIUM}
-    return {"iou": iou, "proposals_per_image": proposals_per_image,
-            "recall": {k: (float(hits[m].mean()) if m.any() else None) for k, m in ranges.items()},
-            "num_gt": {k: int(m.sum()) for k, m in ranges.items()}}
+    """Recall by COCO size from the ``proposal_hits`` of every batch."""
+    hits = np.concatenate([hit for hit, _ in parts]) if parts else np.zeros(0, bool)
+    area = np.concatenate([a for _, a in parts]) if parts else np.zeros(0)
+    ranges = {
+        "all": np.ones(len(area), bool),
+        "small": area < SMALL,
+        "medium": (area >= SMALL) & (area < MEDIUM),
+        "large": area >= MEDIUM,
+    }
+    return {
+        "iou": iou,
+        "proposals_per_image": proposals_per_image,
+        "recall": {k: (float(hits[m].mean()) if m.any() else None) for k, m in ranges.items()},
+        "num_gt": {k: int(m.sum()) for k, m in ranges.items()},
+    }

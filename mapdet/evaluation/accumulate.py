@@ -37,8 +37,7 @@ class Matches:
     def concat(parts: list[Matches]) -> Matches:
         if not parts:
             return Matches(*(np.zeros(0, np.int64) for _ in range(3)), np.zeros(0, bool))
-        return Matches(*(np.concatenate([getattr(p, f) for p in parts])
-                         for f in ("area", "thr", "det", "ignored")))
+        return Matches(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("area", "thr", "det", "ignored")))
 
     def take(self, idx: np.ndarray) -> Matches:
         return Matches(self.area[idx], self.thr[idx], self.det[idx], self.ignored[idx])
@@ -56,24 +55,32 @@ def accumulate(cat, score, rank, outside, matches: Matches, npig, T: int, max_de
     precision, recall, scores = -np.ones((T, R, K, A, M)), -np.ones((T, K, A, M)), -np.ones((T, R, K, A, M))
     bounds = np.searchsorted(cat, np.arange(K + 1))
     # per category by score, stable: ties keep (image, rank) order, as pycocotools' mergesort
-    order = np.concatenate([b0 + np.argsort(-score[b0:b1], kind="stable")
-                            for b0, b1 in itertools.pairwise(bounds)] + [np.zeros(0, np.int64)])
+    order = np.concatenate(
+        [b0 + np.argsort(-score[b0:b1], kind="stable") for b0, b1 in itertools.pairwise(bounds)]
+        + [np.zeros(0, np.int64)]
+    )
     _sort_matches(matches, cat, order, A, T)
     m_bounds = np.searchsorted(cat[matches.det], np.arange(K + 1))
     position = np.zeros(len(cat), np.int64)
     for k, areas in _area_groups(npig, np.diff(bounds), T):
         local_area = np.full(A, -1)
         local_area[areas] = np.arange(len(areas))
-        in_cat = order[bounds[k]:bounds[k + 1]]
+        in_cat = order[bounds[k] : bounds[k + 1]]
         mine = matches.take(slice(m_bounds[k], m_bounds[k + 1]))
         mine = mine.take(local_area[mine.area] >= 0)
         for m, max_det in enumerate(max_dets):
             cols = in_cat[rank[in_cat] < max_det]
             position[cols] = np.arange(len(cols))
             kept = mine.take(rank[mine.det] < max_det)
-            q, rc, ss = _curves(local_area[kept.area] * T + kept.thr, position[kept.det],
-                                kept.ignored, outside[np.ix_(areas, cols)], score[cols],
-                                npig[k, areas], T)
+            q, rc, ss = _curves(
+                local_area[kept.area] * T + kept.thr,
+                position[kept.det],
+                kept.ignored,
+                outside[np.ix_(areas, cols)],
+                score[cols],
+                npig[k, areas],
+                T,
+            )
             precision[:, :, k, areas, m] = q.transpose(1, 2, 0)
             recall[:, k, areas, m] = rc.T
             scores[:, :, k, areas, m] = ss.transpose(1, 2, 0)
@@ -108,7 +115,7 @@ def _area_groups(npig, n_dets, T: int):
         if len(areas) * max(T * counts.max(), n_dets[k]) <= _GROUP_CELLS:
             yield k, areas
         else:
-            yield from ((k, areas[i:i + 1]) for i in range(len(areas)))
+            yield from ((k, areas[i : i + 1]) for i in range(len(areas)))
 
 
 def _curves(row, pos, ignored, outside, score_sorted, npig, T: int):
@@ -140,8 +147,7 @@ def _curves(row, pos, ignored, outside, score_sorted, npig, T: int):
     first = np.zeros((A * T, width), np.int64)
     first[row, j] = pos
     # fewest true positives whose recall tp / npig reaches each threshold (0: from column 0)
-    need = np.repeat(np.stack([np.searchsorted(np.arange(g + 1) / g, REC_THRS) for g in npig]),
-                     T, axis=0)
+    need = np.repeat(np.stack([np.searchsorted(np.arange(g + 1) / g, REC_THRS) for g in npig]), T, axis=0)
     valid = need <= ntp[:, None]
     col = np.clip(need - 1, 0, width - 1)
     rows = np.arange(A * T)[:, None]

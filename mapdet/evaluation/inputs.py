@@ -1,8 +1,10 @@
 """COCO ground truth and detections as validated arrays for the evaluator (``mapdet.evaluation.matching``).
 
-Image and category ids become indices into the sorted ids of the ground truth. Ground truth ids
-(annotation, image, category of every annotation) are read and checked for all annotations; boxes,
-areas and crowd flags only for the categories a rank scores (``GroundTruth.boxes``).
+``GroundTruth.parse`` is the one reader of a COCO ground-truth dict in mapdet (the diagnosis
+regroups its arrays by image: ``mapdet.diagnosis.tide_matching.ImageTruth``). Image and category
+ids become indices into the sorted ids of the ground truth. Ground truth ids (annotation, image,
+category of every annotation) are read and checked for all annotations; boxes, areas and crowd
+flags only for the categories asked for (``GroundTruth.boxes``: a rank, those it scores).
 
 Detections become packed rows (``detection_rows``), the unit that ranks route to each other:
 a structured array with ``img`` and ``cat`` (int32 indices) and either
@@ -11,8 +13,8 @@ a structured array with ``img`` and ``cat`` (int32 indices) and either
 - ``WIDE`` rows (48 bytes) from COCO result dicts: ``box`` float64 COCO ``[x, y, w, h]`` and
   ``score`` float64, exactly the numbers pycocotools reads.
 ``rows_to_boxes`` turns either into the float64 xywh ``BoxSet`` that is scored; a narrow box
-becomes ``[x1, y1, x2 - x1, y2 - y1]`` in float64 (``xyxy_to_xywh``), the numbers its results
-file carries, so routing float32 loses nothing.
+becomes ``[x1, y1, x2 - x1, y2 - y1]`` in float64 (``mapdet.boxes.xyxy_to_xywh``), the numbers
+its results file carries, so routing float32 loses nothing.
 
 Checks that differ from pycocotools, all loud: detections on images or categories missing from
 the GT raise ``ValueError`` naming them (pycocotools asserts on images and silently drops
@@ -28,8 +30,8 @@ from operator import itemgetter
 
 import numpy as np
 
+from mapdet.boxes import xyxy_to_xywh
 from mapdet.evaluation.matching import BoxSet
-
 
 NARROW = np.dtype([("img", "<i4"), ("cat", "<i4"), ("box", "<f4", (4,)), ("score", "<f4")])
 WIDE = np.dtype([("img", "<i4"), ("cat", "<i4"), ("box", "<f8", (4,)), ("score", "<f8")])
@@ -44,6 +46,7 @@ class GroundTruth:
     ann_img: np.ndarray  # int64 (G,) image index of every annotation, file order
     ann_cat: np.ndarray  # int64 (G,) category index of every annotation
     annotations: list  # the dict's annotations (not copied)
+    listed: np.ndarray  # int64 (I,) image index of each entry of the dict's "images", in its order
 
     @staticmethod
     def parse(gt: dict) -> GroundTruth:
@@ -52,8 +55,8 @@ class GroundTruth:
         for key in ("images", "annotations", "categories"):
             if not isinstance(gt.get(key), list):
                 raise ValueError(f"ground truth has no list {key!r}")
-        image_ids = _unique_ids([im.get("id") for im in gt["images"]], "image")
-        cat_ids = _unique_ids([c.get("id") for c in gt["categories"]], "category")
+        image_ids, listed = _unique_ids([im.get("id") for im in gt["images"]], "image")
+        cat_ids, _ = _unique_ids([c.get("id") for c in gt["categories"]], "category")
         anns = gt["annotations"]
         try:
             ann_ids = np.array([a["id"] for a in anns], np.int64)
@@ -62,20 +65,26 @@ class GroundTruth:
         except (KeyError, TypeError, ValueError) as e:
             raise _malformed_gt(e) from e
         if len(ann_ids) and (ann_ids.min() < 1 or len(np.unique(ann_ids)) != len(ann_ids)):
-            raise ValueError("ground-truth annotation ids must be unique and >= 1 "
-                             "(COCO matching treats id 0 as 'unmatched')")
-        return GroundTruth(image_ids, cat_ids,
-                           index_of(img, image_ids, "ground-truth annotations", "image"),
-                           index_of(cat, cat_ids, "ground-truth annotations", "category"), anns)
+            raise ValueError(
+                "ground-truth annotation ids must be unique and >= 1 (COCO matching treats id 0 as 'unmatched')"
+            )
+        return GroundTruth(
+            image_ids,
+            cat_ids,
+            index_of(img, image_ids, "ground-truth annotations", "image"),
+            index_of(cat, cat_ids, "ground-truth annotations", "category"),
+            anns,
+            listed,
+        )
 
     def counts(self) -> np.ndarray:
         """int64 (K,): annotations per category (crowd included)."""
         return np.bincount(self.ann_cat, minlength=len(self.cat_ids))
 
-    def boxes(self, cats: np.ndarray) -> BoxSet:
-        """The annotations of the categories ``cats`` (indices), in file order; xywh float64 as
-        in the file, ``area`` the COCO 'area' field."""
-        sel = np.flatnonzero(np.isin(self.ann_cat, cats))
+    def boxes(self, cats: np.ndarray | None = None) -> BoxSet:
+        """The annotations of the categories ``cats`` (indices; None: all), in file order; xywh
+        float64 as in the file, ``area`` the COCO 'area' field."""
+        sel = np.arange(len(self.ann_cat)) if cats is None else np.flatnonzero(np.isin(self.ann_cat, cats))
         anns = [self.annotations[i] for i in sel]
         try:
             xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
@@ -87,19 +96,22 @@ class GroundTruth:
 
 
 def _malformed_gt(e: Exception) -> ValueError:
-    return ValueError(f"malformed ground-truth annotation ({type(e).__name__}: {e}); each "
-                      "needs id, image_id, category_id, bbox [x,y,w,h], area")
+    return ValueError(
+        f"malformed ground-truth annotation ({type(e).__name__}: {e}); each "
+        "needs id, image_id, category_id, bbox [x,y,w,h], area"
+    )
 
 
-def _unique_ids(ids: list, what: str) -> np.ndarray:
+def _unique_ids(ids: list, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted ids, and the index into them of each id as listed."""
     try:
         arr = np.array(ids, np.int64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"every {what} needs an integer 'id'") from e
-    uniq = np.unique(arr)
+    uniq, listed = np.unique(arr, return_inverse=True)
     if len(uniq) != len(arr):
         raise ValueError(f"duplicate {what} ids in the ground truth")
-    return uniq
+    return uniq, listed.reshape(-1)
 
 
 def index_of(values: np.ndarray, ids: np.ndarray, who: str, what: str) -> np.ndarray:
@@ -108,21 +120,26 @@ def index_of(values: np.ndarray, ids: np.ndarray, who: str, what: str) -> np.nda
     bad = ids[idx] != values if len(ids) else np.ones(len(values), bool)
     if bad.any():
         missing = np.unique(values[bad])
-        raise ValueError(f"{bad.sum()} {who} refer to {what} ids not in the ground truth: "
-                         f"{missing[:10].tolist()}{' ...' if len(missing) > 10 else ''}")
+        raise ValueError(
+            f"{bad.sum()} {who} refer to {what} ids not in the ground truth: "
+            f"{missing[:10].tolist()}{' ...' if len(missing) > 10 else ''}"
+        )
     return idx
 
 
 def _malformed(e: Exception) -> ValueError:
-    return ValueError(f"malformed detection ({type(e).__name__}: {e}); each needs image_id, "
-                      "category_id, bbox [x,y,w,h] and score")
+    return ValueError(
+        f"malformed detection ({type(e).__name__}: {e}); each needs image_id, category_id, bbox [x,y,w,h] and score"
+    )
 
 
 def _ids(dets: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     n = len(dets)
     try:
-        return (np.fromiter(map(itemgetter("image_id"), dets), np.int64, n),
-                np.fromiter(map(itemgetter("category_id"), dets), np.int64, n))
+        return (
+            np.fromiter(map(itemgetter("image_id"), dets), np.int64, n),
+            np.fromiter(map(itemgetter("category_id"), dets), np.int64, n),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise _malformed(e) from e
 
@@ -147,12 +164,6 @@ def parse_results(results: list[dict]):
     if not isinstance(results, list):
         raise ValueError("COCO results must be a list of detection objects")
     return (*_ids(results), *boxes_and_scores(results))
-
-
-def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
-    """float64 (M, 4) ``[x1, y1, x2 - x1, y2 - y1]`` of xyxy boxes (float32 widened first)."""
-    b = np.asarray(boxes).astype(np.float64).reshape(-1, 4)
-    return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], 1)
 
 
 def detection_rows(dets, truth: GroundTruth) -> np.ndarray:
@@ -186,6 +197,11 @@ def widen(rows: np.ndarray) -> np.ndarray:
 def rows_to_boxes(rows: np.ndarray) -> BoxSet:
     """Detections to score: xywh and score float64, ``area`` w * h as ``loadRes``."""
     xywh = rows["box"].astype(np.float64) if rows.dtype == WIDE else xyxy_to_xywh(rows["box"])
-    return BoxSet(rows["img"].astype(np.int64), rows["cat"].astype(np.int64), xywh,
-                  xywh[:, 2] * xywh[:, 3], rows["score"].astype(np.float64),
-                  np.zeros(len(rows), bool))
+    return BoxSet(
+        rows["img"].astype(np.int64),
+        rows["cat"].astype(np.int64),
+        xywh,
+        xywh[:, 2] * xywh[:, 3],
+        rows["score"].astype(np.float64),
+        np.zeros(len(rows), bool),
+    )

@@ -25,13 +25,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from mapdet.boxes import xywh_to_xyxy
 from mapdet.evaluation.accumulate import Matches, accumulate
 
+# pycocotools' Params for bbox: the IoU thresholds, and the area ranges (rows) with their names
 IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
-AREA_RANGES = np.array([[0.0, 1e5**2], [0.0, 32.0**2], [32.0**2, 96.0**2], [96.0**2, 1e5**2]])
+SMALL, MEDIUM = 32.0**2, 96.0**2  # COCO's small objects have area < SMALL, medium < MEDIUM
+AREA_RANGES = np.array([[0.0, 1e5**2], [0.0, SMALL], [SMALL, MEDIUM], [MEDIUM, 1e5**2]])
 AREA_LABELS = ("all", "small", "medium", "large")
 _PAIR_CHUNK = 1_000_000  # (detection, GT) pairs per IoU batch: bounds its memory at ~0.15 GB
 
@@ -56,8 +60,9 @@ class BoxSet:
         return BoxSet(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
-def evaluate_accumulate(gt: BoxSet, dt: BoxSet, cats: np.ndarray, num_images: int,
-                        iou_thrs: np.ndarray, max_dets: list[int]):
+def evaluate_accumulate(
+    gt: BoxSet, dt: BoxSet, cats: np.ndarray, num_images: int, iou_thrs: np.ndarray, max_dets: list[int]
+):
     """COCOeval arrays for the categories ``cats`` (indices, in the order given).
 
     Returns ``precision`` (T, R, K, A, M), ``recall`` (T, K, A, M), ``scores`` (T, R, K, A, M),
@@ -72,8 +77,7 @@ def evaluate_accumulate(gt: BoxSet, dt: BoxSet, cats: np.ndarray, num_images: in
     g_ig = gt.crowd[None, :] | _outside(gt.area)  # (A, G)
     matches = _match(gt, dt, rank, key, g_ig, num_images, iou_thrs)
     npig = np.stack([np.bincount(gt.cat[~ig], minlength=len(cats)) for ig in g_ig], 1)
-    return accumulate(dt.cat, dt.score, rank, _outside(dt.area), matches, npig, len(iou_thrs),
-                      max_dets)
+    return accumulate(dt.cat, dt.score, rank, _outside(dt.area), matches, npig, len(iou_thrs), max_dets)
 
 
 def _relabel(boxes: BoxSet, local: np.ndarray) -> BoxSet:
@@ -103,26 +107,35 @@ def _rank_detections(dt: BoxSet, num_images: int, max_det: int):
     return dt.take(order[keep]), rank[keep], key[keep]  # one copy of the boxes, not two
 
 
-def _edges(boxes: BoxSet) -> tuple[np.ndarray, ...]:
+class _Edges(NamedTuple):
     """Columns x, y, x + w, y + h and w * h: the terms maskApi.c's ``bbIou`` forms per box."""
-    x, y, w, h = (np.ascontiguousarray(c) for c in boxes.xywh.T)
-    return x, y, x + w, y + h, w * h
+
+    x1: np.ndarray
+    y1: np.ndarray
+    x2: np.ndarray
+    y2: np.ndarray
+    area: np.ndarray
 
 
-def _pair_iou(di, gi, d, g, crowd, min_iou: float):
+def _edges(boxes: BoxSet) -> _Edges:
+    xyxy = xywh_to_xyxy(boxes.xywh)
+    return _Edges(*xyxy.T, boxes.xywh[:, 2] * boxes.xywh[:, 3])
+
+
+def _pair_iou(di, gi, d: _Edges, g: _Edges, crowd, min_iou: float):
     """The pairs (di, gi) with IoU >= ``min_iou`` (> 0), and their IoU, exactly as ``bbIou``.
 
     Boxes that do not overlap in x are dropped before y is looked at (most pairs), which is
     exact because ``bbIou`` gives them 0.
     """
-    w = np.minimum(d[2][di], g[2][gi]) - np.maximum(d[0][di], g[0][gi])
+    w = np.minimum(d.x2[di], g.x2[gi]) - np.maximum(d.x1[di], g.x1[gi])
     s = np.flatnonzero(w > 0)
     di, gi, w = di[s], gi[s], w[s]
-    h = np.minimum(d[3][di], g[3][gi]) - np.maximum(d[1][di], g[1][gi])
+    h = np.minimum(d.y2[di], g.y2[gi]) - np.maximum(d.y1[di], g.y1[gi])
     s = np.flatnonzero(h > 0)
     di, gi, inter = di[s], gi[s], w[s] * h[s]
-    da = d[4][di]
-    union = np.where(crowd[gi], da, da + g[4][gi] - inter)
+    da = d.area[di]
+    union = np.where(crowd[gi], da, da + g.area[gi] - inter)
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = inter / union
     s = np.flatnonzero(iou >= min_iou)

@@ -9,20 +9,28 @@ non-ignored GT in any selected category).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mapdet.evaluation.matching import AREA_LABELS
+from mapdet.fileio import write_text_atomic
+
 # key -> (AP or AR, IoU, area, maxDets) for COCOeval.stats[0..11] with maxDets [1, 10, 100]
 _STATS = {
-    "AP": ("ap", None, "all", 100), "AP50": ("ap", 0.5, "all", 100),
-    "AP75": ("ap", 0.75, "all", 100), "APs": ("ap", None, "small", 100),
-    "APm": ("ap", None, "medium", 100), "APl": ("ap", None, "large", 100),
-    "AR1": ("ar", None, "all", 1), "AR10": ("ar", None, "all", 10),
-    "AR100": ("ar", None, "all", 100), "ARs": ("ar", None, "small", 100),
-    "ARm": ("ar", None, "medium", 100), "ARl": ("ar", None, "large", 100),
+    "AP": ("ap", None, "all", 100),
+    "AP50": ("ap", 0.5, "all", 100),
+    "AP75": ("ap", 0.75, "all", 100),
+    "APs": ("ap", None, "small", 100),
+    "APm": ("ap", None, "medium", 100),
+    "APl": ("ap", None, "large", 100),
+    "AR1": ("ar", None, "all", 1),
+    "AR10": ("ar", None, "all", 10),
+    "AR100": ("ar", None, "all", 100),
+    "ARs": ("ar", None, "small", 100),
+    "ARm": ("ar", None, "medium", 100),
+    "ARl": ("ar", None, "large", 100),
 }
 
 
@@ -41,17 +49,15 @@ class CocoResult:
     iou_thrs: np.ndarray
     cat_ids: list[int]
     max_dets: list[int]
-    area_labels: list[str] = field(default_factory=lambda: ["all", "small", "medium", "large"])
+    area_labels: list[str] = field(default_factory=lambda: list(AREA_LABELS))
     num_gt: np.ndarray | None = None
     traffic: dict | None = None
 
-    def ap(self, iou: float | None = None, area: str = "all", max_dets: int = 100,
-           cat_id: int | None = None) -> float:
+    def ap(self, iou: float | None = None, area: str = "all", max_dets: int = 100, cat_id: int | None = None) -> float:
         """Mean precision (AP) like ``COCOeval._summarize(1, ...)``; -1 if undefined."""
         return self._mean(self.precision, iou, area, max_dets, cat_id)
 
-    def ar(self, max_dets: int, area: str = "all", iou: float | None = None,
-           cat_id: int | None = None) -> float:
+    def ar(self, max_dets: int, area: str = "all", iou: float | None = None, cat_id: int | None = None) -> float:
         """Mean final recall (AR) like ``COCOeval._summarize(0, ...)``; -1 if undefined."""
         return self._mean(self.recall[:, None], iou, area, max_dets, cat_id)
 
@@ -72,8 +78,10 @@ class CocoResult:
 
     def summary(self) -> dict:
         """COCOeval.stats as named values, plus ``AP_at_maxdets`` {str(maxDets): AP}."""
-        out = {key: self.ap(iou, area, m) if kind == "ap" else self.ar(m, area, iou)
-               for key, (kind, iou, area, m) in _STATS.items()}
+        out = {
+            key: self.ap(iou, area, m) if kind == "ap" else self.ar(m, area, iou)
+            for key, (kind, iou, area, m) in _STATS.items()
+        }
         out["AP_at_maxdets"] = {str(m): self.ap(max_dets=m) for m in self.max_dets}
         out["max_dets"] = list(self.max_dets)
         return out
@@ -82,27 +90,27 @@ class CocoResult:
         """One row per category: AP and AP50 at maxDets 100, AP_max at the largest maxDets."""
         rows = []
         for k, cat in enumerate(self.cat_ids):
-            rows.append({
-                "category_id": int(cat),
-                "name": names.get(cat, str(cat)),
-                "AP": self.ap(cat_id=cat),
-                "AP50": self.ap(iou=0.5, cat_id=cat),
-                "AP_max": self.ap(max_dets=self.max_dets[-1], cat_id=cat),
-                "num_gt": int(self.num_gt[k]) if self.num_gt is not None else None,
-                "num_train": None if num_train is None else int(num_train.get(cat, 0)),
-            })
+            rows.append(
+                {
+                    "category_id": int(cat),
+                    "name": names.get(cat, str(cat)),
+                    "AP": self.ap(cat_id=cat),
+                    "AP50": self.ap(iou=0.5, cat_id=cat),
+                    "AP_max": self.ap(max_dets=self.max_dets[-1], cat_id=cat),
+                    "num_gt": int(self.num_gt[k]) if self.num_gt is not None else None,
+                    "num_train": None if num_train is None else int(num_train.get(cat, 0)),
+                }
+            )
         return rows
 
 
-def write_metrics(result: CocoResult, path: str | Path, names: dict[int, str],
-                  num_train: dict[int, int] | None = None) -> dict:
+def write_metrics(
+    result: CocoResult, path: str | Path, names: dict[int, str], num_train: dict[int, int] | None = None
+) -> dict:
     """Write ``{"bbox": {summary..., "per_class": [...]}}`` to ``path`` (atomically); return it."""
     metrics = {"bbox": {**result.summary(), "per_class": result.per_class(names, num_train)}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -125,6 +133,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         train = "-" if r.get("num_train") is None else str(r["num_train"])
         gt = "-" if r.get("num_gt") is None else str(r["num_gt"])
-        lines.append(f"{r['category_id']:>4}  {r['name']!s:<{width}}  {_cell(r['AP']):>6}  "
-                     f"{_cell(r['AP50']):>6}  {_cell(r['AP_max']):>6}  {gt:>7}  {train:>7}")
+        lines.append(
+            f"{r['category_id']:>4}  {r['name']!s:<{width}}  {_cell(r['AP']):>6}  "
+            f"{_cell(r['AP50']):>6}  {_cell(r['AP_max']):>6}  {gt:>7}  {train:>7}"
+        )
     return "\n".join(lines)

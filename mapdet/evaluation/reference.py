@@ -12,18 +12,20 @@ import io
 
 import numpy as np
 
-from mapdet.evaluation.matching import BoxSet
+from mapdet.evaluation.accumulate import REC_THRS
+from mapdet.evaluation.inputs import GroundTruth
+from mapdet.evaluation.matching import AREA_RANGES, BoxSet
 
 
-def reference_arrays(engine: str, gt: dict, truth, found: BoxSet, cats: np.ndarray,
-                     iou_thrs: np.ndarray, max_dets: list[int]):
+def reference_arrays(engine: str, gt: dict, truth: GroundTruth, found: BoxSet, cats: np.ndarray, iou_thrs, max_dets):
     """precision (T, R, K, A, M), recall (T, K, A, M), scores for the categories ``cats``.
 
-    ``truth`` is the parsed ``gt`` (evaluator.GroundTruth); ``found`` the parsed detections.
+    ``truth`` is the parsed ``gt``; ``found`` the parsed detections; ``iou_thrs`` float64 (T,),
+    ``max_dets`` (M,) ints.
     """
     if len(cats) == 0:
-        T, M = len(iou_thrs), len(max_dets)
-        return np.zeros((T, 101, 0, 4, M)), np.zeros((T, 0, 4, M)), np.zeros((T, 101, 0, 4, M))
+        T, R, A, M = len(iou_thrs), len(REC_THRS), len(AREA_RANGES), len(max_dets)
+        return np.zeros((T, R, 0, A, M)), np.zeros((T, 0, A, M)), np.zeros((T, R, 0, A, M))
     if engine == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -50,10 +52,18 @@ def _index(coco, dataset: dict):
     return coco
 
 
-def _results(truth, found: BoxSet, cats: np.ndarray) -> list[dict]:
+def _results(truth: GroundTruth, found: BoxSet, cats: np.ndarray) -> list[dict]:
     """The detections of ``cats`` as ``loadRes`` would store them (ids from 1, area w * h)."""
     sel = np.flatnonzero(np.isin(found.cat, cats))
-    return [{"id": n + 1, "image_id": int(truth.image_ids[found.img[i]]),
-             "category_id": int(truth.cat_ids[found.cat[i]]), "bbox": found.xywh[i].tolist(),
-             "score": float(found.score[i]), "area": float(found.area[i]), "iscrowd": 0}
-            for n, i in enumerate(sel)]
+    return [
+        {
+            "id": n + 1,
+            "image_id": int(truth.image_ids[found.img[i]]),
+            "category_id": int(truth.cat_ids[found.cat[i]]),
+            "bbox": found.xywh[i].tolist(),
+            "score": float(found.score[i]),
+            "area": float(found.area[i]),
+            "iscrowd": 0,
+        }
+        for n, i in enumerate(sel)
+    ]

@@ -25,7 +25,10 @@ from mapdet.evaluation.inputs import WIDE, widen
 
 @dataclass
 class Traffic:
-    """What one rank held and moved for one evaluation (bytes are row bytes; counts are rows)."""
+    """What one rank held and moved for one evaluation (bytes are row bytes; counts are rows).
+
+    Read as ``CocoResult.traffic`` (``to_dict``) by bench/bench_eval_scale.py and the rank tests.
+    """
 
     local: int  # detections this rank brought
     scored: int  # detections of its categories, from every rank
@@ -71,6 +74,11 @@ def route(rows: np.ndarray, owner: np.ndarray, wide: bool) -> tuple[np.ndarray, 
     send = rows[order].view(np.uint8)
     got, got_sizes = comm.all_to_all_bytes(send, sizes.tolist())
     dtype = WIDE if wide else rows.dtype
-    traffic = Traffic(len(rows), len(got) // dtype.itemsize, dtype.itemsize,
-                      int(sizes.sum() - sizes[rank]), int(sum(got_sizes) - got_sizes[rank]))
+    traffic = Traffic(
+        len(rows),
+        len(got) // dtype.itemsize,
+        dtype.itemsize,
+        int(sizes.sum() - sizes[rank]),
+        int(sum(got_sizes) - got_sizes[rank]),
+    )
     return got.view(dtype), traffic

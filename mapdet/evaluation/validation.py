@@ -1,15 +1,15 @@
 """One validation pass, shared by ``mapdet train`` (periodic) and ``mapdet evaluate``.
 
 Every rank runs the unwrapped model on its exactly-once share of the validation shards
-(``data.eval_loader``); image keys and summed losses are gathered; coverage is checked against
-the manifest (a missing or duplicated image is an error naming the keys); the COCO scoring is
-split across ranks by category (``evaluator.evaluate_coco``): each rank's detections (packed
-arrays, stored-image coordinates, xyxy pixel-edge) go to the ranks that score their categories,
-so no rank holds every detection. A rank keeps its own detections (``Validation.detections``);
-``stream_detections`` hands every rank's, one rank at a time, to the main process for writing
-detections.json, so the main process never holds them all either (the price: the other ranks
-wait while it writes). Ranks with uneven shares never wait inside the loop: the only
-collectives come after it.
+(``mapdet.data.loaders.eval_loader``); image keys and summed losses are gathered; coverage is
+checked against the manifest (a missing or duplicated image is an error naming the keys); the COCO
+scoring is split across ranks by category (``mapdet.evaluation.coco.evaluate_coco``): each rank's
+detections (packed arrays, stored-image coordinates, xyxy pixel-edge) go to the ranks that score
+their categories, so no rank holds every detection. A rank keeps its own detections
+(``Validation.detections``); ``stream_detections`` hands every rank's, one rank at a time, to the
+main process for writing detections.json, so the main process never holds them all either (the
+price: the other ranks wait while it writes). Ranks with uneven shares never wait inside the
+loop: the only collectives come after it.
 
 A corrupt sample or shard on any rank raises ``CorruptSample`` (naming shard and key) on every
 rank. Images left out because ``eval.skip_corrupt`` is on are removed from the ground truth too
@@ -20,20 +20,26 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tqdm import tqdm
 
 from mapdet import comm
 from mapdet.config import EvalConfig
 from mapdet.data.loaders import eval_keys, eval_loader
-from mapdet.engine.step import Predictions, predict
+from mapdet.engine.inference import Predictions, check_exactly_once, predict
 from mapdet.evaluation.coco import CocoResult, Detections, evaluate_coco
 from mapdet.shards.manifest import class_names
 from mapdet.shards.reader import CorruptSample
 
 
-class CoverageError(RuntimeError):
-    """Evaluation did not see every validation image exactly once."""
+class _Seen(NamedTuple):
+    """What every rank tells the others after inference (all_gather_object)."""
+
+    keys: list[str]  # image keys it scored
+    loss_sum: dict[str, float]  # summed over its images ({} without eval.val_loss)
+    skipped: list[dict]  # corrupt samples it left out (eval.skip_corrupt)
+    error: str | None  # its CorruptSample, raised on every rank
 
 
 @dataclass
@@ -51,54 +57,54 @@ def validate(model, device, cfg: EvalConfig, shards, manifest: dict, gt: dict) -
         raise ValueError(f"the {manifest['split']} split in {shards} has no images to evaluate")
     rank, world = comm.get_rank(), comm.get_world_size()
     loader = eval_loader(shards, manifest, cfg.batch_size, cfg.workers, rank, world, cfg.skip_corrupt)
-    bar = tqdm(total=len(eval_keys(manifest, rank, world)), desc="validate", unit="img",
-               disable=not comm.is_main_process(), leave=False)
+    bar = tqdm(
+        total=len(eval_keys(manifest, rank, world)),
+        desc="validate",
+        unit="img",
+        disable=not comm.is_main_process(),
+        leave=False,
+    )
     try:
         preds, error = predict(model, loader, device, with_loss=cfg.val_loss, progress=bar), None
     except CorruptSample as e:  # raised on every rank below, so no rank waits in the gather
         preds, error = Predictions(Detections.empty(), [], {}, []), str(e)
     bar.close()
-    parts = comm.all_gather_object((preds.keys, preds.loss_sum, preds.skipped, error))
-    errors = [p[3] for p in parts if p[3]]
+    seen = comm.all_gather_object(_Seen(preds.keys, preds.loss_sum, preds.skipped, error))
+    errors = [s.error for s in seen if s.error]
     if errors:
         raise CorruptSample(errors[0])
-    keys = [k for p in parts for k in p[0]]
-    left_out = [s for p in parts for s in p[2]]
-    _check_coverage(manifest, keys, {s["key"] for s in left_out})
+    keys = [k for s in seen for k in s.keys]
+    left_out = [sample for s in seen for sample in s.skipped]
+    skipped = {sample["key"] for sample in left_out}
+    expected = [k for shard in manifest["shards"] for k in shard["keys"]]
+    check_exactly_once(expected, keys, skipped, f"evaluation of {manifest['split']}")
     if left_out:
-        gt = _without_images(gt, {s["key"] for s in left_out})
+        gt = _without_images(gt, skipped)
     result = evaluate_coco(gt, preds.detections, max_dets=sorted({1, 10, 100, *cfg.max_dets}))
     loss = collections.Counter()
-    for p in parts:
-        loss.update(p[1])
-    return Validation(result, preds.detections, {k: v / max(len(keys), 1) for k, v in loss.items()}, len(keys), left_out)
+    for s in seen:
+        loss.update(s.loss_sum)
+    mean_loss = {k: v / max(len(keys), 1) for k, v in loss.items()}
+    return Validation(result, preds.detections, mean_loss, len(keys), left_out)
 
 
 def stream_detections(v: Validation, consume) -> None:
     """Collective: ``consume(Detections)`` on the main process for every rank's detections, in
     rank order (the order ``evaluate_coco`` scored them in), one rank's at a time."""
+
     def unpack(data):
         consume(Detections.from_bytes(data))
 
     comm.stream_to_main(v.detections.to_bytes(), unpack if comm.is_main_process() else None)
 
 
-def _check_coverage(manifest: dict, keys: list[str], skipped: set[str]) -> None:
-    expected = [k for s in manifest["shards"] for k in s["keys"]]
-    counts = collections.Counter(keys)
-    duplicated = sorted(k for k, c in counts.items() if c > 1)
-    missing = sorted(set(expected) - set(counts) - skipped)
-    unknown = sorted(set(counts) - set(expected))
-    if duplicated or missing or unknown:
-        parts = [f"{name} {len(v)}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
-                 for name, v in (("duplicated", duplicated), ("missing", missing), ("not in the manifest", unknown)) if v]
-        raise CoverageError(f"evaluation did not see each {manifest['split']} image exactly once: " + "; ".join(parts))
-
-
 def _without_images(gt: dict, keys: set[str]) -> dict:
     drop = {im["id"] for im in gt["images"] if im["file_name"].rsplit(".", 1)[0] in keys}
-    return {**gt, "images": [im for im in gt["images"] if im["id"] not in drop],
-            "annotations": [a for a in gt["annotations"] if a["image_id"] not in drop]}
+    return {
+        **gt,
+        "images": [im for im in gt["images"] if im["id"] not in drop],
+        "annotations": [a for a in gt["annotations"] if a["image_id"] not in drop],
+    }
 
 
 def metrics_dict(v: Validation, manifest: dict, train_manifest: dict | None = None) -> dict:
@@ -107,5 +113,10 @@ def metrics_dict(v: Validation, manifest: dict, train_manifest: dict | None = No
     if train_manifest is not None:
         num_train = {int(c): s["instances"] for c, s in train_manifest["class_stats"].items()}
     bbox = {**v.result.summary(), "per_class": v.result.per_class(class_names(manifest), num_train)}
-    return {"bbox": bbox, "val_loss": v.loss, "images": v.images, "images_left_out": len(v.left_out),
-            "left_out": v.left_out}
+    return {
+        "bbox": bbox,
+        "val_loss": v.loss,
+        "images": v.images,
+        "images_left_out": len(v.left_out),
+        "left_out": v.left_out,
+    }
