@@ -23,7 +23,7 @@ import numpy as np
 
 from mapdet.diagnosis import tide
 from mapdet.diagnosis.measures import diagnose
-from mapdet.evaluation.coco import Detections
+from mapdet.structures import Detections
 
 
 def make_set(num_images: int, gt_per_image: int, dets_per_image: int, num_classes: int = 37, seed: int = 0):

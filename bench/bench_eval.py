@@ -185,7 +185,7 @@ def worker(args) -> int:
     from accelerate import PartialState
 
     from mapdet import comm
-    from mapdet.evaluation.coco import Detections
+    from mapdet.structures import Detections
 
     PartialState(cpu=not torch.cuda.is_available())
     gt, dets = make_dataset(args.images, args.classes, args.dets[0], args.seed)
@@ -264,7 +264,7 @@ def emit(case: dict, engine: str, ranks: int, times, base) -> None:
 
 
 def bench_case(args, dets_per_image: int) -> None:
-    from mapdet.evaluation.coco import Detections
+    from mapdet.structures import Detections
 
     gt, dets = make_dataset(args.images, args.classes, dets_per_image, args.seed)
     max_dets = sorted({1, 10, 100, dets_per_image})

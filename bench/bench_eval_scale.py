@@ -82,10 +82,21 @@ def make_gt(args) -> dict:
     }
 
 
+def _evaluator(old_tree: str | None):
+    """(Detections, evaluate_coco) of this tree, or of an older one (flat modules, before the layout change)."""
+    if old_tree:
+        from mapdet.evaluator import Detections, evaluate_coco
+    else:
+        from mapdet.evaluation.coco import evaluate_coco
+        from mapdet.structures import Detections
+    return Detections, evaluate_coco
+
+
 def make_detections(block: int, args):
     """One block's detections: exactly min(--dets, made) per image, as Detections arrays."""
     from mapdet.boxes import xywh_to_xyxy
-    from mapdet.evaluation.coco import Detections
+
+    Detections = _evaluator(args.allgather_from)[0]
 
     ids, img, cls, xywh, _ = _gt_block(block, args)
     rng = np.random.default_rng([args.seed, block, 1])
@@ -133,7 +144,8 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
     import torch.distributed as dist
 
     from mapdet import comm
-    from mapdet.evaluation.coco import Detections, evaluate_coco
+
+    Detections, evaluate_coco = _evaluator(args.allgather_from)
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -1,4 +1,6 @@
-"""The types that cross stages, in one place: what loaders yield and the model steps consume.
+"""The types that cross stages, in one place: what loaders yield and the model steps consume
+(``Batch``), and the detections inference produces and evaluation, diagnosis and predict read
+(``Detections``).
 
 ``Batch(images, targets, bad)``, from ``mapdet.data`` (shards or an image folder) to
 ``mapdet.engine``:
@@ -9,16 +11,109 @@
   and labels (0,);
 - ``bad``: inputs that failed to read since the previous batch, ``{"shard", "key", "reason",
   "samples"}``, so that they are counted, never silently dropped.
+
+``Detections``: packed arrays of many images' detections (never per-box dicts), boxes float32
+xyxy pixel-edge in stored-image coordinates; COCO results carry ``[x, y, w, h]`` with
+``w = x2 - x1`` computed in float64 (``Detections.xywh``), the numbers the evaluator scores.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
+
+from mapdet.boxes import xywh_to_xyxy, xyxy_to_xywh
+from mapdet.evaluation.inputs import parse_results
 
 
 class Batch(NamedTuple):
     images: list[torch.Tensor]
     targets: list[dict]
     bad: list[dict]
+
+
+_PACKED = np.dtype([("image_id", "<i8"), ("boxes", "<f4", (4,)), ("scores", "<f4"), ("labels", "<i8")])
+
+
+@dataclass
+class Detections:
+    """Packed detections of many images (what ranks exchange; never per-box dicts).
+
+    image_id: int64 (M,); boxes: float32 (M, 4) xyxy pixel-edge, stored-image coordinates;
+    scores: float32 (M,); labels: int64 (M,) category ids (1..K).
+    """
+
+    image_id: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        self.image_id = np.asarray(self.image_id, np.int64).reshape(-1)
+        self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
+        self.scores = np.asarray(self.scores, np.float32).reshape(-1)
+        self.labels = np.asarray(self.labels, np.int64).reshape(-1)
+        sizes = {len(self.image_id), len(self.boxes), len(self.scores), len(self.labels)}
+        if len(sizes) != 1:
+            raise ValueError(f"Detections fields differ in length: {sorted(sizes)}")
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+    @staticmethod
+    def empty() -> Detections:
+        return Detections(np.zeros(0), np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+
+    @staticmethod
+    def concat(parts) -> Detections:
+        parts = list(parts)
+        if not parts:
+            return Detections.empty()
+        return Detections(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("image_id", "boxes", "scores", "labels"))
+        )
+
+    @staticmethod
+    def from_coco_results(results: list[dict]) -> Detections:
+        """From COCO results dicts (bbox xywh -> xyxy, rounded to float32)."""
+        img, cat, xywh, score = parse_results(results)
+        return Detections(img, xywh_to_xyxy(xywh), score, cat)
+
+    def take(self, idx) -> Detections:
+        """The detections selected by ``idx`` (indices or a boolean mask)."""
+        return Detections(self.image_id[idx], self.boxes[idx], self.scores[idx], self.labels[idx])
+
+    def to_bytes(self) -> np.ndarray:
+        """uint8 (36 M,): the four fields packed row by row (``from_bytes`` reads them back)."""
+        rows = np.empty(len(self), _PACKED)
+        rows["image_id"], rows["boxes"], rows["scores"], rows["labels"] = (
+            self.image_id,
+            self.boxes,
+            self.scores,
+            self.labels,
+        )
+        return rows.view(np.uint8)
+
+    @staticmethod
+    def from_bytes(data: np.ndarray) -> Detections:
+        rows = np.asarray(data, np.uint8).view(_PACKED)
+        return Detections(rows["image_id"], rows["boxes"], rows["scores"], rows["labels"])
+
+    def xywh(self, idx=slice(None)) -> np.ndarray:
+        """float64 (M, 4) ``[x1, y1, x2 - x1, y2 - y1]``: the numbers COCO results carry."""
+        return xyxy_to_xywh(self.boxes[idx])
+
+    def to_coco_results(self) -> list[dict]:
+        """Standard COCO results: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
+        return [
+            {"image_id": i, "category_id": c, "bbox": b, "score": s}
+            for i, c, b, s in zip(
+                self.image_id.tolist(),
+                self.labels.tolist(),
+                self.xywh().tolist(),
+                self.scores.astype(np.float64).tolist(),
+            )
+        ]

@@ -60,9 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from mapdet.config import ConfigError, load_config
-    from mapdet.diagnosis import causes, report
-    from mapdet.diagnosis import measures as diagnosis
-    from mapdet.evaluation.coco import Detections
+    from mapdet.diagnosis import causes, measures, report
+    from mapdet.structures import Detections
 
     try:
         cfg = load_config(args.config, args.set)
@@ -82,16 +81,16 @@ def run(args) -> int:
         if args.config or any(kv.startswith("model.detections_per_img=") for kv in args.set)
         else None
     )
-    settings = diagnosis.DiagnoseSettings(
+    settings = measures.DiagnoseSettings(
         model=cfg.model, cap=args.detections_per_img, cap_from=cap_from, repeat_threshold=t, progress=True
     )
     try:
         dets = Detections.from_coco_results(results)
-        d = diagnosis.diagnose(gt, dets, manifest, settings)
+        d = measures.diagnose(gt, dets, manifest, settings)
     except ValueError as e:
         return _fail(f"cannot diagnose {args.results} against {args.gt}: {e}")
     if args.run:
-        d["training_curves"] = diagnosis.training_curves(args.run)
+        d["training_curves"] = measures.training_curves(args.run)
         d["causes"] = causes.add_cause(
             d["causes"],
             causes.under_training(

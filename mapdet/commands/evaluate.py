@@ -26,10 +26,11 @@ from mapdet import comm, tracking
 from mapdet.config import load_config, to_dict, to_yaml
 from mapdet.data.loaders import eval_loader
 from mapdet.engine import checkpoint
-from mapdet.evaluation.coco import Detections, format_summary, format_table
+from mapdet.evaluation.coco import format_summary, format_table
 from mapdet.evaluation.validation import metrics_dict, stream_detections, validate
 from mapdet.modeling.detector import build_inference_model
 from mapdet.shards.manifest import class_names, classes_mismatch, coco_path, load_manifest
+from mapdet.structures import Detections
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

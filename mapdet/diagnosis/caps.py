@@ -17,7 +17,8 @@ import numpy as np
 from mapdet.diagnosis import tide
 from mapdet.diagnosis.stats import points, share
 from mapdet.diagnosis.tide_matching import ImageTruth, match
-from mapdet.evaluation.coco import Detections, evaluate_coco
+from mapdet.evaluation.coco import evaluate_coco
+from mapdet.structures import Detections
 
 if TYPE_CHECKING:
     from mapdet.diagnosis.measures import DiagnoseSettings

@@ -24,9 +24,10 @@ from mapdet.diagnosis.causes import rank_causes
 from mapdet.diagnosis.sizes import size_stats
 from mapdet.diagnosis.stats import points, spearman
 from mapdet.diagnosis.tide_matching import ImageTruth, Matching
-from mapdet.evaluation.coco import Detections, evaluate_coco
+from mapdet.evaluation.coco import evaluate_coco
 from mapdet.evaluation.matching import SMALL
 from mapdet.shards.manifest import class_image_fractions, class_instance_counts
+from mapdet.structures import Detections
 
 ZERO_AP = 1.0  # AP50 below this many points counts as "never detected"
 

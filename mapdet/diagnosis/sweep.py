@@ -27,8 +27,9 @@ from tqdm import tqdm
 from mapdet.boxes import area, xyxy_to_xywh
 from mapdet.diagnosis.caps import cap_per_image
 from mapdet.diagnosis.stats import points
-from mapdet.evaluation.coco import Detections, evaluate_coco
+from mapdet.evaluation.coco import evaluate_coco
 from mapdet.evaluation.matching import MEDIUM, SMALL
+from mapdet.structures import Detections
 
 
 @dataclass

@@ -27,7 +27,7 @@ neither true positives nor errors (tidecv classifies them as errors too).
 The matching itself is ``mapdet.diagnosis.tide_matching``. Boxes are xyxy in pixel-edge
 coordinates (ground truth comes from COCO ``bbox`` xywh). Detections are any object with
 ``image_id`` (M,), ``boxes`` (M, 4) xyxy, ``scores`` (M,), ``labels`` (M,) arrays, e.g.
-``mapdet.evaluation.coco.Detections``.
+``mapdet.structures.Detections``.
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ import torch
 
 from mapdet import comm
 from mapdet.engine.step import to_device
-from mapdet.evaluation.coco import Detections
 from mapdet.fileio import atomic_open
 from mapdet.modeling.roi_heads import unweighted_loss
+from mapdet.structures import Detections
 
 
 @dataclass

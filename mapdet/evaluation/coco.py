@@ -24,24 +24,22 @@ Input checks are in ``mapdet.evaluation.inputs``; no input makes the ranks hang 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from mapdet import comm
-from mapdet.boxes import xywh_to_xyxy, xyxy_to_xywh
 from mapdet.evaluation.accumulate import REC_THRS
-from mapdet.evaluation.inputs import WIDE, GroundTruth, detection_rows, parse_results, rows_to_boxes
+from mapdet.evaluation.inputs import WIDE, GroundTruth, detection_rows, rows_to_boxes
 from mapdet.evaluation.matching import AREA_RANGES, IOU_THRS, BoxSet, evaluate_accumulate
 from mapdet.evaluation.metrics import CocoResult, format_summary, format_table, write_metrics
 from mapdet.evaluation.routing import route, share_categories
+from mapdet.structures import Detections
 
 __all__ = [
     "ENGINES",
     "CategoryScores",
     "CocoResult",
-    "Detections",
     "assemble",
     "evaluate_coco",
     "format_summary",
@@ -50,88 +48,6 @@ __all__ = [
     "write_metrics",
 ]
 ENGINES = ("auto", "numpy", "faster-coco-eval", "pycocotools")
-_PACKED = np.dtype([("image_id", "<i8"), ("boxes", "<f4", (4,)), ("scores", "<f4"), ("labels", "<i8")])
-
-
-@dataclass
-class Detections:
-    """Packed detections of many images (what ranks exchange; never per-box dicts).
-
-    image_id: int64 (M,); boxes: float32 (M, 4) xyxy pixel-edge, stored-image coordinates;
-    scores: float32 (M,); labels: int64 (M,) category ids (1..K).
-    """
-
-    image_id: np.ndarray
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-
-    def __post_init__(self):
-        self.image_id = np.asarray(self.image_id, np.int64).reshape(-1)
-        self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
-        self.scores = np.asarray(self.scores, np.float32).reshape(-1)
-        self.labels = np.asarray(self.labels, np.int64).reshape(-1)
-        sizes = {len(self.image_id), len(self.boxes), len(self.scores), len(self.labels)}
-        if len(sizes) != 1:
-            raise ValueError(f"Detections fields differ in length: {sorted(sizes)}")
-
-    def __len__(self) -> int:
-        return len(self.image_id)
-
-    @staticmethod
-    def empty() -> Detections:
-        return Detections(np.zeros(0), np.zeros((0, 4)), np.zeros(0), np.zeros(0))
-
-    @staticmethod
-    def concat(parts) -> Detections:
-        parts = list(parts)
-        if not parts:
-            return Detections.empty()
-        return Detections(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("image_id", "boxes", "scores", "labels"))
-        )
-
-    @staticmethod
-    def from_coco_results(results: list[dict]) -> Detections:
-        """From COCO results dicts (bbox xywh -> xyxy, rounded to float32)."""
-        img, cat, xywh, score = parse_results(results)
-        return Detections(img, xywh_to_xyxy(xywh), score, cat)
-
-    def take(self, idx) -> Detections:
-        """The detections selected by ``idx`` (indices or a boolean mask)."""
-        return Detections(self.image_id[idx], self.boxes[idx], self.scores[idx], self.labels[idx])
-
-    def to_bytes(self) -> np.ndarray:
-        """uint8 (36 M,): the four fields packed row by row (``from_bytes`` reads them back)."""
-        rows = np.empty(len(self), _PACKED)
-        rows["image_id"], rows["boxes"], rows["scores"], rows["labels"] = (
-            self.image_id,
-            self.boxes,
-            self.scores,
-            self.labels,
-        )
-        return rows.view(np.uint8)
-
-    @staticmethod
-    def from_bytes(data: np.ndarray) -> Detections:
-        rows = np.asarray(data, np.uint8).view(_PACKED)
-        return Detections(rows["image_id"], rows["boxes"], rows["scores"], rows["labels"])
-
-    def xywh(self, idx=slice(None)) -> np.ndarray:
-        """float64 (M, 4) ``[x1, y1, x2 - x1, y2 - y1]``: the numbers COCO results carry."""
-        return xyxy_to_xywh(self.boxes[idx])
-
-    def to_coco_results(self) -> list[dict]:
-        """Standard COCO results: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
-        return [
-            {"image_id": i, "category_id": c, "bbox": b, "score": s}
-            for i, c, b, s in zip(
-                self.image_id.tolist(),
-                self.labels.tolist(),
-                self.xywh().tolist(),
-                self.scores.astype(np.float64).tolist(),
-            )
-        ]
 
 
 class CategoryScores(NamedTuple):

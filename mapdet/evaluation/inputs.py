@@ -8,7 +8,7 @@ flags only for the categories asked for (``GroundTruth.boxes``: a rank, those it
 
 Detections become packed rows (``detection_rows``), the unit that ranks route to each other:
 a structured array with ``img`` and ``cat`` (int32 indices) and either
-- ``NARROW`` rows (28 bytes) from ``mapdet.evaluation.coco.Detections``: ``box`` float32 xyxy
+- ``NARROW`` rows (28 bytes) from ``mapdet.structures.Detections``: ``box`` float32 xyxy
   pixel-edge as the model gave it, ``score`` float32; or
 - ``WIDE`` rows (48 bytes) from COCO result dicts: ``box`` float64 COCO ``[x, y, w, h]`` and
   ``score`` float64, exactly the numbers pycocotools reads.

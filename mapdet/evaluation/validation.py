@@ -28,9 +28,10 @@ from mapdet import comm
 from mapdet.config import EvalConfig
 from mapdet.data.loaders import eval_keys, eval_loader
 from mapdet.engine.inference import Predictions, check_exactly_once, predict
-from mapdet.evaluation.coco import CocoResult, Detections, evaluate_coco
+from mapdet.evaluation.coco import CocoResult, evaluate_coco
 from mapdet.shards.manifest import class_names
 from mapdet.shards.reader import CorruptSample
+from mapdet.structures import Detections
 
 
 class _Seen(NamedTuple):

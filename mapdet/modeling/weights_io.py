@@ -90,8 +90,6 @@ def load_weights_file(path: str | Path, key: str = "model.weights") -> dict[str,
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    from mapdet.engine.checkpoint import refuse_pickled_objects
-
     with refuse_pickled_objects(f"{key}: {path}"):  # weights_only refuses code that would run on load
         state = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("model", "state_dict"):  # training checkpoints nest the weights

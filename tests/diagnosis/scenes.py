@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from mapdet.diagnosis.caps import cap_per_image
-from mapdet.evaluation.coco import Detections
+from mapdet.structures import Detections
 
 PITCH, SIDE = 50, 40  # boxes on a grid: never overlapping, all medium (40 x 40 = 1600 px)
 

@@ -12,7 +12,7 @@ from mapdet.diagnosis.causes import add_cause, under_training
 from mapdet.diagnosis.measures import DiagnoseSettings, diagnose
 from mapdet.diagnosis.stats import average_ranks, spearman
 from mapdet.diagnosis.tide_matching import ImageTruth
-from mapdet.evaluation.coco import Detections
+from mapdet.structures import Detections
 from tests.diagnosis.scenes import PITCH, capped_scene, detect, manifest, scene
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from mapdet import comm
-from mapdet.evaluation.coco import Detections, assemble, evaluate_coco, format_table, score_categories, write_metrics
+from mapdet.evaluation.coco import assemble, evaluate_coco, format_table, score_categories, write_metrics
 from mapdet.evaluation.inputs import GroundTruth, detection_rows, rows_to_boxes
 from mapdet.evaluation.matching import IOU_THRS
 from mapdet.evaluation.routing import share_categories
+from mapdet.structures import Detections
 from tests.evaluation.cocodata import CATS, STATS, assert_same_as_pycocotools, pycocotools_eval, random_coco
 
 

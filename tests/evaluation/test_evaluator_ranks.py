@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mapdet import comm
-from mapdet.evaluation.coco import Detections, evaluate_coco
+from mapdet.evaluation.coco import evaluate_coco
+from mapdet.structures import Detections
 from tests.evaluation.cocodata import pycocotools_eval, random_coco
 from tests.helpers import free_port
 
