@@ -29,7 +29,7 @@ import torch
 
 from mapdet.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # mapdet/commands/demo.py -> the checkout
 CONFIG = REPO / "launch" / "configs" / "demo.yaml"
 
 
