@@ -99,11 +99,11 @@ def pack(root: str | Path, out: str | Path, split: str, opts: PackOptions) -> li
     if opts.workers > 1 and len(tasks) > 1:
         # fork: workers inherit the reader (and its parsed panoptic JSON) instead of re-reading it.
         with mp.get_context("fork").Pool(min(opts.workers, len(tasks))) as pool:
-            for _ in pool.imap_unordered(_pack_shard, tasks):
+            for _ in pool.imap_unordered(pack_shard, tasks):
                 bar.update()
     else:
         for task in tasks:
-            _pack_shard(task)
+            pack_shard(task)
             bar.update()
     bar.close()
     return todo
@@ -139,7 +139,7 @@ _READER: VistasReader | None = None
 _TASK_CONTEXT: tuple | None = None
 
 
-def _pack_shard(task: tuple[int, list[str], int]) -> None:
+def pack_shard(task: tuple[int, list[str], int]) -> None:
     index, stems, first_image_id = task
     out, split, opts = _TASK_CONTEXT
     name = shard_name(split, index)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -106,3 +109,22 @@ def test_two_processes_write_the_same_metrics(files):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "2 process(es)" in run.stdout and run.stdout.count("AP@300") == 1  # rank 0 prints
     assert (tmp / "two.json").read_text() == (tmp / "one.json").read_text()
+
+
+def test_one_process_never_imports_torch(files):
+    # torch costs ~1.5 s of start-up, most of the whole command's time; one process has no use for it.
+    tmp, _, _ = files
+    code = (
+        "import sys\n"
+        "from mapdet.cli import main\n"
+        "try:\n"
+        f"    main(['cocoeval', '--gt', {str(tmp / 'gt.json')!r}, '--results', {str(tmp / 'dt.json')!r}])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "1"}
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("no torch"), r.stdout[-500:]

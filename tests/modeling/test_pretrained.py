@@ -13,7 +13,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from mapdet import cli
 from mapdet.config import ModelConfig
-from mapdet.modeling import pretrained as weights
+from mapdet.modeling import pretrained
 from mapdet.modeling.detector import build_model
 from tests.helpers import run_cli
 
@@ -64,14 +64,18 @@ def test_names_resolve_to_torch_cache_files(tmp_path, monkeypatch):
         COCO_MNV3: "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth",
         IMAGENET_MNV3: "mobilenet_v3_large-8738ca79.pth",
     }
-    assert set(files) == set(weights.NAMES)
+    assert set(files) == set(pretrained.NAMES)
     for name, file in files.items():
-        member = weights.resolve(name)
-        assert weights.canonical(member) == name
-        assert weights.cache_path(member) == tmp_path / "hub" / "checkpoints" / file
-        assert weights.cache_path(member) == Path(torch.hub.get_dir()) / "checkpoints" / file
-    assert weights.resolve(COCO_R50.removeprefix("torchvision:")) is weights.resolve(COCO_R50)
-    assert weights.is_name(COCO_R50) and not weights.is_name("/models/torchvision/w.pth") and not weights.is_name(None)
+        member = pretrained.resolve(name)
+        assert pretrained.canonical(member) == name
+        assert pretrained.cache_path(member) == tmp_path / "hub" / "checkpoints" / file
+        assert pretrained.cache_path(member) == Path(torch.hub.get_dir()) / "checkpoints" / file
+    assert pretrained.resolve(COCO_R50.removeprefix("torchvision:")) is pretrained.resolve(COCO_R50)
+    assert (
+        pretrained.is_name(COCO_R50)
+        and not pretrained.is_name("/models/torchvision/w.pth")
+        and not pretrained.is_name(None)
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,7 +93,7 @@ def test_unknown_name_is_one_line_listing_the_spelling(name, needle, tmp_path, m
         build_model(mnv3(weights=name), K1)
     msg = str(e.value)
     assert msg.startswith(f"model.weights: {name!r} {needle}") and "\n" not in msg
-    assert all(n in msg for n in weights.NAMES)
+    assert all(n in msg for n in pretrained.NAMES)
 
 
 def test_name_for_another_arch_or_key_is_refused(tmp_path, monkeypatch):
@@ -195,7 +199,7 @@ def test_backbone_names_load_the_trunk_and_freeze_per_trainable_layers(torch_hom
 
 
 def test_local_file_that_mismatches_still_fails_strictly(torch_home):
-    path = weights.cache_path(weights.resolve(COCO_MNV3))
+    path = pretrained.cache_path(pretrained.resolve(COCO_MNV3))
     with pytest.raises(RuntimeError, match="size mismatch for roi_heads.box_predictor.cls_score.weight"):
         build_model(mnv3(weights=str(path)), K1)  # the same file, named by path: today's strict load
     model = build_model(mnv3(weights=str(path)), 91)  # and it loads when it fits
@@ -208,7 +212,7 @@ def test_local_file_that_mismatches_still_fails_strictly(torch_home):
 def test_coco_r50_into_the_vistas_anchors(tmp_path, monkeypatch, capsys):
     """The shipped R50 path: anchor sizes 16..256 keep 3 anchors per location, so all but the predictor loads."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path = weights.cache_path(weights.resolve(COCO_R50))
+    path = pretrained.cache_path(pretrained.resolve(COCO_R50))
     path.parent.mkdir(parents=True)
     coco = torchvision.models.detection.fasterrcnn_resnet50_fpn_v2(
         weights=None, weights_backbone=None, num_classes=91
@@ -232,7 +236,7 @@ def test_fetch_calls_torchvisions_downloader_with_the_hash_check(tmp_path, monke
         calls.append((url, model_dir, check_hash))
         Path(model_dir, Path(url).name).write_bytes(b"weights")
 
-    monkeypatch.setattr(weights, "download", fake_download)
+    monkeypatch.setattr(pretrained, "download", fake_download)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     with pytest.raises(SystemExit) as e:
         cli.main(["weights", "fetch", COCO_R50, IMAGENET_MNV3])
@@ -265,6 +269,6 @@ def test_fetch_calls_torchvisions_downloader_with_the_hash_check(tmp_path, monke
     with pytest.raises(SystemExit) as e:
         cli.main(["weights", "list"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and all(n in out for n in weights.NAMES)
+    assert e.value.code == 0 and all(n in out for n in pretrained.NAMES)
     assert f"{COCO_R50:<64} model.weights (arch resnet50_fpn_v2): in the cache" in out
     assert f"{COCO_MNV3:<64} model.weights (arch mobilenet_v3_large_fpn): missing" in out

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mapdet.datasets.vistas import VistasReader
-from mapdet.shards import writer as packer
+from mapdet.shards import writer
 from mapdet.shards.manifest import load_manifest
 from mapdet.shards.merge import merge
 from mapdet.shards.reader import read_shard
@@ -80,7 +80,7 @@ def test_max_side_scales_boxes_exactly(tmp_path, synth_root, shards):
 
 
 def test_resume_after_a_crash_redoes_only_unfinished_shards(tmp_path, synth_root, shards, monkeypatch):
-    real, calls = packer._pack_shard, []
+    real, calls = writer.pack_shard, []
 
     def crash_after_first(task):
         if calls:
@@ -88,12 +88,12 @@ def test_resume_after_a_crash_redoes_only_unfinished_shards(tmp_path, synth_root
         calls.append(task[0])
         real(task)
 
-    monkeypatch.setattr(packer, "_pack_shard", crash_after_first)
+    monkeypatch.setattr(writer, "pack_shard", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
         pack(synth_root, tmp_path, "training", PackOptions(samples_per_shard=4))
     assert not (tmp_path / "training.manifest.json").exists()
     (tmp_path / "training-000001.tar.tmp").write_bytes(b"half a shard")  # a kill mid-write
-    monkeypatch.setattr(packer, "_pack_shard", real)
+    monkeypatch.setattr(writer, "pack_shard", real)
     redone = pack(synth_root, tmp_path, "training", PackOptions(samples_per_shard=4))
     assert redone == [1, 2]
     merge(tmp_path, "training")
