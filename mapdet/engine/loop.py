@@ -244,9 +244,16 @@ def _preempted(acc, run_dir: Path, step: int) -> int:
     return preemption.EXIT_PREEMPTED
 
 
+# What gloo's plain RuntimeErrors say when a peer is gone or silent. Which one a survivor meets
+# depends on the collective it waits in: DDP's buffer broadcast before a forward reports only
+# "Application timeout caused pair closure", without naming gloo.
+PEER_LOST = ("gloo", "pair closure", "connection closed by peer", "connection reset by peer", "timed out")
+
+
 def rank_failure(e: RuntimeError) -> bool:
-    """A collective that failed because a peer died or timed out (gloo raises a plain RuntimeError)."""
-    return isinstance(e, torch.distributed.DistError) or "gloo" in str(e)
+    """A collective that failed because a peer died or timed out."""
+    text = str(e).lower()
+    return isinstance(e, torch.distributed.DistError) or any(m in text for m in PEER_LOST)
 
 
 def check_replicas(acc, raw_model) -> None:
