@@ -59,7 +59,7 @@ export PYTHONUNBUFFERED=1 MPLCONFIGDIR=/tmp/gpu_check_mpl
 pairs="webdataset:webdataset-*.whl braceexpand:braceexpand-*.whl kornia:kornia-[0-9]*.whl kornia_rs:kornia_rs-*.whl
 pycocotools:pycocotools-*.whl faster_coco_eval:faster_coco_eval-*.whl omegaconf:omegaconf-*.whl
 pytest:pytest-[0-9]*.whl pytest_timeout:pytest_timeout-*.whl pluggy:pluggy-*.whl
-iniconfig:iniconfig-*.whl pygments:pygments-*.whl packaging:packaging-*.whl"
+iniconfig:iniconfig-*.whl pygments:pygments-*.whl packaging:packaging-*.whl orjson:orjson-*.whl"
 missing=$("$py" - $pairs <<'EOF'
 import importlib.util, sys
 print(" ".join(p.split(":", 1)[1] for p in sys.argv[1:] if importlib.util.find_spec(p.split(":", 1)[0]) is None))
