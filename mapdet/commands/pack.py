@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from mapdet.datasets.vistas import detect_version
+from mapdet.datasets.layout import detect_version
 from mapdet.shards.manifest import describe
 from mapdet.shards.merge import merge
 from mapdet.shards.writer import PackOptions, pack

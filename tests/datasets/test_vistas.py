@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mapdet.datasets.layout import detect_version, panoptic_json_path
 from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
-from mapdet.datasets.vistas import BadSample, VistasReader, detect_version, panoptic_json_path, value_boxes
+from mapdet.datasets.vistas import BadSample, VistasReader, value_boxes
 
 
 @pytest.fixture(scope="module", params=["v1.2", "v2.0"])

@@ -25,7 +25,7 @@ from mapdet.config import (
 )
 from mapdet.data.augment import BatchAugment
 from mapdet.data.loaders import eval_loader
-from mapdet.datasets.vistas import panoptic_json_path
+from mapdet.datasets.layout import panoptic_json_path
 from mapdet.engine import checkpoint
 from mapdet.evaluation.validation import validate
 from mapdet.modeling.detector import build_model

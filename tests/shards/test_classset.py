@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from mapdet.commands import pack as pack_cli
+from mapdet.datasets.layout import config_path, panoptic_json_path
 from mapdet.datasets.synthetic.writer import SynthConfig, config_labels, synthesize
-from mapdet.datasets.vistas import VistasReader, config_path, panoptic_json_path
+from mapdet.datasets.vistas import VistasReader
 from mapdet.shards.manifest import describe, load_manifest
 from mapdet.shards.merge import merge
 from mapdet.shards.reader import read_shard

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mapdet.datasets.layout import PANOPTIC_JSON, config_path, labels_dir
 from mapdet.datasets.synthetic import scene
-from mapdet.datasets.vistas import PANOPTIC_JSON, config_path, labels_dir
 
 SPLITS = ("training", "validation")
 
