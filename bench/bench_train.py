@@ -450,18 +450,18 @@ def _fused_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 @contextlib.contextmanager
 def _pinned_loaders(on: bool):
-    """TrainStream's DataLoaders with pin_memory=True (a bench-only patch of mapdet.data.loaders._loader)."""
+    """TrainStream's DataLoaders with pin_memory=True (a bench-only patch of mapdet.data.loaders.batch_loader)."""
     if not on:
         yield
         return
     import mapdet.data.loaders as data
 
-    original = data._loader
-    data._loader = lambda dataset, workers, **kw: original(dataset, workers, pin_memory=True, **kw)
+    original = data.batch_loader
+    data.batch_loader = lambda dataset, workers, **kw: original(dataset, workers, pin_memory=True, **kw)
     try:
         yield
     finally:
-        data._loader = original
+        data.batch_loader = original
 
 
 def gpu_phase(v: dict, model0, cfg, manifest, samples, accelerator, warmup: int, steps: int) -> dict:

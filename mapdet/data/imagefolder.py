@@ -31,6 +31,7 @@ from torchvision.io import ImageReadMode
 from torchvision.transforms.v2.functional import to_dtype
 
 from mapdet import comm
+from mapdet.data.loaders import batch_loader
 from mapdet.structures import Batch
 
 SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -123,5 +124,4 @@ def image_loader(
 ) -> DataLoader:
     """Rank ``rank``'s share of ``files`` (from ``list_images``) as ``Batch``es, decoded in ``workers``
     processes (0: in this one)."""
-    dataset = _FolderShare(Path(root), files, batch_size, rank, world)
-    return DataLoader(dataset, batch_size=None, num_workers=workers)
+    return batch_loader(_FolderShare(Path(root), files, batch_size, rank, world), workers)

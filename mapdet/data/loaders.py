@@ -208,7 +208,7 @@ class TrainStream:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             epoch, skip = divmod(self.batches_seen, self.plan.batches_per_epoch)
-            loader = _loader(
+            loader = batch_loader(
                 _TrainEpoch(self.plan, epoch, skip), self.workers, prefetch_factor=4 if self.workers else None
             )
             for batch in _RaiseFatal(loader, self.hint):
@@ -281,7 +281,7 @@ def eval_loader(
     """
     dataset = _EvalShare(shards_dir, manifest, rank, world, batch_size, skip_corrupt)
     hint = "" if skip_corrupt else " (eval.skip_corrupt=true leaves such images out and counts them)"
-    return _RaiseFatal(_loader(dataset, workers), hint)
+    return _RaiseFatal(batch_loader(dataset, workers), hint)
 
 
 class _RaiseFatal:
@@ -299,8 +299,9 @@ class _RaiseFatal:
             yield batch
 
 
-def _loader(dataset: IterableDataset, workers: int, **kwargs) -> DataLoader:
-    """A DataLoader over a dataset that yields whole ``Batch``es, with stop-signal-proof workers."""
+def batch_loader(dataset: IterableDataset, workers: int, **kwargs) -> DataLoader:
+    """A DataLoader over a dataset that yields whole ``Batch``es, with stop-signal-proof workers
+    (shards here, image folders in ``mapdet.data.imagefolder``)."""
     if workers:
         _kill_workers_at_exit()
     # A private generator: DataLoader would otherwise draw its worker seed from the global RNG when

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from mapdet.config import ModelConfig, load_config
 from mapdet.engine import checkpoint
+from mapdet.fileio import write_json_atomic
 from mapdet.shards.manifest import ManifestError, class_names, load_manifest
 
 # Training-only settings: they change how training starts or weighs its loss, never the network that
@@ -74,7 +75,7 @@ def write_export(out: Path, raw_model, model_cfg: ModelConfig, names: dict[int, 
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in export_weights(raw_model).items()}, str(out / "model.safetensors"))
-    (out / "classes.json").write_text(json.dumps(export_record(model_cfg, names), indent=1))
+    write_json_atomic(out / "classes.json", export_record(model_cfg, names))
 
 
 def from_export(weights: str | Path, classes: str | Path | None = None, config: str | None = None) -> Trained:
