@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mapdet.datasets.synthetic import scene
+from mapdet.datasets.synthetic import scene, shapes
+from mapdet.datasets.synthetic.classes import STUFF, THINGS, label_table
 from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
 
 SMALL = SynthConfig(size=(160, 120))
@@ -155,8 +156,8 @@ def test_empty_dense_crowd_and_thin(likeness):
 def test_occlusion_boxes_are_visible_pixels():
     """A nearer car hides the bottom of a pole: the pole's box ends where the car starts."""
     cfg = SynthConfig(size=(64, 48))
-    pole, car = 0, 1  # indices into scene.THINGS
-    assert scene.THINGS[pole].draw is scene.shapes.pole and scene.THINGS[car].draw is scene.shapes.car
+    pole, car = 0, 1  # indices into THINGS
+    assert THINGS[pole].draw is shapes.pole and THINGS[car].draw is shapes.car
     hidden = scene._Planned(pole, 20, 32, 8, 3, 0)  # painted before the car, which covers it entirely
     planned = [scene._Planned(pole, 10, 5, 40, 4, 0), hidden, scene._Planned(car, 0, 30, 18, 40, 0)]
     rng = np.random.default_rng(0)
@@ -197,3 +198,15 @@ def test_cli_writes_layout(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
     bad = subprocess.run(cmd[:4] + ["--size", "64"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "WxH" in bad.stderr
+
+
+@pytest.mark.parametrize("version", ["v1.2", "v2.0"])
+def test_label_table_lists_each_release_its_own_labels(version):
+    v = int(version == "v2.0")
+    table = label_table(version)
+    names = [n[v] for n, _, _, _ in table]
+    assert None not in names and len(set(names)) == len(names)
+    assert [n for (n, _, _, thing) in table if thing] == [t.names for t in THINGS]
+    groups = {"human--person--person-group", "object--vehicle--vehicle-group"}  # stuff only v2.0 has
+    assert groups & set(names) == (groups if version == "v2.0" else set())
+    assert len(table) == len(THINGS) + sum(spec[0][v] is not None for spec in STUFF.values())

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from mapdet.datasets.layout import PANOPTIC_JSON, config_path, labels_dir
 from mapdet.datasets.synthetic import scene
+from mapdet.datasets.synthetic.classes import THINGS, label_table
 
 SPLITS = ("training", "validation")
 
@@ -71,7 +72,7 @@ def config_labels(version: str, not_evaluated=()) -> list[dict]:
             "evaluate": not names[1].startswith("void--") and not skip & set(names),
             "color": list(color),
         }
-        for names, readable, color, thing in scene.label_table(version)
+        for names, readable, color, thing in label_table(version)
     ]
     return sorted(labels, key=lambda lab: lab["name"])
 
@@ -166,7 +167,7 @@ def _clear(out: Path, overwrite: bool) -> None:
 
 
 def _check(cfg: SynthConfig) -> None:
-    known = {name for t in scene.THINGS for name in t.names}
+    known = {name for t in THINGS for name in t.names}
     unknown = sorted(set(cfg.class_shares) - known)
     if unknown:
         raise ValueError(f"class_shares names unknown classes {unknown}; known: {sorted(known)}")
