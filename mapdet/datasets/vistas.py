@@ -1,6 +1,7 @@
 """Read one split of a raw Mapillary Vistas download (v1.2 or v2.0) into boxes per image.
 
-The download's layout, versions and class sets are in ``mapdet.datasets.layout``.
+The download's layout, versions and class sets are in ``mapdet.datasets.layout``; reading and
+checking one image's files (and ``BadSample``) in ``mapdet.datasets.sample_files``.
 
 Boxes are ``float64 (N, 4)`` xyxy, pixel-edge, in ORIGINAL image pixels: a one-pixel object at
 column c spans [c, c+1]. Two sources give identical boxes, labels and order (sorted by
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from mapdet import boxes as box_ops
 from mapdet.datasets.layout import (
     VERSIONS,
     config_path,
@@ -39,13 +40,10 @@ from mapdet.datasets.layout import (
     not_evaluated_classes,
     panoptic_json_path,
 )
+from mapdet.datasets.sample_files import BadSample, check_mask_header, image_size, read_instance_png, value_boxes
 
 SOURCES = ("auto", "panoptic", "instances")
 _CHECK_IMAGES = 2  # images with objects compared when checking the JSON bbox convention
-
-
-class BadSample(Exception):
-    """Input the packer must skip and count; ``str(e)`` names the file and the reason."""
 
 
 @dataclass
@@ -60,26 +58,6 @@ class RawSample:
     left_out: dict | None = None  # name -> objects (crowd included) of instance classes outside the class set
 
 
-def value_boxes(values_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct values of an integer map (H, W), their pixel-edge xyxy boxes (V, 4) and areas (V,).
-
-    One pass of bincount per axis instead of one mask per value: cost O(H*W), not O(V*H*W).
-    """
-    h, w = values_map.shape
-    counts = np.bincount(values_map.ravel(), minlength=1)
-    values = np.flatnonzero(counts)
-    lut = np.zeros(counts.size, np.int64)
-    lut[values] = np.arange(values.size)
-    compact = lut[values_map]
-    in_col = np.bincount((compact * w + np.arange(w)).ravel(), minlength=values.size * w)
-    in_row = np.bincount((compact * h + np.arange(h)[:, None]).ravel(), minlength=values.size * h)
-    in_col = in_col.reshape(values.size, w) > 0
-    in_row = in_row.reshape(values.size, h) > 0
-    x1, x2 = in_col.argmax(1), w - in_col[:, ::-1].argmax(1)
-    y1, y2 = in_row.argmax(1), h - in_row[:, ::-1].argmax(1)
-    return values, np.stack([x1, y1, x2, y2], 1).astype(np.float64), counts[values]
-
-
 def _canonical(boxes, labels, iscrowd=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorted by (label, x1, y1, x2, y2, iscrowd): the same order whichever source read them."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
@@ -87,22 +65,6 @@ def _canonical(boxes, labels, iscrowd=None) -> tuple[np.ndarray, np.ndarray, np.
     iscrowd = np.zeros(len(labels), np.uint8) if iscrowd is None else np.asarray(iscrowd, np.uint8)
     order = np.lexsort((iscrowd, boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], labels))
     return boxes[order], labels[order], iscrowd[order]
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the JPEG header, plus a cheap truncation check (no decode)."""
-    try:
-        with Image.open(path) as im:
-            size = im.size
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - 1024))
-            tail = f.read()
-    except (OSError, ValueError) as e:
-        raise BadSample(f"{path}: unreadable image ({e})") from e
-    # 0xFFD9 only occurs as the end-of-image marker in entropy-coded data (0xFF is byte-stuffed).
-    if b"\xff\xd9" not in tail:
-        raise BadSample(f"{path}: truncated JPEG (no end-of-image marker)")
-    return size
 
 
 class VistasReader:
@@ -147,7 +109,7 @@ class VistasReader:
 
     def read(self, stem: str) -> RawSample:
         image_path = self.image_dir / f"{stem}.jpg"
-        width, height = _image_size(image_path)
+        width, height = image_size(image_path)
         left_out: dict = {}
         if self.source == "panoptic":
             boxes, labels, iscrowd = self._panoptic_targets(stem, (width, height), left_out)
@@ -203,7 +165,7 @@ class VistasReader:
         offsets, checked = set(), 0
         for stem in self.stems()[:max_tries]:
             try:
-                size = _image_size(self.image_dir / f"{stem}.jpg")
+                size = image_size(self.image_dir / f"{stem}.jpg")
                 index, json_boxes, _ = self._thing_segments(stem)
                 png = _canonical(*self._instance_targets(stem, size, crowd=False)[:2])
             except BadSample:
@@ -266,7 +228,6 @@ class VistasReader:
                 raise BadSample(f"{self.json_path}: image {stem} has a malformed segment {seg!r} ({e!r})") from e
         self._count_left_out(np.asarray(dropped, np.int64), left_out)
         rows = np.asarray(rows, np.float64).reshape(-1, 8)
-        x, y = rows[:, 1], rows[:, 2]
         w, h = rows[:, 3] + self._wh_offset, rows[:, 4] + self._wh_offset
         bad = (w <= 0) | (h <= 0) | (rows[:, 5] <= 0)
         if bad.any():
@@ -274,11 +235,12 @@ class VistasReader:
                 f"{self.json_path}: image {stem} segment {int(rows[bad, 7][0])} has zero area "
                 "or a box of non-positive size"
             )
-        return rows[:, 0].astype(np.int64), np.stack([x, y, x + w, y + h], 1), rows[:, 6].astype(np.uint8)
+        boxes = box_ops.xywh_to_xyxy(np.stack([rows[:, 1], rows[:, 2], w, h], 1))
+        return rows[:, 0].astype(np.int64), boxes, rows[:, 6].astype(np.uint8)
 
     def _panoptic_targets(self, stem: str, size: tuple[int, int], left_out: dict | None = None):
         png = self.panoptic_dir / f"{stem}.png"
-        _check_mask_header(png, size)
+        check_mask_header(png, size)
         index, boxes, iscrowd = self._thing_segments(stem, left_out)
         if len(boxes) and ((boxes[:, :2] < 0).any() or (boxes[:, 2:] > size).any()):
             raise BadSample(f"{self.json_path}: image {stem} has a box outside the {size[0]}x{size[1]} image")
@@ -287,7 +249,7 @@ class VistasReader:
     # -- instance PNG -------------------------------------------------------------------------
     def _instance_targets(self, stem: str, size: tuple[int, int], crowd: bool = True, left_out: dict | None = None):
         png = self.instance_dir / f"{stem}.png"
-        values_map = _read_instance_png(png, size)
+        values_map = read_instance_png(png, size)
         values, boxes, _ = value_boxes(values_map)
         index = values >> 8
         if (index >= self.num_labels).any():
@@ -309,29 +271,3 @@ class VistasReader:
 
 def _same(a: tuple, b: tuple) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-def _check_mask_header(path: Path, size: tuple[int, int]) -> None:
-    """A mask exists and has the image's size (header only, no decode)."""
-    try:
-        with Image.open(path) as im:
-            mask_size = im.size
-    except (OSError, ValueError) as e:
-        raise BadSample(f"{path}: unreadable mask ({e})") from e
-    if mask_size != size:
-        raise BadSample(f"{path}: mask is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}")
-
-
-def _read_instance_png(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """The 16-bit instance map (H, W), values 0..65535; never through an 8-bit conversion."""
-    _check_mask_header(path, size)
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("I;16", "I;16B", "I"):
-                raise BadSample(f"{path}: instance PNG has mode {im.mode}, expected 16-bit")
-            values = np.asarray(im)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise BadSample(f"{path}: unreadable mask ({e})") from e
-    if values.min() < 0 or values.max() > 65535:
-        raise BadSample(f"{path}: instance values outside 0..65535")
-    return values

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from mapdet import boxes as box_ops
 from mapdet.datasets.layout import CLASS_SETS
-from mapdet.datasets.vistas import BadSample, RawSample, VistasReader
+from mapdet.datasets.sample_files import BadSample
+from mapdet.datasets.vistas import RawSample, VistasReader
 from mapdet.fileio import atomic_open, write_json_atomic
 from mapdet.shards.manifest import sha256_file, shard_name
 

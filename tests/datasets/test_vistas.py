@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from mapdet.datasets.layout import detect_version, panoptic_json_path
+from mapdet.datasets.sample_files import BadSample
 from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
-from mapdet.datasets.vistas import BadSample, VistasReader, value_boxes
+from mapdet.datasets.vistas import VistasReader
 
 
 @pytest.fixture(scope="module", params=["v1.2", "v2.0"])
@@ -196,15 +197,6 @@ def test_thing_label_without_pixels_is_a_class(damaged):
     assert reader.classes[-1].name == "object--vehicle--boat" and reader.classes[-1].id == 13
     labels = np.concatenate([reader.read(s).labels for s in reader.stems()])
     assert 13 not in labels and len(labels) > 0
-
-
-def test_value_boxes_match_brute_force():
-    rng = np.random.default_rng(0)
-    values = rng.choice([0, 256 + 1, 256 + 2, 700], size=(9, 13), p=[0.7, 0.1, 0.1, 0.1])
-    got_values, boxes, areas = value_boxes(values)
-    for v, box, area in zip(got_values, boxes, areas):
-        ys, xs = np.nonzero(values == v)
-        assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] and area == len(ys)
 
 
 # -- every BadSample case names the file ---------------------------------------------------------
