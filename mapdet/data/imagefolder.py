@@ -31,7 +31,7 @@ from torchvision.io import ImageReadMode
 from torchvision.transforms.v2.functional import to_dtype
 
 from mapdet import comm
-from mapdet.data.loaders import batch_loader
+from mapdet.data.workers import batch_loader
 from mapdet.structures import Batch
 
 SUFFIXES = (".jpg", ".jpeg", ".png")

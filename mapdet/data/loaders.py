@@ -21,28 +21,24 @@ knows its keys up front (``eval_keys``). A fault raises ``CorruptSample`` naming
 with ``skip_corrupt`` the images it cost are left out and listed in ``Batch.bad`` instead.
 
 Faults found in a DataLoader worker reach the caller as ``CorruptSample`` raised in the main
-process with the worker's one-line message (not wrapped in the worker's traceback).
+process with the worker's one-line message (not wrapped in the worker's traceback); the
+DataLoaders, their workers and that relay are ``mapdet.data.workers``.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import math
-import multiprocessing
-import multiprocessing.util  # registers its exit handler before ours (see _kill_workers_at_exit)
-import os
 import random
-import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from mapdet.comm import share
+from mapdet.data.workers import RaiseFatal, batch_loader, fatal_batch  # batch_loader: see TrainStream.__iter__
 from mapdet.shards.manifest import class_image_fractions, shard_urls
 from mapdet.shards.reader import (
     CorruptSample,
@@ -110,7 +106,7 @@ class _TrainEpoch(IterableDataset):
             while len(images) < p.batch_size:
                 sample = next(samples, None)
                 if sample is None or len(bad) >= _GIVE_UP:
-                    yield _fatal(
+                    yield fatal_batch(
                         f"no readable training sample in the last {len(bad)} tries "
                         f"(lost per shard: {_lost_per_shard(bad)})"
                     )
@@ -127,11 +123,6 @@ class _TrainEpoch(IterableDataset):
                 targets.append(target)
             yield Batch(images, targets, bad[:])
             bad.clear()
-
-
-def _fatal(reason: str) -> Batch:
-    """A batch that only carries a fault the consumer must raise (see ``_RaiseFatal``)."""
-    return Batch([], [], [{"shard": None, "key": None, "reason": reason, "samples": 0, "fatal": True}])
 
 
 def _lost_per_shard(bad: list[dict]) -> str:
@@ -208,10 +199,12 @@ class TrainStream:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             epoch, skip = divmod(self.batches_seen, self.plan.batches_per_epoch)
+            # batch_loader by this module's name: the pinned-memory patch in bench/bench_train*.py of
+            # mapdet.data.loaders.batch_loader must reach these DataLoaders.
             loader = batch_loader(
                 _TrainEpoch(self.plan, epoch, skip), self.workers, prefetch_factor=4 if self.workers else None
             )
-            for batch in _RaiseFatal(loader, self.hint):
+            for batch in RaiseFatal(loader, self.hint):
                 self.batches_seen += 1
                 yield batch
 
@@ -252,7 +245,7 @@ class _EvalShare(IterableDataset):
                     images, targets = [], []
                     bad.clear()
         except CorruptSample as e:
-            yield _fatal(str(e))
+            yield fatal_batch(str(e))
             return
         if images or bad:
             yield Batch(images, targets, bad)
@@ -281,64 +274,4 @@ def eval_loader(
     """
     dataset = _EvalShare(shards_dir, manifest, rank, world, batch_size, skip_corrupt)
     hint = "" if skip_corrupt else " (eval.skip_corrupt=true leaves such images out and counts them)"
-    return _RaiseFatal(batch_loader(dataset, workers), hint)
-
-
-class _RaiseFatal:
-    """Iterates a loader and raises a worker's fatal fault (see ``_fatal``) here, as ``CorruptSample``
-    with its one-line message: an exception raised in a worker would arrive wrapped in its traceback."""
-
-    def __init__(self, loader: DataLoader, hint: str = ""):
-        self.loader, self.hint = loader, hint
-
-    def __iter__(self) -> Iterator[Batch]:
-        for batch in self.loader:
-            for b in batch.bad:
-                if b.get("fatal"):
-                    raise CorruptSample(b["reason"] + self.hint)
-            yield batch
-
-
-def batch_loader(dataset: IterableDataset, workers: int, **kwargs) -> DataLoader:
-    """A DataLoader over a dataset that yields whole ``Batch``es, with stop-signal-proof workers
-    (shards here, image folders in ``mapdet.data.imagefolder``)."""
-    if workers:
-        _kill_workers_at_exit()
-    # A private generator: DataLoader would otherwise draw its worker seed from the global RNG when
-    # an epoch starts, shifting the augmentation RNG of a resumed training run.
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        generator=torch.Generator(),
-        worker_init_fn=_ignore_stop_signals,
-        **kwargs,
-    )
-
-
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Slurm's SIGTERM (and scancel) reaches every process of the job, DataLoader workers too; a
-    worker that died of it would crash the training process before it could checkpoint. The
-    training process decides when to stop; workers exit with it (PyTorch watches the parent)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
-_exit_hook: list[bool] = []
-
-
-def _kill_workers_at_exit() -> None:
-    """At interpreter exit multiprocessing SIGTERMs its daemonic children (DataLoader workers) and
-    waits for them. Ours ignore SIGTERM, so a process ending while a loader is alive (an uncaught
-    error keeps it referenced from the traceback, e.g. a collective failing when another rank
-    died) would wait forever. This handler runs first (atexit is last in, first out) and kills them."""
-    if not _exit_hook:
-        atexit.register(_kill_daemon_children)
-        _exit_hook.append(True)
-
-
-def _kill_daemon_children() -> None:
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's handler would call the kill a worker failure
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            os.kill(child.pid, signal.SIGKILL)
+    return RaiseFatal(batch_loader(dataset, workers), hint)
