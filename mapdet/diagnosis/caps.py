@@ -10,18 +10,15 @@ TIDE's missed objects.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mapdet.diagnosis import tide
+from mapdet.diagnosis.settings import DiagnoseSettings
 from mapdet.diagnosis.stats import points, share
 from mapdet.diagnosis.tide_matching import ImageTruth, match
 from mapdet.evaluation.coco import evaluate_coco
 from mapdet.structures import Detections
-
-if TYPE_CHECKING:
-    from mapdet.diagnosis.measures import DiagnoseSettings
 
 CAPS = (1, 10, 100, 300, 1000)  # detections per image (and COCO maxDets) on the curves
 # A per-image cap shows in the results as a pile of images holding exactly the same, largest number of

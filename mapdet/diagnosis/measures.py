@@ -12,7 +12,6 @@ xyxy pixel-edge in the frame of the ground-truth image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from mapdet.config import ModelConfig
 from mapdet.diagnosis import tide
 from mapdet.diagnosis.caps import CAPS, cap_estimate, max_dets_curves, resolve_cap
 from mapdet.diagnosis.causes import rank_causes
+from mapdet.diagnosis.settings import DiagnoseSettings
 from mapdet.diagnosis.sizes import size_stats
 from mapdet.diagnosis.stats import points, spearman
 from mapdet.diagnosis.tide_matching import ImageTruth, Matching
@@ -30,25 +30,6 @@ from mapdet.shards.manifest import class_image_fractions, class_instance_counts
 from mapdet.structures import Detections
 
 ZERO_AP = 1.0  # AP50 below this many points counts as "never detected"
-
-
-@dataclass
-class DiagnoseSettings:
-    """What the diagnosis needs besides the data; ``cap`` None = ``model.detections_per_img``.
-
-    ``cap_from`` names where the cap comes from (``--detections-per-img``, the config); None with
-    ``cap`` None means nobody gave one (the config default stands in): the cap the results show,
-    when they show one, is then used without a note.
-    """
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    cap: int | None = None
-    cap_from: str | None = None
-    repeat_threshold: float = 0.1  # t of r(c) = max(1, sqrt(t / f(c))); also the "rare" cut-off
-    pos_thr: float = 0.5
-    bkg_thr: float = 0.1
-    tide_max_dets: int = 100
-    progress: bool = False
 
 
 def diagnose(

@@ -9,7 +9,8 @@ from mapdet.config import ModelConfig
 from mapdet.diagnosis import measures
 from mapdet.diagnosis.caps import cap_per_image, infer_cap
 from mapdet.diagnosis.causes import add_cause, under_training
-from mapdet.diagnosis.measures import DiagnoseSettings, diagnose
+from mapdet.diagnosis.measures import diagnose
+from mapdet.diagnosis.settings import DiagnoseSettings
 from mapdet.diagnosis.stats import average_ranks, spearman
 from mapdet.diagnosis.tide_matching import ImageTruth
 from mapdet.structures import Detections
