@@ -1,30 +1,39 @@
 #!/usr/bin/env bash
-# The GPU check, ONE script for a bare GPU machine without network (about 5.5 minutes on one H100):
+# The GPU check, ONE script for a bare GPU machine without network (about 6.5 minutes on one H100):
 #   1. installs what the image lacks from the wheels in .whl/ (git-ignored; carry it with the tree)
 #      into /tmp/site, PYTHONPATH=/tmp/site:REPO, with the image's python3;
-#   2. the training benchmark: python3 bench/bench_train.py --skip-cpu (its GPU grid), alone on the machine
-#   3. the GPU tests:          python3 -m pytest -m gpu tests/e2e/test_gpu.py, beside
-#   4. the demo on one GPU:    python3 bench/bench_demo.py --processes 1 --seeds 0 1 2 --jobs 3 (mapdet demo x 3)
-#   5. ONE summary table (tests passed/failed, demo AP50/AP/val loss/seconds, images/s per variant).
+#   2. the training benchmark: python3 bench/bench_train_gpu.py (mapdet vs the references-style loop and
+#      every speed lever, side by side), alone on the machine;
+#   3. where a step's time goes: python3 bench/profile_step.py (torch.profiler: host phases, GPU busy
+#      fraction, host syncs by source line, top kernels), alone;
+#   4. the GPU tests:          python3 -m pytest -m gpu tests/e2e/test_gpu.py, beside
+#   5. the demo on one GPU:    python3 bench/bench_demo.py --processes 1 --seeds S.. --jobs N (mapdet demo per seed),
+#      then the GPU test that validates the demo's trained model on CUDA and on the CPU;
+#   6. ONE summary table (tests passed/failed, demo AP50/AP/val loss/seconds, images/s per variant, profile).
 # Raw outputs (logs, JSON lines, summaries) go to $OUT when it is set (the device tool returns it),
 # else /tmp/gpu_check. Every stage has a timeout; a failed stage never stops the next one.
 #
-#   bash bench/gpu_check.sh                  # on the GPU machine
+#   bash bench/gpu_check.sh                  # on the GPU machine: demo seed 0
+#   bash bench/gpu_check.sh --demo-seeds "0 1 2" --budget-s 560   # the demo's AP50 over 3 seeds (about 9.5 min)
 #   bash bench/gpu_check.sh --cpu-dry-run    # on a CPU machine: .venv/bin/python, GPU parts skip, no demo
-# Flags: --cpu-dry-run, --skip-tests, --skip-demo, --skip-bench, --budget-s N (whole run, default 360)
-# Time: the benchmark <= 120 s (its grid runs the most important variants first and stops starting new
-# ones when its budget is spent), then the tests (<= 120 s) beside the 3 demos (the rest, about 200 s).
+# Flags: --cpu-dry-run, --skip-tests, --skip-demo, --skip-bench, --skip-profile, --demo-seeds "S ...",
+#        --budget-s N (whole run, default 390)
+# Time: the demo and the tests beside it get what they need (one seed about 200 s, three at once about
+# 330 s); the benchmark (<= 120 s: its grid runs the most important variants first and starts no new one
+# once its budget is spent) and the profile (<= 60 s) get the rest, before them.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-dry=0 run_tests=1 run_demo=1 run_bench=1 budget=360
+dry=0 run_tests=1 run_demo=1 run_bench=1 run_profile=1 budget=390 seeds="0"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-dry-run) dry=1 ;;
     --skip-tests) run_tests=0 ;;
     --skip-demo) run_demo=0 ;;
     --skip-bench) run_bench=0 ;;
+    --skip-profile) run_profile=0 ;;
+    --demo-seeds) seeds="$2"; shift ;;
     --budget-s) budget="$2"; shift ;;
     *) echo "gpu_check: unknown flag $1 (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -34,7 +43,7 @@ done
 res="${OUT:-/tmp/gpu_check}"
 mkdir -p "$res"
 rm -f "$res"/{env.json,env.log,install.log,nvidia-smi.txt,gpu_tests.jsonl,bench.jsonl,summary.md,summary.json} \
-      "$res"/{tests,tests_trained,demo,bench}.{log,rc} "$res"/demo_{summary.json,metrics.json,report.md}
+      "$res"/{tests,tests_trained,demo,bench,profile}.{log,rc} "$res"/{profile.jsonl,demo_seeds.jsonl} "$res"/demo_{summary.json,metrics.json,report.md}
 t0=$(date +%s)
 deadline=$((t0 + budget))
 say() { echo "[gpu_check +$(($(date +%s) - t0))s] $*"; }
@@ -112,7 +121,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 say "environment: $(cat "$res/env.json")"
 if ! grep -q '"imports": "ok"' "$res/env.json"; then  # every stage would fail: do not spend GPU time on them
   say "imports failed (see env.json / env.log; was .whl/ carried with the tree?): skipping every stage"
-  run_tests=0 run_demo=0 run_bench=0
+  run_tests=0 run_demo=0 run_bench=0 run_profile=0
 fi
 
 # --- stages --------------------------------------------------------------------------------------------
@@ -129,31 +138,46 @@ stage() {  # name timeout_s command...: output to $res/name.log, exit code and s
 }
 min() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }
 
-# Order: the throughput grid alone first (nothing else may load the GPU or the CPUs while it is timed),
-# then the GPU tests beside the demo, 3 training seeds at once (bench/bench_demo.py --jobs 3: the small
-# model leaves most of the card idle, so the seeds share it; their AP does not depend on that).
+# Order: the throughput grid and the profile alone first (nothing else may load the GPU or the CPUs while
+# they are timed), then the GPU tests beside the demo (the small model leaves most of the card idle, so
+# several seeds share it: bench/bench_demo.py --jobs; their AP does not depend on that), then the test
+# of the demo's trained model.
+nseeds=$(echo $seeds | wc -w)
+demo_need=0
+if [ "$run_demo" = 1 ]; then demo_need=$((nseeds > 1 ? 330 : 200)); fi
+reserve=$((demo_need + 40 + (run_profile ? 60 : 0)))  # 40: the trained-model test after the demo
 if [ "$run_bench" = 1 ]; then
-  secs=$(min 120 $(($(left) - 230)))
+  secs=$(min 120 $(($(left) - reserve)))
   grid=$((secs - 40))  # shards + child start-up + the last variant that starts in time
   [ "$grid" -lt 20 ] && grid=20
-  stage bench "$secs" bash -c "'$py' bench/bench_train.py --skip-cpu --gpu-budget-s $grid > '$res/bench.jsonl'"
+  stage bench "$secs" bash -c "'$py' bench/bench_train_gpu.py --budget-s $grid > '$res/bench.jsonl'"
 fi
 
-if [ "$run_tests" = 1 ]; then
-  MAPDET_GPU_REPORT="$res/gpu_tests.jsonl" stage tests "$(min 120 "$(left)")" \
+if [ "$run_profile" = 1 ]; then
+  stage profile "$(min 60 $(($(left) - demo_need - 40)))" bash -c "'$py' bench/profile_step.py > '$res/profile.jsonl'"
+fi
+
+if [ "$run_tests" = 1 ]; then  # beside the demo: it may take all the time the demo takes
+  MAPDET_GPU_REPORT="$res/gpu_tests.jsonl" stage tests "$(($(left) - 40))" \
     "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests/e2e/test_gpu.py &
   tests_pid=$!
 fi
 
 if [ "$run_demo" = 1 ]; then
   rm -rf /tmp/demos
-  stage demo "$(($(left) - 15))" bash -c "'$py' bench/bench_demo.py --processes 1 --seeds 0 1 2 --jobs 3 --out /tmp/demos > '$res/demo_seeds.jsonl'"
+  first=$(echo $seeds | cut -d' ' -f1)
+  stage demo "$(($(left) - 40))" bash -c "'$py' bench/bench_demo.py --processes 1 --seeds $seeds --jobs $nseeds --out /tmp/demos > '$res/demo_seeds.jsonl'"
   for f in summary.json run/eval/final/metrics.json report/report.md; do
-    [ -f "/tmp/demos/demo_p1_s0/$f" ] && cp "/tmp/demos/demo_p1_s0/$f" "$res/demo_$(basename "$f")"
+    [ -f "/tmp/demos/demo_p1_s$first/$f" ] && cp "/tmp/demos/demo_p1_s$first/$f" "$res/demo_$(basename "$f")"
   done
   cp /tmp/demos/*.log "$res/" 2>/dev/null
 fi
 [ -n "${tests_pid:-}" ] && wait "$tests_pid"
+
+if [ "$run_tests" = 1 ] && [ -f "/tmp/demos/demo_p1_s${first:-0}/run/export/model.safetensors" ]; then
+  MAPDET_TRAINED_RUN="/tmp/demos/demo_p1_s$first" MAPDET_GPU_REPORT="$res/gpu_tests.jsonl" stage tests_trained "$(($(left) - 5))" \
+    "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests/e2e/test_gpu.py -k trained_model
+fi
 
 # --- the summary table (also summary.md and summary.json in $res) ----------------------------------------
 "$py" bench/gpu_check_summary.py "$res" "$mode" "$(($(date +%s) - t0))" | tee "$res/summary.md"

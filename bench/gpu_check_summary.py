@@ -2,10 +2,11 @@
 
     python bench/gpu_check_summary.py RES MODE TOTAL_SECONDS     # prints the table; writes RES/summary.json
 
-Reads RES/env.json, {tests,tests_trained,demo,bench}.rc ("exit-code seconds"), tests*.log (pytest's
-closing line and FAILED lines), gpu_tests.jsonl (figures the GPU tests measured), demo_summary.json
-(mapdet demo's summary.json) and bench.jsonl (bench/bench_train.py's GPU grid). Anything missing is
-shown as not run.
+Reads RES/env.json, {tests,tests_trained,demo,bench,profile}.rc ("exit-code seconds"), tests*.log
+(pytest's closing line and FAILED lines), gpu_tests.jsonl (figures the GPU tests measured),
+demo_summary.json (mapdet demo's summary.json), demo_seeds.jsonl (bench/bench_demo.py), bench.jsonl
+(bench/bench_train_gpu.py) and profile.jsonl (bench/profile_step.py). Anything missing is shown as
+not run.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def main(res: Path, mode: str, total: str) -> None:
             )
         )
         rows.append(("  goal met (b8)", f"{summary['met_b8']}: {summary['goal']}"))
+    rows += profile_rows(read("profile.jsonl"), rc("profile"))
     rows.append(("total", f"{total} s"))
 
     width = max(len(k) for k, _ in rows)
@@ -154,6 +156,28 @@ def main(res: Path, mode: str, total: str) -> None:
     (res / "summary.json").write_text(
         json.dumps({"rows": rows, "bench_summary": summary, "demo": demo, "env": env}, indent=1)
     )
+
+
+def profile_rows(text: str, code: tuple[str, str]) -> list[tuple[str, str]]:
+    """bench/profile_step.py's lines: host ms per phase, GPU busy fraction, top sync sites and kernels."""
+    rows = [("profile", f"exit {code[0]}, {code[1]} s")]
+    for line in text.splitlines():
+        try:
+            (key, value), *_ = json.loads(line).items()
+        except (json.JSONDecodeError, ValueError, AttributeError):
+            continue
+        if key == "phases":
+            rows.append(("  host ms per step", ", ".join(f"{k} {v}" for k, v in value.items())))
+        elif key == "gpu":
+            rows.append(("  gpu", ", ".join(f"{k} {v}" for k, v in value.items())))
+        elif key == "syncs":
+            top = list(value.items())[:6]
+            rows.append(("  host syncs per step", ", ".join(f"{site} {n}" for site, n in top) or "none"))
+        elif key == "top_ops":
+            rows.append(("  top ops (self ms)", ", ".join(f"{o['op']} {o['self_ms']}" for o in value[:6])))
+        elif key == "profile":
+            rows.append(("  profile", value))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Turn bench/results/*.jsonl (one JSON object per line) into the markdown table bench/RESULTS.md."""
+"""Turn bench/results/*.jsonl (one JSON object per line) into markdown tables (bench/run: bench/results/REPORT.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-ORDER = ["data", "train", "eval", "command", "eval_scale", "diagnose", "demo"]
+ORDER = ["data", "train", "train_gpu", "profile", "eval", "command", "eval_scale", "diagnose", "demo"]
 
 
 def flatten(obj, prefix=""):

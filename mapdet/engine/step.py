@@ -13,6 +13,10 @@ images, and the caller's ``shared`` values) is summed over ranks in one all-redu
 together with this rank's losses, in one ``.tolist()``. The gradient norm stays a device tensor
 until ``StepResult.grad_norm`` is read (the training loop reads it only on logging steps).
 ``cuda_speedups`` holds the device settings ``mapdet train`` applies on CUDA.
+
+Profiling: each phase runs inside a ``torch.profiler.record_function`` range named in ``PHASES``
+(``step/data``, ``step/augment``, ...), so a torch.profiler trace of ``mapdet train`` (or
+``bench/profile_step.py``) splits a step into them; outside a profiler a range costs about 10 us.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from mapdet import comm
 from mapdet.config import OptimConfig
 from mapdet.structures import Batch
+
+# The profiler ranges of a step, in the order they run (a micro-batch repeats the first four).
+PHASES = ("step/data", "step/augment", "step/forward", "step/backward", "step/sync", "step/optimizer")
+DATA, AUGMENT, FORWARD, BACKWARD, SYNC, OPTIMIZER = PHASES
 
 
 @dataclass
@@ -104,41 +113,45 @@ def train_step(
     local = nonfinite = None  # device tensors: summed loss components / non-finite micro-batches
     for micro in range(grad_accum):
         t0 = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - t0
-        bad += batch.bad
-        images, targets = to_device(batch, device)
-        with torch.no_grad():
+        with record_function(DATA):
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            bad += batch.bad
+            images, targets = to_device(batch, device)
+        with torch.no_grad(), record_function(AUGMENT):
             images, targets = parts.augment(images, targets)
         last = micro == grad_accum - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
-            with accelerator.autocast():
+            with accelerator.autocast(), record_function(FORWARD):
                 loss_dict = model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
-            loss = sum(loss_dict.values())
-            accelerator.backward(loss / grad_accum)  # also when not finite: the update is skipped below
+            with record_function(BACKWARD):
+                loss = sum(loss_dict.values())
+                accelerator.backward(loss / grad_accum)  # also when not finite: the update is skipped below
         names = list(loss_dict)
         components = torch.stack([v.detach().float() for v in loss_dict.values()]) / grad_accum
         bad_loss = (~torch.isfinite(loss.detach())).double().reshape(1)
         local = components if local is None else local + components
         nonfinite = bad_loss if nonfinite is None else nonfinite + bad_loss
         n_images += len(images)
-    extra = [*shared()] if shared is not None else []
-    host = torch.tensor([float(len(bad)), float(n_images), *map(float, extra)], dtype=torch.float64)
-    if device.type == "cuda":
-        host = host.pin_memory()  # copied without a stream sync
-    flags = comm.all_reduce_sum(torch.cat([nonfinite, host.to(device, non_blocking=True)]))
-    values = torch.cat([flags, local.double()]).tolist()  # the step's one host sync
+    with record_function(SYNC):
+        extra = [*shared()] if shared is not None else []
+        host = torch.tensor([float(len(bad)), float(n_images), *map(float, extra)], dtype=torch.float64)
+        if device.type == "cuda":
+            host = host.pin_memory()  # copied without a stream sync
+        flags = comm.all_reduce_sum(torch.cat([nonfinite, host.to(device, non_blocking=True)]))
+        values = torch.cat([flags, local.double()]).tolist()  # the step's one host sync
     skipped = values[0] > 0
     grad_norm = None
-    if skipped:
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        if clip_norm:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_norm)
-        optimizer.step()
-        parts.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    with record_function(OPTIMIZER):
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            if clip_norm:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_norm)
+            optimizer.step()
+            parts.scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
     sums = dict(zip(names, values[3 + len(extra) :]))
     sums["loss"] = sum(sums.values())
     return StepResult(

@@ -11,7 +11,7 @@ from accelerate.state import AcceleratorState
 
 from mapdet import comm
 from mapdet.config import OptimConfig
-from mapdet.engine.step import TrainParts, train_step
+from mapdet.engine.step import PHASES, TrainParts, train_step
 from mapdet.structures import Batch
 
 
@@ -97,3 +97,14 @@ def test_losses_counts_and_shared_values_come_back_from_the_one_reduction(accele
     assert math.isnan(res.grad_norm)  # no clipping: no norm
     res = train_step(parts, batches, OptimConfig(grad_accum=1, clip_norm=None))
     assert res.shared == []
+
+
+def test_a_profiled_step_splits_into_its_phases_in_order(accelerator):
+    """bench/profile_step.py reads these ranges: every phase once per micro-batch (data, augment,
+    forward, backward) or per step (sync, optimizer), in the order they run."""
+    parts = _setup(accelerator)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train_step(parts, _batches(), OptimConfig(grad_accum=2, clip_norm=1.0))
+    ranges = sorted((e.time_range.start, e.name) for e in prof.events() if e.name in PHASES)
+    data, augment, forward, backward, sync, optimizer = PHASES
+    assert [name for _, name in ranges] == [data, augment, forward, backward] * 2 + [sync, optimizer]

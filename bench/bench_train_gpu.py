@@ -1,0 +1,415 @@
+"""Training throughput on one GPU: mapdet's step vs a torchvision-references-style loop, and every
+speed lever measured side by side (issue 11).
+
+``--config`` (vistas_r50.yaml: R50-FPN v2, min_size 1024, max_size 2048, its augment/optim and
+data.workers) in bf16, on synthetic 1600x1200 images packed at --max-side 2048 (network input
+1024x1365), every variant of ``GPU_VARIANTS`` in ONE child process from the same initial weights
+(accelerate fixes the precision per process). The reference pipeline is
+``train_pipelines.reference_batches``: decode + transforms.v2 augmentation in the workers, autocast
+bf16, NCHW, no cudnn.benchmark, torch's default prefetch (2), as torchvision's references do.
+
+Each variant: ``--warmup`` untimed steps (the first times cuDNN's algorithms, a compiled variant
+compiles there), then ``--steps`` timed between two ``cuda.synchronize()``; images_per_s = images /
+that wall time, data_wait = time blocked on the next batch / that wall time, max_mem_gib = peak
+allocated. One JSON line per variant as it finishes (a run cut short keeps those), then a
+``gpu_summary`` line with the ratios (mapdet vs reference at the same batch; each lever: with /
+without). Where the time of one step goes: ``bench/profile_step.py``.
+
+    python3 bench/bench_train_gpu.py                     # about 2.5 min on one H100 (bench/gpu_check.sh runs it)
+    .venv/bin/python bench/bench_train_gpu.py --on-cpu --config launch/configs/demo.yaml --size 256x192 \\
+        --images 8 --warmup 1 --steps 1 --variants mapdet_b8,reference_b8 \\
+        --set model.min_size=128 model.max_size=160 data.workers=1     # a check of this script on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from train_pipelines import main_train_step, make_shards, no_augment, parse_size, reference_batches
+
+from mapdet import comm
+from mapdet.config import load_config
+from mapdet.data.augment import BatchAugment
+from mapdet.data.loaders import TrainStream
+from mapdet.engine.optim import make_optimizer, make_scheduler
+from mapdet.engine.step import TrainParts, cuda_speedups, train_step
+from mapdet.modeling.detector import build_model
+from mapdet.shards.manifest import class_instance_counts, load_manifest, shard_urls
+from mapdet.shards.reader import decode_sample, read_shard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gpu_comparison(args, tmp: Path) -> None:
+    """The GPU grid: shards made here, every variant measured in ONE child process (all bf16: accelerate
+    fixes the precision per process, and this process may already hold an fp32 Accelerator)."""
+    if not torch.cuda.is_available() and not args.on_cpu:
+        print(json.dumps({"gpu": "skipped: torch.cuda.is_available() is False on this machine"}), flush=True)
+        return
+    t0 = time.perf_counter()
+    make_shards(tmp / "gpu", args.images, args.size, max_side=args.max_side, workers=min(8, os.cpu_count() or 1))
+    print(
+        json.dumps(
+            {
+                "gpu_shards": {
+                    "images": args.images,
+                    "size": list(args.size),
+                    "max_side": args.max_side,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            }
+        ),
+        flush=True,
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--shards",
+        str(tmp / "gpu" / "shards"),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--budget-s",
+        str(args.budget_s),
+        "--variants",
+        args.variants,
+        "--config",
+        args.config,
+    ]
+    if args.set:
+        cmd += ["--set", *args.set]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO) as child:  # stderr passes through
+        for line in child.stdout:  # relayed as they come: a run cut short keeps the variants measured so far
+            print(line.rstrip("\n"), flush=True)
+    if child.returncode != 0:
+        print(json.dumps({"gpu_error": f"the GPU child exited {child.returncode} (its stderr is above)"}), flush=True)
+
+
+# The grid, in priority order (a variant that would start past --budget-s is reported as skipped):
+# the head-to-head first, then the levers not yet measured on any GPU, then those measured on an H200.
+# pipeline: mapdet = TrainStream (uint8 decode in workers) + BatchAugment on the GPU inside the step;
+#           reference = decode + transforms.v2 augmentation in the workers, float images to the GPU.
+# step: "mapdet" = mapdet.engine.step.train_step (one host sync per step); "main" = the step and loop syncs of
+#       main before issue 11 (any_rank per micro-batch, float() per loss, 3 all-reduces per step).
+# speedups: "train" = mapdet.engine.step.cuda_speedups, exactly what `mapdet train` applies on CUDA
+#           (channels-last weights + cudnn.benchmark); otherwise the explicit channels_last/benchmark flags.
+# workers: DataLoader workers instead of the config's; compile: torch.compile of the backbone + FPN (its
+#          compilation falls in the untimed warm-up steps; the synthetic images share one shape).
+GPU_VARIANTS = [
+    dict(name="mapdet_b8", pipeline="mapdet", batch=8, speedups="train"),
+    dict(name="reference_b8", pipeline="reference", batch=8),
+    dict(name="mapdet_b16", pipeline="mapdet", batch=16, speedups="train"),  # vistas_r50.yaml on one GPU
+    dict(name="mapdet_b8_pinned", pipeline="mapdet", batch=8, speedups="train", pin_memory=True),
+    dict(name="mapdet_b8_fused_opt", pipeline="mapdet", batch=8, speedups="train", fused=True),
+    dict(name="mapdet_b8_workers12", pipeline="mapdet", batch=8, speedups="train", workers=12),
+    dict(name="mapdet_b8_compiled", pipeline="mapdet", batch=8, speedups="train", compile=True),
+    dict(name="mapdet_b8_no_benchmark", pipeline="mapdet", batch=8, channels_last=True),
+    dict(name="reference_b8_speedups", pipeline="reference", batch=8, speedups="train"),
+    dict(name="mapdet_b4", pipeline="mapdet", batch=4, speedups="train"),
+    dict(name="reference_b4", pipeline="reference", batch=4),
+    dict(name="main_b4", pipeline="mapdet", batch=4, step="main"),  # main as it was: the 24-31 img/s figure
+    dict(name="mapdet_b8_main_syncs", pipeline="mapdet", batch=8, speedups="train", step="main"),
+    dict(name="mapdet_b8_nchw", pipeline="mapdet", batch=8, benchmark=True),
+]
+
+
+def _fused_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer and hyperparameters (from mapdet.engine.optim.make_optimizer) with fused=True."""
+    accepted = set(inspect.signature(type(opt).__init__).parameters) - {"self", "params", "foreach", "fused"}
+    groups = [{k: v for k, v in g.items() if k == "params" or k in accepted} for g in opt.param_groups]
+    return type(opt)(groups, **{k: v for k, v in opt.defaults.items() if k in accepted}, fused=True)
+
+
+@contextlib.contextmanager
+def _pinned_loaders(on: bool):
+    """TrainStream's DataLoaders with pin_memory=True (a bench-only patch of mapdet.data.loaders.batch_loader)."""
+    if not on:
+        yield
+        return
+    import mapdet.data.loaders as data
+
+    original = data.batch_loader
+    data.batch_loader = lambda dataset, workers, **kw: original(dataset, workers, pin_memory=True, **kw)
+    try:
+        yield
+    finally:
+        data.batch_loader = original
+
+
+@dataclasses.dataclass
+class Grid:
+    """What every variant starts from: the config, the packed shards and one set of initial weights."""
+
+    cfg: object  # mapdet.config.Config, data.shards pointing at the packed shards
+    manifest: dict
+    samples: list[dict]  # the raw shard samples (the reference pipeline holds them in memory)
+    accelerator: object  # one bf16 Accelerator for every variant
+    model0: torch.nn.Module
+
+
+def load_grid(config: str, shards: str, overrides: list[str]) -> Grid:
+    # Start weights do not change the speed, and a bare GPU machine has no cache to read them from.
+    cfg = load_config(
+        config, ["train.mixed_precision=bf16", "model.weights=null", "model.backbone_weights=null", *overrides]
+    )
+    manifest = load_manifest(shards, "training")
+    # One epoch for the whole phase: TrainStream starts fresh DataLoader workers at every epoch, and a
+    # few dozen synthetic images would otherwise end an epoch every few steps (real Vistas: 18k images).
+    # A 32-sample shuffle buffer (default 256) only shortens each loader's start: not timed either way.
+    cfg.data = dataclasses.replace(
+        cfg.data, shards=shards, samples_per_epoch=10**7, shuffle_buffer=32, repeat_threshold=None
+    )  # plain data for both pipelines, as on the CPU
+    samples = [s for url in shard_urls(cfg.data.shards, manifest) for s in read_shard(url)]
+    accelerator = comm.make_accelerator(mixed_precision="bf16")
+    torch.manual_seed(0)
+    model0 = build_model(cfg.model, len(manifest["classes"]) + 1, class_instance_counts(manifest))
+    return Grid(cfg, manifest, samples, accelerator, model0)
+
+
+@dataclasses.dataclass
+class Variant:
+    """One variant ready to step: ``step(parts, batches, cfg.optim)`` -> StepResult."""
+
+    parts: TrainParts
+    batches: object  # iterator of mapdet.structures.Batch
+    step: object  # train_step or train_pipelines.main_train_step
+    settings: dict  # what the JSON line reports about the variant
+
+
+@contextlib.contextmanager
+def prepared(v: dict, grid: Grid, steps: int):
+    """A copy of ``grid.model0`` with ``v``'s settings, its optimizer and a fresh loader; closes the
+    loader and drops accelerate's references on exit. ``steps``: how many the loader must serve."""
+    cfg, device = grid.cfg, grid.accelerator.device
+    data_cfg = dataclasses.replace(cfg.data, batch_size=v["batch"], workers=v.get("workers", cfg.data.workers))
+    model = copy.deepcopy(grid.model0)
+    if v.get("speedups") == "train":
+        cuda_speedups(model, device)
+        channels_last, benchmark = True, torch.backends.cudnn.benchmark
+    else:
+        channels_last, benchmark = v.get("channels_last", False), v.get("benchmark", False)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = benchmark
+    if v.get("compile"):
+        model.backbone = torch.compile(model.backbone)
+    optimizer = make_optimizer(model, cfg.optim)
+    if v.get("fused"):
+        optimizer = _fused_optimizer(optimizer)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    model, optimizer = grid.accelerator.prepare(model, optimizer)
+    with _pinned_loaders(v.get("pin_memory", False)):
+        if v["pipeline"] == "mapdet":
+            batches = iter(TrainStream(data_cfg.shards, grid.manifest, data_cfg, 0, 1, seed=0))
+            augment = BatchAugment(cfg.augment).to(device)
+        else:  # enough samples that no epoch ends inside the phase (an epoch end drains the prefetch)
+            repeated = grid.samples * (1 + (steps + 8) * v["batch"] // len(grid.samples))
+            k = len(grid.manifest["classes"])
+            batches = reference_batches(repeated, cfg.augment, k, v["batch"], data_cfg.workers, seed=0, prefetch=2)
+            augment = no_augment
+    settings = {
+        "name": v["name"],
+        "pipeline": v["pipeline"],
+        "batch_size": v["batch"],
+        "step": v.get("step", "mapdet"),
+        "channels_last": channels_last,
+        "cudnn_benchmark": benchmark,
+        "pin_memory": v.get("pin_memory", False),
+        "fused_optimizer": bool(v.get("fused")),
+        "compiled_backbone": bool(v.get("compile")),
+        "workers": data_cfg.workers,
+    }
+    step = main_train_step if v.get("step") == "main" else train_step
+    try:
+        yield Variant(
+            TrainParts(grid.accelerator, model, model, optimizer, scheduler, augment), batches, step, settings
+        )
+    finally:
+        batches.close()
+        del model, optimizer, scheduler, batches
+        grid.accelerator.free_memory()  # drops accelerate's references to the prepared model and optimizer
+
+
+def gpu_phase(v: dict, grid: Grid, warmup: int, steps: int) -> dict:
+    """One variant: ``warmup`` untimed then ``steps`` timed steps."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with prepared(v, grid, warmup + steps) as run:
+        wait = 0.0
+        images = skipped = 0
+        for i in range(warmup + steps):
+            if i == warmup:
+                _sync()
+                t0 = time.perf_counter()
+            res = run.step(run.parts, run.batches, grid.cfg.optim)
+            if i >= warmup:
+                wait, images, skipped = wait + res.data_wait_s, images + res.images, skipped + res.skipped
+        _sync()
+        wall = time.perf_counter() - t0
+        return {
+            **run.settings,
+            "steps": steps,
+            "images_per_s": round(images / wall, 2),
+            "data_wait": round(wait / wall, 4),
+            "step_s": round(wall / steps, 4),
+            "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            "skipped_steps": skipped,
+            "loss_last": round(res.losses["loss"], 4),
+        }
+
+
+def gpu_grid(args) -> None:
+    """The child: every selected variant of GPU_VARIANTS on the same shards, model and weights."""
+    grid = load_grid(args.config, args.shards, args.set)
+    cfg, model0 = grid.cfg, grid.model0
+    h, w = decode_sample(grid.samples[0])[0].shape[-2:]
+    scale = min(model0.transform.min_size[0] / min(h, w), model0.transform.max_size / max(h, w))
+    shm = os.statvfs("/dev/shm") if os.path.exists("/dev/shm") else None
+    import kornia
+    import torchvision
+
+    print(
+        json.dumps(
+            {
+                "gpu_setup": {
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (code check only)",
+                    "torch": torch.__version__,
+                    "torchvision": torchvision.__version__,
+                    "kornia": kornia.__version__,
+                    "cpus": os.cpu_count(),
+                    "dev_shm_gib": shm and round(shm.f_blocks * shm.f_frsize / 2**30, 1),
+                    "config": args.config,
+                    "arch": cfg.model.arch,
+                    "precision": "bf16",
+                    "stored_image": [w, h],
+                    "network_input": [round(w * scale), round(h * scale)],
+                    "min_size": model0.transform.min_size[0],
+                    "max_size": model0.transform.max_size,
+                    "workers": cfg.data.workers,
+                    "warmup": args.warmup,
+                    "steps": args.steps,
+                    "budget_s": args.budget_s,
+                }
+            }
+        ),
+        flush=True,
+    )
+    wanted = [v for v in GPU_VARIANTS if args.variants == "all" or v["name"] in args.variants.split(",")]
+    start, results = time.perf_counter(), {}
+    for v in wanted:
+        if time.perf_counter() - start > args.budget_s:
+            print(
+                json.dumps({"gpu_variant": {"name": v["name"], "skipped": f"time budget of {args.budget_s} s spent"}}),
+                flush=True,
+            )
+            continue
+        t = time.perf_counter()
+        try:
+            r = gpu_phase(v, grid, args.warmup, args.steps)
+        except Exception as e:  # one failing variant (OOM, a worker crash) must not lose the others
+            grid.accelerator.free_memory()
+            print(
+                json.dumps({"gpu_variant": {"name": v["name"], "error": f"{type(e).__name__}: {str(e)[:400]}"}}),
+                flush=True,
+            )
+            continue
+        r["phase_s"] = round(time.perf_counter() - t, 1)
+        ref = results.get(f"reference_b{v['batch']}")
+        if ref and v["pipeline"] == "mapdet":
+            r["vs_reference_same_batch"] = round(r["images_per_s"] / ref["images_per_s"], 3)
+        results[v["name"]] = r
+        print(json.dumps({"gpu_variant": r}), flush=True)
+    print(json.dumps({"gpu_summary": gpu_summary(results)}), flush=True)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def gpu_summary(results: dict) -> dict:
+    def rate(name):
+        return results[name]["images_per_s"] if name in results else None
+
+    def ratio(a, b):
+        return round(rate(a) / rate(b), 3) if rate(a) and rate(b) else None
+
+    best = max(
+        (r for r in results.values() if r["pipeline"] == "mapdet"), key=lambda r: r["images_per_s"], default=None
+    )
+    head = results.get("mapdet_b8")
+    return {
+        "mapdet_b8_images_per_s": rate("mapdet_b8"),
+        "mapdet_b8_data_wait": head and head["data_wait"],
+        "mapdet_vs_reference_b8": ratio("mapdet_b8", "reference_b8"),
+        "mapdet_vs_reference_b4": ratio("mapdet_b4", "reference_b4"),
+        "mapdet_vs_reference_with_speedups_b8": ratio("mapdet_b8", "reference_b8_speedups"),
+        "mapdet_b4_vs_main_b4": ratio("mapdet_b4", "main_b4"),
+        "lever_one_sync_per_step_b8": ratio("mapdet_b8", "mapdet_b8_main_syncs"),
+        "lever_channels_last_b8": ratio("mapdet_b8", "mapdet_b8_nchw"),
+        "lever_cudnn_benchmark_b8": ratio("mapdet_b8", "mapdet_b8_no_benchmark"),
+        "lever_pinned_memory_b8": ratio("mapdet_b8_pinned", "mapdet_b8"),
+        "lever_fused_optimizer_b8": ratio("mapdet_b8_fused_opt", "mapdet_b8"),
+        "lever_workers12_b8": ratio("mapdet_b8_workers12", "mapdet_b8"),
+        "lever_compiled_backbone_b8": ratio("mapdet_b8_compiled", "mapdet_b8"),
+        "batch_16_vs_8": ratio("mapdet_b16", "mapdet_b8"),
+        "fastest_mapdet": best and {k: best[k] for k in ("name", "images_per_s", "data_wait", "max_mem_gib")},
+        "goal": "mapdet >= 50 img/s on one H100 with data wait < 0.05, and >= 1.5x the reference at the same batch",
+        "met_b8": bool(
+            head
+            and head["images_per_s"] >= 50
+            and head["data_wait"] < 0.05
+            and (ratio("mapdet_b8", "reference_b8") or 0) >= 1.5
+        ),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--config",
+        default=str(REPO / "launch/configs/vistas_r50.yaml"),
+        help="model/augment/optim/data.workers from here (bf16 always)",
+    )
+    ap.add_argument("--images", type=int, default=24, help="synthetic images (the stream repeats them)")
+    ap.add_argument("--size", type=parse_size, default=(1600, 1200), help="synthetic image size WxH")
+    ap.add_argument("--max-side", type=int, default=2048, help="packed with mapdet pack --max-side")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (the first one times cuDNN)")
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per variant")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=120,
+        help="no variant starts after this many seconds of the grid (the rest are reported skipped)",
+    )
+    ap.add_argument("--variants", default="all", help="comma-separated names from GPU_VARIANTS, or all")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides (key=value), after the config file")
+    ap.add_argument(
+        "--on-cpu", action="store_true", help="run without CUDA: a check of the script, figures meaningless"
+    )
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--shards", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        gpu_grid(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        gpu_comparison(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
