@@ -125,7 +125,10 @@ def main(res: Path, mode: str, total: str) -> None:
                     (
                         f"  {v['name']}",
                         f"{v['images_per_s']:.1f} img/s  wait {100 * v['data_wait']:.1f} %  "
-                        f"{v['max_mem_gib']} GiB  {v['step_s'] * 1000:.0f} ms/step{vs}",
+                        f"{v['max_mem_gib']} GiB  {v['step_s'] * 1000:.0f} ms/step{vs}"
+                        + (
+                            f"  ({v['skipped_steps']} steps skipped: non-finite loss)" if v.get("skipped_steps") else ""
+                        ),
                     )
                 )
             else:
