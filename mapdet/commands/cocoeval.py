@@ -12,10 +12,10 @@ the main process prints and writes.
 Exit codes: 0 ok, 2 bad input (missing or malformed file, results that do not fit the GT).
 
 Start-up is part of the cost of a command that takes seconds: a single process never imports
-torch or accelerate (about 1.5 s), and JSON is parsed by orjson with the cyclic garbage collector
-paused, its objects then frozen out of later collections (the parser makes millions of objects
-that are never garbage; collecting them while they are made more than doubles the parse time,
-and every later collection would walk them again).
+torch or accelerate (about 1.5 s), and JSON is parsed by orjson (``fileio.read_json``) with the
+cyclic garbage collector paused, its objects then frozen out of later collections (the parser makes
+millions of objects that are never garbage; collecting them while they are made more than doubles
+the parse time, and every later collection would walk them again).
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ import argparse
 import gc
 import os
 import sys
-from pathlib import Path
-
-import orjson
 
 from mapdet.evaluation.coco import ENGINES, evaluate_coco, format_summary, format_table, write_metrics
+from mapdet.fileio import read_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,16 +120,12 @@ def _max_dets(text: str) -> list[int]:
 
 
 def _load_json(path: str, what: str):
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{what} file not found: {p}")
-    data = p.read_bytes()
+    """``fileio.read_json`` with the garbage collector paused, then its objects frozen (see the
+    module docstring); a missing or malformed file raises ``ValueError`` naming it."""
     enabled = gc.isenabled()
-    gc.disable()  # see the module docstring
+    gc.disable()
     try:
-        parsed = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
-        raise InputError(f"{what} file {p} is not valid JSON: {e}") from None
+        parsed = read_json(path, what)
     finally:
         if enabled:
             gc.enable()

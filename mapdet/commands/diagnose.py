@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from mapdet.fileio import read_json
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gt", required=True, help="COCO ground truth (e.g. shards/validation.coco.json)")
@@ -69,10 +71,10 @@ def run(args) -> int:
         return _fail(str(e))
     if args.checkpoint and not args.config:
         return _fail("--checkpoint needs --config (the model's architecture and the validation shards)")
-    gt, results = _read_json(args.gt, "ground truth"), _read_json(args.results, "results")
-    manifest = _read_json(args.train_manifest, "training manifest") if args.train_manifest else None
-    if gt is None or results is None or (args.train_manifest and manifest is None):
+    inputs = _read_inputs(args)
+    if inputs is None:
         return 2
+    gt, results, manifest = inputs
     t = args.repeat_threshold or cfg.data.repeat_threshold or 0.1
     cap_from = (
         "--detections-per-img"
@@ -149,14 +151,19 @@ def _last_meta(run_dir: str) -> dict | None:
     return json.loads((last / "meta.json").read_text()) if last else None
 
 
-def _read_json(path: str, what: str):
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        print(f"mapdet diagnose: {what} file not found: {path}", file=sys.stderr)
-    except json.JSONDecodeError as e:
-        print(f"mapdet diagnose: {what} file {path} is not valid JSON: {e}", file=sys.stderr)
-    return None
+def _read_inputs(args) -> tuple | None:
+    """(ground truth, results, training manifest or None); None after naming every file that is
+    missing or not JSON (all of them at once: one rerun fixes them all)."""
+    named = (("ground truth", args.gt), ("results", args.results), ("training manifest", args.train_manifest))
+    read, errors = [], []
+    for what, path in named:
+        try:
+            read.append(read_json(path, what) if path else None)
+        except ValueError as e:
+            errors.append(str(e))
+    for message in errors:
+        _fail(message)
+    return None if errors else tuple(read)
 
 
 def _fail(message: str) -> int:

@@ -6,14 +6,19 @@ batch is also run in training mode under ``no_grad`` with BatchNorm kept in eval
 forked, so the validation loss changes no model state and no random stream. ``mapdet evaluate``,
 training's validation and ``mapdet predict`` all run this loop.
 
-``predict_gathered(model, loader, device, expected)`` is collective (every rank calls it): each rank
-runs ``predict`` (without the loss) over its own share
-(``data.eval_loader`` for shards, ``imagefolder.image_loader`` for a folder: contiguous ranges, no
-padding). The image keys seen and the unreadable images are gathered on every rank and checked
+``predict_everywhere(model, loader, device, expected, what, ...)`` is collective (every rank calls
+it): each rank runs ``predict`` over its own share (``data.eval_loader`` for shards,
+``imagefolder.image_loader`` for a folder: contiguous ranges, no padding). The image keys seen, the
+unreadable images, the loss sums and an error are gathered on every rank, and the keys checked
 against ``expected``: an image seen twice, or neither seen nor reported unreadable, is an error
-naming it. An exception on one rank is raised on every rank, so no rank waits forever in a
-collective. The detections go to the main process only, one rank's packed rows at a time
-(``comm.stream_to_main``): 36 bytes per box there, nothing gathered on the other ranks.
+naming it. An exception on one rank (of the kind the caller names) is raised on every rank, so no
+rank waits forever in a collective. The detections stay on their rank. Training's validation and
+``mapdet evaluate`` (``evaluation.validation``) and ``predict_gathered`` are built on it.
+
+``predict_gathered(model, loader, device, expected)`` is ``mapdet predict``'s: ``predict_everywhere``
+without the loss, any exception raised on every rank as ``RuntimeError``; then the detections go
+to the main process only, one rank's packed rows at a time (``comm.stream_to_main``): 36 bytes per
+box there, nothing gathered on the other ranks.
 
 Detections are ``evaluator.Detections``: boxes float32 (M, 4) xyxy pixel-edge in the frame of the
 image as read (the model resizes internally and maps its boxes back), labels = category ids 1..K,
@@ -30,7 +35,9 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -131,6 +138,71 @@ def check_exactly_once(expected: list[str], keys: list[str], lost: set[str], wha
         raise CoverageError(f"{what} did not see each image exactly once: " + "; ".join(problems))
 
 
+class _Seen(NamedTuple):
+    """What every rank tells the others after ``predict`` (one all_gather_object)."""
+
+    keys: list[str]  # image keys it predicted
+    skipped: list[dict]  # unreadable images it left out
+    loss_sum: dict[str, float]  # summed over its images ({} without the loss)
+    error: str | None  # its caught exception, described; raised on every rank
+
+
+@dataclass
+class Everywhere:
+    """``predict_everywhere``'s result: the same on every rank but ``detections``."""
+
+    detections: Detections  # this rank's only, stored-image coordinates
+    keys: list[str]  # image keys predicted, all ranks, in rank order
+    skipped: list[dict]  # unreadable images, all ranks: {"shard", "key", "reason", "samples"}
+    loss_sum: dict[str, float]  # summed over all ranks' images ({} without ``with_loss``)
+
+
+def _rank_and_type(e: BaseException) -> str:
+    return f"rank {comm.get_rank()}: {type(e).__name__}: {e}"
+
+
+def predict_everywhere(
+    model,
+    loader,
+    device,
+    expected: list[str],
+    what: str,
+    *,
+    with_loss: bool = False,
+    progress=None,
+    on_batch=None,
+    catch: type[BaseException] = Exception,
+    describe: Callable[[BaseException], str] = _rank_and_type,
+    raise_as: Callable[[str], BaseException] = RuntimeError,
+) -> Everywhere:
+    """Collective: every rank calls it, and each makes exactly one collective call
+    (``comm.all_gather_object``) after its ``predict``, whether that succeeded or raised ``catch``.
+
+    ``predict`` runs over this rank's ``loader``. An exception of type ``catch`` there is turned
+    into ``describe(e)`` and gathered; then every rank raises ``raise_as`` of the first rank's
+    message (default: any exception, as ``RuntimeError("rank R: Type: message")``). An exception
+    of another type propagates on its rank alone, before the gather (the other ranks then wait in
+    it until the process group's timeout). Otherwise every rank checks the gathered keys with
+    ``check_exactly_once(expected, ..., what)`` (a ``CoverageError`` on every rank alike) and
+    returns the same ``Everywhere`` but for its own detections.
+    """
+    try:
+        preds, error = predict(model, loader, device, with_loss, progress, on_batch), None
+    except catch as e:  # raised on every rank below, so none waits in the gather
+        preds, error = Predictions(Detections.empty(), [], {}, []), describe(e)
+    seen = comm.all_gather_object(_Seen(preds.keys, preds.skipped, preds.loss_sum, error))
+    errors = [s.error for s in seen if s.error]
+    if errors:
+        raise raise_as(errors[0])
+    keys = [k for s in seen for k in s.keys]
+    skipped = [b for s in seen for b in s.skipped]
+    check_exactly_once(expected, keys, {b["key"] for b in skipped}, what)
+    loss_sum = collections.Counter()
+    for s in seen:
+        loss_sum.update(s.loss_sum)
+    return Everywhere(preds.detections, keys, skipped, dict(loss_sum))
+
+
 @dataclass
 class Gathered:
     detections: Detections | None  # main process: all ranks', sorted by image id; None elsewhere
@@ -140,27 +212,17 @@ class Gathered:
 
 def predict_gathered(model, loader, device, expected: list[str], progress=None, on_batch=None) -> Gathered:
     """Collective: ``model`` (unwrapped, eval) over this rank's ``loader``; see the module docstring."""
-    try:
-        preds, error = predict(model, loader, device, with_loss=False, progress=progress, on_batch=on_batch), None
-    except Exception as e:  # noqa: BLE001 - raised on every rank below, so none waits in a collective
-        preds, error = None, f"rank {comm.get_rank()}: {type(e).__name__}: {e}"
-    parts = comm.all_gather_object(([], [], error) if preds is None else (preds.keys, preds.skipped, error))
-    errors = [p[2] for p in parts if p[2]]
-    if errors:
-        raise RuntimeError(errors[0])
-    keys = [k for p in parts for k in p[0]]
-    bad = [b for p in parts for b in p[1]]
-    check_exactly_once(expected, keys, {b["key"] for b in bad}, "prediction")
+    seen = predict_everywhere(model, loader, device, expected, "prediction", progress=progress, on_batch=on_batch)
     # The main process alone receives the detections, one rank's packed rows at a time.
     received: list[Detections] = []
     main = comm.is_main_process()
     comm.stream_to_main(
-        preds.detections.to_bytes(), (lambda b: received.append(Detections.from_bytes(b))) if main else None
+        seen.detections.to_bytes(), (lambda b: received.append(Detections.from_bytes(b))) if main else None
     )
     if not main:
-        return Gathered(None, len(keys), bad)
+        return Gathered(None, len(seen.keys), seen.skipped)
     found = Detections.concat(received)
-    return Gathered(found.take(np.argsort(found.image_id, kind="stable")), len(keys), bad)
+    return Gathered(found.take(np.argsort(found.image_id, kind="stable")), len(seen.keys), seen.skipped)
 
 
 def write_results(

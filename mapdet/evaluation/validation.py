@@ -1,15 +1,15 @@
 """One validation pass, shared by ``mapdet train`` (periodic) and ``mapdet evaluate``.
 
 Every rank runs the unwrapped model on its exactly-once share of the validation shards
-(``mapdet.data.loaders.eval_loader``); image keys and summed losses are gathered; coverage is
-checked against the manifest (a missing or duplicated image is an error naming the keys); the COCO
-scoring is split across ranks by category (``mapdet.evaluation.coco.evaluate_coco``): each rank's
-detections (packed arrays, stored-image coordinates, xyxy pixel-edge) go to the ranks that score
-their categories, so no rank holds every detection. A rank keeps its own detections
-(``Validation.detections``); ``stream_detections`` hands every rank's, one rank at a time, to the
-main process for writing detections.json, so the main process never holds them all either (the
-price: the other ranks wait while it writes). Ranks with uneven shares never wait inside the
-loop: the only collectives come after it.
+(``mapdet.data.loaders.eval_loader``); image keys and summed losses are gathered and coverage is
+checked against the manifest (a missing or duplicated image is an error naming the keys), both by
+``mapdet.engine.inference.predict_everywhere``; the COCO scoring is split across ranks by category
+(``mapdet.evaluation.coco.evaluate_coco``): each rank's detections (packed arrays, stored-image
+coordinates, xyxy pixel-edge) go to the ranks that score their categories, so no rank holds every
+detection. A rank keeps its own detections (``Validation.detections``); ``stream_detections``
+hands every rank's, one rank at a time, to the main process for writing detections.json, so the
+main process never holds them all either (the price: the other ranks wait while it writes). Ranks
+with uneven shares never wait inside the loop: the only collectives come after it.
 
 A corrupt sample or shard on any rank raises ``CorruptSample`` (naming shard and key) on every
 rank. Images left out because ``eval.skip_corrupt`` is on are removed from the ground truth too
@@ -18,29 +18,18 @@ rank. Images left out because ``eval.skip_corrupt`` is on are removed from the g
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from tqdm import tqdm
 
 from mapdet import comm
 from mapdet.config import EvalConfig
 from mapdet.data.loaders import eval_keys, eval_loader
-from mapdet.engine.inference import Predictions, check_exactly_once, predict
+from mapdet.engine.inference import predict_everywhere
 from mapdet.evaluation.coco import CocoResult, evaluate_coco
 from mapdet.shards.manifest import class_names
 from mapdet.shards.reader import CorruptSample
 from mapdet.structures import Detections
-
-
-class _Seen(NamedTuple):
-    """What every rank tells the others after inference (all_gather_object)."""
-
-    keys: list[str]  # image keys it scored
-    loss_sum: dict[str, float]  # summed over its images ({} without eval.val_loss)
-    skipped: list[dict]  # corrupt samples it left out (eval.skip_corrupt)
-    error: str | None  # its CorruptSample, raised on every rank
 
 
 @dataclass
@@ -58,35 +47,32 @@ def validate(model, device, cfg: EvalConfig, shards, manifest: dict, gt: dict) -
         raise ValueError(f"the {manifest['split']} split in {shards} has no images to evaluate")
     rank, world = comm.get_rank(), comm.get_world_size()
     loader = eval_loader(shards, manifest, cfg.batch_size, cfg.workers, rank, world, cfg.skip_corrupt)
-    bar = tqdm(
+    expected = [k for shard in manifest["shards"] for k in shard["keys"]]
+    with tqdm(
         total=len(eval_keys(manifest, rank, world)),
         desc="validate",
         unit="img",
         disable=not comm.is_main_process(),
         leave=False,
-    )
-    try:
-        preds, error = predict(model, loader, device, with_loss=cfg.val_loss, progress=bar), None
-    except CorruptSample as e:  # raised on every rank below, so no rank waits in the gather
-        preds, error = Predictions(Detections.empty(), [], {}, []), str(e)
-    bar.close()
-    seen = comm.all_gather_object(_Seen(preds.keys, preds.loss_sum, preds.skipped, error))
-    errors = [s.error for s in seen if s.error]
-    if errors:
-        raise CorruptSample(errors[0])
-    keys = [k for s in seen for k in s.keys]
-    left_out = [sample for s in seen for sample in s.skipped]
-    skipped = {sample["key"] for sample in left_out}
-    expected = [k for shard in manifest["shards"] for k in shard["keys"]]
-    check_exactly_once(expected, keys, skipped, f"evaluation of {manifest['split']}")
-    if left_out:
-        gt = _without_images(gt, skipped)
-    result = evaluate_coco(gt, preds.detections, max_dets=sorted({1, 10, 100, *cfg.max_dets}))
-    loss = collections.Counter()
-    for s in seen:
-        loss.update(s.loss_sum)
-    mean_loss = {k: v / max(len(keys), 1) for k, v in loss.items()}
-    return Validation(result, preds.detections, mean_loss, len(keys), left_out)
+    ) as bar:
+        seen = predict_everywhere(
+            model,
+            loader,
+            device,
+            expected,
+            f"evaluation of {manifest['split']}",
+            with_loss=cfg.val_loss,
+            progress=bar,
+            # Only a corrupt sample or shard is an input error (exit 2): it reaches every rank as it was.
+            catch=CorruptSample,
+            describe=str,
+            raise_as=CorruptSample,
+        )
+    if seen.skipped:
+        gt = _without_images(gt, {sample["key"] for sample in seen.skipped})
+    result = evaluate_coco(gt, seen.detections, max_dets=sorted({1, 10, 100, *cfg.max_dets}))
+    mean_loss = {k: v / max(len(seen.keys), 1) for k, v in seen.loss_sum.items()}
+    return Validation(result, seen.detections, mean_loss, len(seen.keys), seen.skipped)
 
 
 def stream_detections(v: Validation, consume) -> None:

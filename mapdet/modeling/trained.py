@@ -24,13 +24,12 @@ refused when the classes are read.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from mapdet.config import ModelConfig, load_config
 from mapdet.engine import checkpoint
-from mapdet.fileio import write_json_atomic
+from mapdet.fileio import read_json, write_json_atomic
 from mapdet.shards.manifest import ManifestError, class_names, load_manifest
 
 # Training-only settings: they change how training starts or weighs its loss, never the network that
@@ -90,7 +89,7 @@ def from_export(weights: str | Path, classes: str | Path | None = None, config: 
             f"no classes file {path}: pass --classes with the classes.json that `mapdet train` "
             f"wrote beside the export (RUN/export/classes.json)"
         )
-    record = _read_json(path)
+    record = read_json(path, "classes")
     found = _classes_of(record, path)
     model_cfg = _settings(record, path, config)
     return Trained(_build(model_cfg, found, state, str(weights)), found, model_cfg, 0, str(weights))
@@ -145,14 +144,7 @@ def read_classes(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no classes file {path}")
-    return _classes_of(_read_json(path), path)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return _classes_of(read_json(path, "classes"), path)
 
 
 def _classes_of(record, path: Path) -> list[dict]:

@@ -118,6 +118,17 @@ def test_cli_fails_with_a_message_on_bad_input(inputs, capsys):
     assert not out.exists()
 
 
+def test_cli_names_every_unreadable_input_at_once(inputs, capsys):
+    (inputs / "bad.json").write_text("[{")
+    argv = ("--gt", inputs / "no_gt.json", "--results", inputs / "bad.json", "--out", inputs / "diag")
+    assert run_cli(*argv, "--train-manifest", inputs / "no_manifest.json") == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and lines[0] == f"mapdet diagnose: ground truth file not found: {inputs / 'no_gt.json'}"
+    assert lines[1].startswith(f"mapdet diagnose: results file {inputs / 'bad.json'} is not valid JSON: ")
+    assert lines[2] == f"mapdet diagnose: training manifest file not found: {inputs / 'no_manifest.json'}"
+    assert not (inputs / "diag").exists()
+
+
 def test_cli_with_checkpoint_runs_sweep_and_proposal_recall(tmp_path, shards):
     from safetensors.torch import save_file
 

@@ -286,6 +286,10 @@ def test_bad_arguments_exit_2_with_one_line(run, images, shards, tmp_path, capsy
     (export / "classes.json").rename(export / "kept.json")
     code, err = predict("--weights", weights, "--images", images)
     assert code == 2 and "no classes file" in err and "--classes" in err
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"classes": [')
+    code, err = predict("--weights", weights, "--classes", broken, "--images", images)
+    assert code == 2 and f"classes file {broken} is not valid JSON: " in err
     old = tmp_path / "old.json"  # an export written before the model settings were recorded
     old.write_text(json.dumps({k: v for k, v in record.items() if k != "model"}))
     code, err = predict("--weights", weights, "--classes", old, "--images", images)
