@@ -174,8 +174,9 @@ def profile_rows(text: str, code: tuple[str, str]) -> list[tuple[str, str]]:
         elif key == "gpu":
             rows.append(("  gpu", ", ".join(f"{k} {v}" for k, v in value.items())))
         elif key == "syncs":
-            top = list(value.items())[:6]
-            rows.append(("  host syncs per step", ", ".join(f"{site} {n}" for site, n in top) or "none"))
+            top = ", ".join(f"{site} {n}" for site, n in list(value["by_site"].items())[:6])
+            debug = value.get("cuda_debug_mode_per_step")
+            rows.append(("  host syncs per step", f"{value['per_step']} (CUDA debug mode: {debug}); top: {top}"))
         elif key == "top_ops":
             rows.append(("  top ops (self ms)", ", ".join(f"{o['op']} {o['self_ms']}" for o in value[:6])))
         elif key == "profile":

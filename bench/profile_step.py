@@ -16,9 +16,10 @@ cudnn.benchmark): ``--warmup`` untimed steps, ``--steps`` steps under torch.prof
   compile, larger batch). Well below 1 with a long ``step/forward``/``step/backward`` and a short
   ``step/sync``: the host is the limit (Python and launch overhead: fewer, larger ops). A long
   ``step/data``: the loader.
-- ``syncs`` (CUDA only): host syncs per step by the source line that made them
-  (``torch.cuda.set_sync_debug_mode("warn")``): torchvision's RPN and RoI sampling sync by design;
-  the step itself syncs once (``step.py``).
+- ``syncs``: host syncs per step, by the source line that made them (``mapdet.engine.host_syncs``;
+  on the CPU the ops that would sync on CUDA, Kornia's CPU-side parameter reads included), and on
+  CUDA the count of CUDA's own sync debug mode beside it. What is left: torchvision's RPN and RoI
+  samplers, the RoI pooler's levels, NMS once per image, the step's one read-back.
 - ``top_ops``: the 15 ops with the most self device time (CUDA) or self CPU time (no CUDA).
 
     python3 bench/profile_step.py                                   # one H100: about 40 s (bench/gpu_check.sh)
@@ -44,6 +45,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from train_pipelines import make_shards, parse_size
 
+from mapdet.engine.host_syncs import count_host_syncs
 from mapdet.engine.step import PHASES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,20 +93,26 @@ def top_ops(prof, cuda: bool, n: int = 15) -> list[dict]:
     return [{"op": a.key, "calls": a.count, "self_ms": round(getattr(a, key) / 1000, 2)} for a in rows]
 
 
-def sync_sites(run, optim_cfg, steps: int) -> dict[str, float]:
-    """Host syncs per step by the file:line that made them (CUDA's sync debug mode warns at each)."""
-    sites: collections.Counter = collections.Counter()
-    torch.cuda.set_sync_debug_mode("warn")
+def sync_sites(run, optim_cfg, steps: int, cuda: bool) -> dict:
+    """Host syncs per step by source line (``mapdet.engine.host_syncs``: on CUDA only ops on device
+    tensors; on the CPU every op that would sync there) and, on CUDA, the total that CUDA's sync
+    debug mode reports (it also sees copies such as ``.tolist()``)."""
+    warned = 0
+    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, count_host_syncs(device_only=cuda) as syncs:
             warnings.simplefilter("always")
             run_steps(run, optim_cfg, steps)
+        warned = sum("synchronizing" in str(w.message) for w in caught)
     finally:
-        torch.cuda.set_sync_debug_mode("default")
-    for w in caught:
-        if "synchronizing" in str(w.message):
-            sites[_short(w.filename) + f":{w.lineno}"] += 1
-    return {site: round(count / steps, 1) for site, count in sites.most_common()}
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    out = {"per_step": round(syncs.total / steps, 1)}
+    if cuda:
+        out["cuda_debug_mode_per_step"] = round(warned / steps, 1)
+    out["by_site"] = {site: round(n / steps, 1) for site, n in syncs.by_site().items()}
+    return out
 
 
 def _short(path: str) -> str:
@@ -175,7 +183,7 @@ def main() -> None:
                         "busy_fraction": round(covered / args.steps / wall_ms, 3),
                     },
                 )
-                emit("syncs", sync_sites(run, optim_cfg, args.steps))
+            emit("syncs", sync_sites(run, optim_cfg, args.steps, cuda))
             emit("top_ops", top_ops(prof, cuda))
 
 

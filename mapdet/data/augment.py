@@ -64,7 +64,7 @@ class BatchAugment(nn.Module):
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
         out_images: list[Tensor] = [torch.empty(0)] * len(images)
-        out_targets: list[dict] = [{}] * len(images)
+        moved: list[Tensor] = [torch.empty(0)] * len(images)  # boxes after the ops, unclipped
         for size, idx in _group_by_size(images).items():
             batch = torch.stack([_to_float(images[i]) for i in idx])
             boxes = [_checked_boxes(targets[i]) for i in idx]
@@ -74,10 +74,8 @@ class BatchAugment(nn.Module):
                 batch, shifted = pipeline(batch, shifted)
                 boxes = [b.reshape(-1, 4) + 0.5 for b in shifted]
             for j, i in enumerate(idx):
-                image, box = self._maybe_rot90(batch[j], boxes[j])
-                out_images[i] = image
-                out_targets[i] = self._keep_visible(targets[i], box, image.shape[-2:])
-        return out_images, out_targets
+                out_images[i], moved[i] = self._maybe_rot90(batch[j], boxes[j])
+        return out_images, self._keep_visible(targets, moved, [im.shape[-2:] for im in out_images])
 
     def _maybe_rot90(self, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         if self.cfg.rot90 <= 0 or torch.rand(()) >= self.cfg.rot90:
@@ -85,14 +83,23 @@ class BatchAugment(nn.Module):
         turns = 1 if torch.rand(()) < 0.5 else 3  # +-90 degrees
         return rot90(image, boxes, turns)
 
-    def _keep_visible(self, target: dict, boxes: Tensor, size: torch.Size) -> dict:
-        keep, clipped = visible_boxes(boxes, size, self.cfg.min_box_size, self.cfg.min_visible)
-        self.boxes_seen += len(boxes)
-        self.boxes_dropped += int((~keep).sum())
-        out = dict(target, boxes=clipped[keep].to(torch.float32))
-        for key in PER_BOX_KEYS:
-            if key in target:
-                out[key] = target[key][keep]
+    def _keep_visible(self, targets: list[dict], boxes: list[Tensor], sizes: list[torch.Size]) -> list[dict]:
+        """Each target with its visible boxes, clipped. How many each image keeps is read back once
+        for the whole batch (one host sync on CUDA, not one per image): the kept boxes are then
+        gathered by integer index, which needs no sync, where a boolean mask would sync per tensor."""
+        rules = (self.cfg.min_box_size, self.cfg.min_visible)
+        kept = [visible_boxes(b, size, *rules) for b, size in zip(boxes, sizes)]
+        counts = torch.stack([keep.sum() for keep, _ in kept]).tolist() if kept else []
+        out = []
+        for target, (keep, clipped), n in zip(targets, kept, counts):
+            index = torch.argsort((~keep).to(torch.uint8), stable=True)[:n]  # the kept rows, in order
+            self.boxes_seen += len(keep)
+            self.boxes_dropped += len(keep) - n
+            row = dict(target, boxes=clipped[index].to(torch.float32))
+            for key in PER_BOX_KEYS:
+                if key in target:
+                    row[key] = target[key][index.to(target[key].device)]
+            out.append(row)
         return out
 
 

@@ -19,6 +19,8 @@ Archs (``model.arch``):
                             64-channel FPN on strides 8/16/32 (+ max-pool level 64, 4 levels),
                             a 256-d two-layer box head, 128 sampled RoIs, 500 proposals. About
                             0.2-0.3 s per training step (2 images at 512 px, 1-2 threads).
+The RPN is ``mapdet.modeling.proposals.ProposalNetwork``: torchvision's, with the same weights and
+proposals, and about a tenth of its host syncs on CUDA.
 Start weights: random initialisation unless ``model.weights`` (full detector) or
 ``model.backbone_weights`` names a local file or a torchvision weight name
 (``torchvision:FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1``, ``torchvision:ResNet50_Weights.IMAGENET1K_V2``,
@@ -45,6 +47,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mapdet.config import CHOICES, ModelConfig
 from mapdet.modeling import pretrained
+from mapdet.modeling.proposals import rpn_like
 from mapdet.modeling.roi_heads import ClassWeightedRoIHeads, class_weights
 from mapdet.modeling.weights_io import load_detector_partially, load_weights_file
 
@@ -138,6 +141,7 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] 
     else:
         model = _STOCK_BUILDERS[cfg.arch](weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
     _set_anchors(model, cfg)
+    model.rpn = rpn_like(model.rpn)  # same network and proposals, far fewer host syncs
     weights = class_weights(cfg, num_classes, class_counts)
     if weights is not None:
         model.roi_heads = ClassWeightedRoIHeads(model.roi_heads, weights)

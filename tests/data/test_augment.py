@@ -5,6 +5,7 @@ import torch
 
 from mapdet.config import AugmentConfig
 from mapdet.data.augment import BatchAugment, rot90, visible_boxes
+from mapdet.engine.host_syncs import count_host_syncs
 
 OFF = dict(hflip=0.0, vflip=0.0, rot90=0.0, color_jitter=0.0, scale_jitter=0.0)
 
@@ -184,3 +185,18 @@ def test_bad_config_and_inputs_are_reported():
         aug([torch.zeros(1, 8, 8, dtype=torch.uint8)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
     with pytest.raises(ValueError, match="must be"):
         aug([torch.zeros(3, 8, 8, dtype=torch.uint8)], [{"boxes": torch.zeros(2, 4), "labels": torch.zeros(1)}])
+
+
+def test_augmenting_a_batch_reads_nothing_back_per_image():
+    """On CUDA each read-back stops the host: the batch's kept-box counts come back in one copy
+    (not an op the counter sees), never a nonzero, .item() or mask index per image. Kornia reads
+    its random parameters on the CPU, which is no sync (device_only would drop them on a GPU)."""
+    images = [torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8) for _ in range(6)]
+    boxes = torch.tensor([[5.0, 5.0, 30.0, 40.0], [70.0, 50.0, 80.0, 60.0], [0.0, 0.0, 2.0, 2.0]])
+    targets = [{"boxes": boxes.clone(), "labels": torch.tensor([1, 2, 3])} for _ in images]
+    aug = BatchAugment(AugmentConfig(scale_jitter=1.0, scale_min=0.2))
+    torch.manual_seed(0)
+    with count_host_syncs() as syncs:
+        _, out = aug(images, targets)
+    assert syncs.in_file("mapdet/data/augment.py") == 0, syncs.by_site()
+    assert aug.boxes_seen == 18 and aug.boxes_dropped == 18 - sum(len(t["boxes"]) for t in out) > 0

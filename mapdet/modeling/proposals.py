@@ -1,0 +1,124 @@
+"""The region proposal network with fewer host syncs, giving torchvision's proposals and matches.
+
+A host sync (``mapdet.engine.host_syncs``) stops the host until the GPU has drained its queue, and
+the GPU then idles while Python prepares the next ops. torchvision's ``RegionProposalNetwork`` makes
+about 12 per image per forward:
+
+- ``filter_proposals`` drops small boxes (``nonzero``), low-scoring ones (``nonzero``), then runs
+  ``batched_nms``, which above 5000 boxes on CUDA (every FPN detector here: up to
+  ``pre_nms_top_n`` per level x 5 levels) loops over the levels with one ``nonzero`` and one ``nms``
+  each;
+- the anchor matcher's low-quality step finds each ground truth's best anchors with ``nonzero``.
+
+``ProposalNetwork.filter_proposals`` removes nothing before NMS: a small or low-scoring (or NaN)
+box gets the score -inf, so it ranks below every real box and NMS, which lets a box suppress only
+lower-ranked ones, never lets it suppress one. On CUDA each image gets ONE ``nms`` over all its
+levels (the coordinate trick: each level's boxes are shifted by ``level x (largest coordinate + 1)``
+so that boxes of different levels never overlap), elsewhere torchvision's ``batched_nms`` (on the
+CPU five small NMS are cheaper than one large one, and there is no sync to save). How many real
+boxes each image kept is read back once per batch, and the -inf boxes are cut off the end of each
+list. Result: one sync per image (its NMS) plus one per batch. ``LowQualityMatcher`` finds the best
+anchors with a mask instead of ``nonzero``: none.
+
+Same results: proposals (xyxy, in the resized image's pixels, clipped to it) and scores per image,
+in descending score order, equal torchvision's box for box on any device, except that boxes with
+exactly equal scores may come out in another order on CUDA (torchvision's own two NMS paths differ
+the same way). The matches are equal exactly. Weights and state-dict keys are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import Tensor
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import boxes as box_ops
+
+
+class LowQualityMatcher(Matcher):
+    """torchvision's ``Matcher`` whose low-quality step reads nothing back to the host."""
+
+    def set_low_quality_matches_(self, matches: Tensor, all_matches: Tensor, match_quality_matrix: Tensor) -> None:
+        # An anchor that is some ground truth's best (ties included) takes its own best match, as
+        # torchvision's nonzero-based version does, whatever the thresholds said.
+        best_for_some_gt = (match_quality_matrix == match_quality_matrix.max(dim=1).values[:, None]).any(dim=0)
+        matches.copy_(torch.where(best_for_some_gt, all_matches, matches))
+
+
+class ProposalNetwork(RegionProposalNetwork):
+    """torchvision's RPN with ``filter_proposals`` and the anchor matcher described above.
+
+    ``one_nms_per_image``: None (default) = one NMS per image on CUDA, torchvision's
+    ``batched_nms`` elsewhere; True/False force either (tests compare both on the CPU).
+    """
+
+    def __init__(self, *args, one_nms_per_image: bool | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.proposal_matcher = LowQualityMatcher(
+            self.proposal_matcher.high_threshold, self.proposal_matcher.low_threshold, allow_low_quality_matches=True
+        )
+        self.one_nms_per_image = one_nms_per_image
+
+    def filter_proposals(
+        self,
+        proposals: Tensor,
+        objectness: Tensor,
+        image_shapes: list[tuple[int, int]],
+        num_anchors_per_level: list[int],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """proposals (N, A, 4) decoded boxes, objectness (N*A, 1) logits -> per image the kept boxes
+        (K_i, 4) and their probabilities (K_i,), at most ``post_nms_top_n`` each."""
+        n = proposals.shape[0]
+        objectness = objectness.detach().reshape(n, -1)  # no gradient through the selection
+        level = torch.cat(
+            [
+                torch.full((k,), i, dtype=torch.int64, device=proposals.device)
+                for i, k in enumerate(num_anchors_per_level)
+            ]
+        )
+        top = self._get_top_n_idx(objectness, num_anchors_per_level)  # (N, T): the best per level
+        rows = torch.arange(n, device=proposals.device)[:, None]
+        boxes, scores, levels = proposals[rows, top], torch.sigmoid(objectness[rows, top]), level[top]
+        kept, real = [], []
+        for b, s, lvl, shape in zip(boxes, scores, levels, image_shapes):
+            b = box_ops.clip_boxes_to_image(b, shape)
+            ok = (b[:, 2] - b[:, 0] >= self.min_size) & (b[:, 3] - b[:, 1] >= self.min_size) & (s >= self.score_thresh)
+            keep = self._nms(b, torch.where(ok, s, float("-inf")), lvl)
+            kept.append((b, s, keep))
+            real.append(ok[keep].sum())
+        counts = torch.stack(real).tolist() if real else []  # the batch's one read-back
+        limit = self.post_nms_top_n()
+        final = [(b[keep[: min(c, limit)]], s[keep[: min(c, limit)]]) for (b, s, keep), c in zip(kept, counts)]
+        return [b for b, _ in final], [s for _, s in final]
+
+    def _nms(self, boxes: Tensor, scores: Tensor, levels: Tensor) -> Tensor:
+        """Indices kept by NMS within each level, in descending score order."""
+        one_call = boxes.is_cuda if self.one_nms_per_image is None else self.one_nms_per_image
+        if not one_call:
+            return box_ops.batched_nms(boxes, scores, levels, self.nms_thresh)
+        if boxes.numel() == 0:
+            return torch.empty(0, dtype=torch.int64, device=boxes.device)
+        shift = levels.to(boxes) * (boxes.max() + 1)  # levels apart: no box overlaps another level's
+        return torchvision.ops.nms(boxes + shift[:, None], scores, self.nms_thresh)
+
+
+def rpn_like(rpn: RegionProposalNetwork, cls: type[RegionProposalNetwork] = ProposalNetwork, **kwargs):
+    """A ``cls`` with ``rpn``'s anchor generator and head (so the same weights), settings and mode:
+    ``ProposalNetwork`` for training, ``RegionProposalNetwork`` for torchvision's own (tests and
+    benchmarks compare the two). ``kwargs`` go to ``cls`` (``one_nms_per_image=``)."""
+    new = cls(
+        rpn.anchor_generator,
+        rpn.head,
+        rpn.proposal_matcher.high_threshold,
+        rpn.proposal_matcher.low_threshold,
+        rpn.fg_bg_sampler.batch_size_per_image,
+        rpn.fg_bg_sampler.positive_fraction,
+        dict(rpn._pre_nms_top_n),
+        dict(rpn._post_nms_top_n),
+        rpn.nms_thresh,
+        rpn.score_thresh,
+        **kwargs,
+    )
+    new.min_size = rpn.min_size
+    return new.train(rpn.training)

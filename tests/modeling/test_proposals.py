@@ -1,0 +1,147 @@
+"""mapdet.modeling.proposals: torchvision's proposals and matches, with far fewer host syncs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.rpn import RegionProposalNetwork
+
+from mapdet.engine.host_syncs import count_host_syncs
+from mapdet.modeling.detector import build_model
+from mapdet.modeling.proposals import LowQualityMatcher, ProposalNetwork, rpn_like
+from tests.modeling.rectangles import K1, rectangles, small_cfg
+
+LEVELS = [1500, 800, 400, 60]  # anchors per level; pre_nms_top_n (400) cuts the first three: 1260 boxes
+# per image, above the 1000 where torchvision's batched_nms loops over the levels on the CPU (5000 on CUDA)
+
+
+def stock_rpn(rpn: RegionProposalNetwork) -> RegionProposalNetwork:
+    return rpn_like(rpn, RegionProposalNetwork)
+
+
+def candidates(seed: int, images: int = 2):
+    """Decoded boxes (N, A, 4) that overlap a lot, with small ones and NaN logits among them."""
+    g = torch.Generator().manual_seed(seed)
+    a = sum(LEVELS)
+    xy = torch.rand(images, a, 2, generator=g) * 90
+    wh = torch.rand(images, a, 2, generator=g) * 30
+    wh[:, ::17] = 1e-4  # below min_size after clipping
+    boxes = torch.cat([xy, xy + wh], dim=2) - 5  # some cross the image border
+    logits = torch.randn(images * a, 1, generator=g) * 3
+    logits[::23] = float("nan")
+    return boxes, logits
+
+
+def rpn_pair(training: bool, score_thresh: float = 0.0, one_nms: bool | None = None):
+    model = build_model(small_cfg(), K1)
+    ours = rpn_like(model.rpn, one_nms_per_image=one_nms)
+    ours.score_thresh = score_thresh
+    ours._pre_nms_top_n = {"training": 400, "testing": 400}
+    ours._post_nms_top_n = {"training": 300, "testing": 200}
+    ours.train(training)
+    return ours, stock_rpn(ours)
+
+
+@pytest.mark.parametrize("one_nms", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("score_thresh", [0.0, 0.6])
+def test_filter_proposals_keeps_torchvisions_boxes_in_its_order(one_nms, training, score_thresh):
+    ours, stock = rpn_pair(training, score_thresh, one_nms)
+    shapes = [(80, 100), (100, 60)]
+    for seed in range(4):
+        boxes, logits = candidates(seed)
+        got_boxes, got_scores = ours.filter_proposals(boxes, logits, shapes, LEVELS)
+        want_boxes, want_scores = stock.filter_proposals(boxes, logits, shapes, LEVELS)
+        for gb, gs, wb, ws in zip(got_boxes, got_scores, want_boxes, want_scores):
+            assert 0 < len(wb) <= (300 if training else 200)
+            assert torch.equal(gb, wb) and torch.equal(gs, ws)
+
+
+def test_filter_proposals_with_nothing_left():
+    ours, stock = rpn_pair(training=True, score_thresh=0.99, one_nms=True)
+    boxes, logits = candidates(0)
+    logits = torch.full_like(logits, -10.0)  # every score far below the threshold
+    got, _ = ours.filter_proposals(boxes, logits, [(80, 100)] * 2, LEVELS)
+    want, _ = stock.filter_proposals(boxes, logits, [(80, 100)] * 2, LEVELS)
+    assert [len(b) for b in got] == [len(b) for b in want] == [0, 0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_low_quality_matches_equal_torchvisions_with_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    quality = torch.randint(0, 8, (5, 300), generator=g).float() / 10  # IoUs in tenths: many ties
+    quality[2] = 0.0  # a ground truth that overlaps nothing: every anchor ties for its best
+    ours = LowQualityMatcher(0.7, 0.3, allow_low_quality_matches=True)(quality)
+    want = Matcher(0.7, 0.3, allow_low_quality_matches=True)(quality)
+    assert torch.equal(ours, want)
+    assert (want >= 0).sum() > (Matcher(0.7, 0.3)(quality) >= 0).sum()  # the step changed something
+
+
+def test_training_steps_equal_torchvisions_rpn_bit_for_bit():
+    """The small preset trained 3 SGD steps with our RPN and with torchvision's: same losses, same
+    weights, then the same detections in eval mode."""
+    torch.manual_seed(0)
+    ours = build_model(small_cfg(), K1)
+    assert isinstance(ours.rpn, ProposalNetwork) and isinstance(ours.rpn.proposal_matcher, LowQualityMatcher)
+    stock = copy.deepcopy(ours)
+    stock.rpn = stock_rpn(stock.rpn)
+    images, targets = rectangles(4, seed=3)
+    losses = {}
+    for name, model in (("ours", ours), ("stock", stock)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        torch.manual_seed(1)  # the samplers draw from the global generator
+        model.train()
+        losses[name] = []
+        for _ in range(3):
+            step = model(images, targets)
+            optimizer.zero_grad()
+            sum(step.values()).backward()
+            optimizer.step()
+            losses[name].append({k: v.item() for k, v in step.items()})
+    assert losses["ours"] == losses["stock"]
+    for (name, a), b in zip(ours.state_dict().items(), stock.state_dict().values()):
+        assert torch.equal(a, b), name
+    ours.eval(), stock.eval()
+    with torch.no_grad():
+        for a, b in zip(ours(images), stock(images)):
+            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_one_nms_per_image_leaves_the_rpn_a_sync_per_image():
+    """Counted on the CPU with CUDA's path forced, around the RPN's training forward of 4 images
+    (4 FPN levels). Both keep torchvision's sampler (2 per image) and loss (2 per batch); ours adds
+    one NMS per image (the batch's one read-back is a copy, not counted: see host_syncs); torchvision
+    adds per image a nonzero + nms per level, the small-box and score filters and the best anchors."""
+    torch.manual_seed(0)
+    model = build_model(small_cfg(), K1).train()
+    images, targets = model.transform(*rectangles(4, seed=1))
+    features = model.backbone(images.tensors)
+    counts = {}
+    for name, rpn in (
+        ("ours", rpn_like(model.rpn, one_nms_per_image=True)),
+        ("stock", stock_rpn(model.rpn)),
+    ):
+        with count_host_syncs() as syncs:
+            rpn(images, features, targets)
+        counts[name] = syncs.by_site()
+    ours, stock = counts["ours"], counts["stock"]
+    assert sum(n for site, n in ours.items() if site.endswith(" nms")) == 4
+    assert sum(ours.values()) == 4 * 2 + 2 + 4, ours
+    assert sum(stock.values()) == sum(ours.values()) + 4 * 3, stock  # few boxes here: one NMS per image
+
+
+def test_above_a_thousand_boxes_torchvision_pays_two_syncs_per_level():
+    ours, stock = rpn_pair(training=True, one_nms=True)  # CUDA's path
+    boxes, logits = candidates(0)
+    counts = []
+    for rpn in (ours, stock):
+        with count_host_syncs() as syncs:
+            rpn.filter_proposals(boxes, logits, [(80, 100)] * 2, LEVELS)
+        counts.append(syncs.total)
+    # ours: one NMS per image. torchvision: the two filters per image, and per level a nonzero and
+    # an NMS for an image left with more than 1000 boxes (the CPU's threshold; CUDA's is 5000)
+    assert counts[0] == 2
+    assert counts[1] >= 2 * 2 + 2 * len(LEVELS)
