@@ -19,8 +19,9 @@ Archs (``model.arch``):
                             64-channel FPN on strides 8/16/32 (+ max-pool level 64, 4 levels),
                             a 256-d two-layer box head, 128 sampled RoIs, 500 proposals. About
                             0.2-0.3 s per training step (2 images at 512 px, 1-2 threads).
-The RPN is ``mapdet.modeling.proposals.ProposalNetwork``: torchvision's, with the same weights and
-proposals, and about a tenth of its host syncs on CUDA.
+The RPN is ``mapdet.modeling.proposals.ProposalNetwork`` and the RoI heads
+``mapdet.modeling.roi_heads.SampledRoIHeads``: torchvision's, with the same weights, proposals,
+samples and losses, and a small fraction of their host syncs on CUDA.
 Start weights: random initialisation unless ``model.weights`` (full detector) or
 ``model.backbone_weights`` names a local file or a torchvision weight name
 (``torchvision:FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1``, ``torchvision:ResNet50_Weights.IMAGENET1K_V2``,
@@ -48,7 +49,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from mapdet.config import CHOICES, ModelConfig
 from mapdet.modeling import pretrained
 from mapdet.modeling.proposals import rpn_like
-from mapdet.modeling.roi_heads import ClassWeightedRoIHeads, class_weights
+from mapdet.modeling.roi_heads import ClassWeightedRoIHeads, SampledRoIHeads, class_weights
 from mapdet.modeling.weights_io import load_detector_partially, load_weights_file
 
 _STOCK_BUILDERS = {
@@ -145,6 +146,8 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] 
     weights = class_weights(cfg, num_classes, class_counts)
     if weights is not None:
         model.roi_heads = ClassWeightedRoIHeads(model.roi_heads, weights)
+    else:
+        model.roi_heads = SampledRoIHeads(model.roi_heads)  # torchvision's RoIs, a sync per batch
     if cfg.backbone_weights:
         key = "model.backbone_weights"
         if pretrained.is_name(cfg.backbone_weights):

@@ -8,7 +8,8 @@ about 12 per image per forward:
   ``batched_nms``, which above 5000 boxes on CUDA (every FPN detector here: up to
   ``pre_nms_top_n`` per level x 5 levels) loops over the levels with one ``nonzero`` and one ``nms``
   each;
-- the anchor matcher's low-quality step finds each ground truth's best anchors with ``nonzero``.
+- the anchor matcher's low-quality step finds each ground truth's best anchors with ``nonzero``;
+- the sampler and the loss find positives and negatives with ``nonzero`` (``mapdet.modeling.sampling``).
 
 ``ProposalNetwork.filter_proposals`` removes nothing before NMS: a small or low-scoring (or NaN)
 box gets the score -inf, so it ranks below every real box and NMS, which lets a box suppress only
@@ -18,22 +19,26 @@ so that boxes of different levels never overlap), elsewhere torchvision's ``batc
 CPU five small NMS are cheaper than one large one, and there is no sync to save). How many real
 boxes each image kept is read back once per batch, and the -inf boxes are cut off the end of each
 list. Result: one sync per image (its NMS) plus one per batch. ``LowQualityMatcher`` finds the best
-anchors with a mask instead of ``nonzero``: none.
+anchors with a mask instead of ``nonzero``: none. ``BatchedSampler`` and ``compute_loss``: one per
+batch.
 
 Same results: proposals (xyxy, in the resized image's pixels, clipped to it) and scores per image,
 in descending score order, equal torchvision's box for box on any device, except that boxes with
 exactly equal scores may come out in another order on CUDA (torchvision's own two NMS paths differ
-the same way). The matches are equal exactly. Weights and state-dict keys are unchanged.
+the same way). The matches, samples and losses are equal exactly. Weights and state-dict keys are unchanged.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
+
+from mapdet.modeling.sampling import BatchedSampler, true_indices
 
 
 class LowQualityMatcher(Matcher):
@@ -57,6 +62,9 @@ class ProposalNetwork(RegionProposalNetwork):
         super().__init__(*args, **kwargs)
         self.proposal_matcher = LowQualityMatcher(
             self.proposal_matcher.high_threshold, self.proposal_matcher.low_threshold, allow_low_quality_matches=True
+        )
+        self.fg_bg_sampler = BatchedSampler(
+            self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction
         )
         self.one_nms_per_image = one_nms_per_image
 
@@ -91,6 +99,22 @@ class ProposalNetwork(RegionProposalNetwork):
         limit = self.post_nms_top_n()
         final = [(b[keep[: min(c, limit)]], s[keep[: min(c, limit)]]) for (b, s, keep), c in zip(kept, counts)]
         return [b for b, _ in final], [s for _, s in final]
+
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """torchvision's two RPN losses over the sampled anchors (objectness: BCE over positives and
+        negatives; boxes: smooth L1 over positives, beta 1/9, summed and divided by the sample count),
+        with the samples found from the sampler's counts instead of ``nonzero``: the same gathers,
+        so the same numbers."""
+        pos, neg, taken = self.fg_bg_sampler.sample(labels)
+        pos = true_indices(torch.cat(pos).bool(), sum(t[0] for t in taken))
+        neg = true_indices(torch.cat(neg).bool(), sum(t[1] for t in taken))
+        sampled = torch.cat([pos, neg])
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        box_loss = F.smooth_l1_loss(pred_bbox_deltas[pos], regression_targets[pos], beta=1 / 9, reduction="sum")
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        return objectness_loss, box_loss / sampled.numel()
 
     def _nms(self, boxes: Tensor, scores: Tensor, levels: Tensor) -> Tensor:
         """Indices kept by NMS within each level, in descending score order."""

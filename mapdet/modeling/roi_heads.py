@@ -1,6 +1,9 @@
-"""The RoI box head's classification loss, class-weighted for the long tail, and the one
-unweighted loss that every validation loss uses.
+"""The RoI box heads: RoI sampling with one host sync per batch, the classification loss
+class-weighted for the long tail, and the one unweighted loss that every validation loss uses.
 
+``SampledRoIHeads`` is torchvision's ``RoIHeads`` whose ``subsample`` uses
+``mapdet.modeling.sampling.BatchedSampler``: the same sampled RoIs (same random draws), found with
+one read-back per batch instead of three ``nonzero`` per image. Every detector uses it.
 ``ClassWeightedRoIHeads`` is torchvision's ``RoIHeads`` with ``loss_classifier`` computed as a
 weighted cross-entropy over the sampled RoIs: logits (R, K+1), labels (R,) in 0..K (0 background),
 weights (K+1,) from ``class_weights``. Box regression and inference are torchvision's, unchanged.
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 
 from mapdet.config import CHOICES, ModelConfig
+from mapdet.modeling.sampling import BatchedSampler, true_indices
 
 
 def class_weights(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] | None = None) -> Tensor | None:
@@ -66,18 +70,12 @@ def weighted_classification_loss(class_logits: Tensor, labels: Tensor, weight: T
     return F.cross_entropy(class_logits, labels, weight=weight)
 
 
-class ClassWeightedRoIHeads(RoIHeads):
-    """torchvision's box RoIHeads with a class-weighted classification loss (box loss unchanged).
+class SampledRoIHeads(RoIHeads):
+    """torchvision's ``RoIHeads`` (box detection) with the sampler described above."""
 
-    Training composes RoIHeads' own sampling, pooling, head and predictor and torchvision's
-    ``fastrcnn_loss`` (its box term); only the classification term is replaced. The weights are a
-    non-persistent buffer: they follow ``.to(device)`` and stay out of the state dict, so weights
-    trained with it load into a plain torchvision model. No global state is touched.
-    """
-
-    def __init__(self, heads: RoIHeads, weight: Tensor):
+    def __init__(self, heads: RoIHeads):
         if heads.has_mask() or heads.has_keypoint():
-            raise ValueError("class-weighted RoI heads support box detection only (no masks/keypoints)")
+            raise ValueError("mapdet's RoI heads support box detection only (no masks/keypoints)")
         super().__init__(
             heads.box_roi_pool,
             heads.box_head,
@@ -91,6 +89,28 @@ class ClassWeightedRoIHeads(RoIHeads):
             heads.nms_thresh,
             heads.detections_per_img,
         )
+        self.fg_bg_sampler = BatchedSampler(
+            self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction
+        )
+        self.train(heads.training)
+
+    def subsample(self, labels: list[Tensor]) -> list[Tensor]:
+        """Per image the indices of its sampled RoIs (positives and negatives), ascending."""
+        pos, neg, taken = self.fg_bg_sampler.sample(labels)
+        return [true_indices((p | n).bool(), a + b) for p, n, (a, b) in zip(pos, neg, taken)]
+
+
+class ClassWeightedRoIHeads(SampledRoIHeads):
+    """torchvision's box RoIHeads with a class-weighted classification loss (box loss unchanged).
+
+    Training composes RoIHeads' own sampling, pooling, head and predictor and torchvision's
+    ``fastrcnn_loss`` (its box term); only the classification term is replaced. The weights are a
+    non-persistent buffer: they follow ``.to(device)`` and stay out of the state dict, so weights
+    trained with it load into a plain torchvision model. No global state is touched.
+    """
+
+    def __init__(self, heads: RoIHeads, weight: Tensor):
+        super().__init__(heads)
         self.register_buffer("class_weight", weight.float(), persistent=False)
         self.weighted = True  # off inside ``unweighted_loss``
 

@@ -9,6 +9,7 @@ from mapdet.config import ModelConfig
 from mapdet.modeling.detector import build_inference_model, build_model, resolve_config
 from mapdet.modeling.roi_heads import (
     ClassWeightedRoIHeads,
+    SampledRoIHeads,
     class_weights,
     unweighted_loss,
     weighted_classification_loss,
@@ -112,7 +113,7 @@ def test_unit_weights_give_torchvision_loss_exactly():
     plain = build_model(small_cfg(), K1)
     weighted = build_model(small_cfg(class_weights="explicit", class_weights_list=[1.0] * K1), K1)
     assert isinstance(weighted.roi_heads, ClassWeightedRoIHeads)
-    assert type(plain.roi_heads) is torchvision.models.detection.roi_heads.RoIHeads
+    assert type(plain.roi_heads) is SampledRoIHeads  # torchvision's heads with a batched sampler
     weighted.load_state_dict(plain.state_dict())
     images, targets = rectangles(2)
     ref = losses_with_seed(plain, images, targets)
@@ -228,4 +229,4 @@ def test_backbone_weights_load_and_freeze_early_stages(tmp_path):
 def test_inference_model_ignores_training_only_settings(tmp_path):
     cfg = small_cfg(class_weights="inv_sqrt", weights=str(tmp_path / "later.pth"))
     model = build_inference_model(cfg, K1)  # no manifest counts, no weight file: neither is needed
-    assert type(model.roi_heads) is torchvision.models.detection.roi_heads.RoIHeads
+    assert type(model.roi_heads) is SampledRoIHeads  # no class weights

@@ -1,0 +1,129 @@
+"""mapdet.modeling.sampling and the detector built on it: torchvision's samples, losses and training,
+bit for bit, with one read-back per batch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+
+from mapdet.engine.host_syncs import count_host_syncs
+from mapdet.modeling.detector import build_model
+from mapdet.modeling.proposals import LowQualityMatcher, ProposalNetwork, rpn_like
+from mapdet.modeling.roi_heads import SampledRoIHeads
+from mapdet.modeling.sampling import BatchedSampler, true_indices
+from tests.modeling.rectangles import K1, rectangles, small_cfg
+
+
+@pytest.mark.parametrize("share", [0.0, 0.01, 0.5, 1.0])
+def test_true_indices_equal_nonzero(share):
+    g = torch.Generator().manual_seed(int(share * 100))
+    for n in (0, 1, 7, 1000):
+        mask = torch.rand(n, generator=g) < share
+        assert torch.equal(true_indices(mask, int(mask.sum())), torch.where(mask)[0])
+
+
+def matched(seed: int, sizes=(300, 50, 2000, 0)):
+    """Match indices per image: -1 ignored, 0 background, >= 1 an object; few positives in one image
+    and few negatives in another, so both 'not enough' branches run."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(sizes):
+        m = torch.randint(-1, 4, (n,), generator=g)
+        if i == 1:
+            m[m >= 1] = torch.where(torch.rand(int((m >= 1).sum()), generator=g) < 0.1, 1, -1)
+        if i == 2:
+            m[m == 0] = -1
+            m[:5] = 0
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sampler_draws_torchvisions_masks(seed):
+    labels = matched(seed)
+    ours, theirs = BatchedSampler(256, 0.25), BalancedPositiveNegativeSampler(256, 0.25)
+    torch.manual_seed(seed)
+    pos, neg, taken = ours.sample(labels)
+    torch.manual_seed(seed)
+    want_pos, want_neg = theirs(labels)
+    for p, n, wp, wn, (a, b) in zip(pos, neg, want_pos, want_neg, taken):
+        assert torch.equal(p, wp) and torch.equal(n, wn)
+        assert (int(p.sum()), int(n.sum())) == (a, b)
+    assert taken[3] == (0, 0) and taken[2][1] == 5 and taken[1][0] < 64
+
+
+def stock_detector(model):
+    """The same weights with torchvision's own RPN and RoI heads."""
+    stock = copy.deepcopy(model)
+    stock.rpn = rpn_like(stock.rpn, RegionProposalNetwork)
+    h = stock.roi_heads
+    stock.roi_heads = RoIHeads(
+        h.box_roi_pool,
+        h.box_head,
+        h.box_predictor,
+        h.proposal_matcher.high_threshold,
+        h.proposal_matcher.low_threshold,
+        h.fg_bg_sampler.batch_size_per_image,
+        h.fg_bg_sampler.positive_fraction,
+        h.box_coder.weights,
+        h.score_thresh,
+        h.nms_thresh,
+        h.detections_per_img,
+    )
+    return stock
+
+
+def test_training_equals_torchvisions_detector_bit_for_bit():
+    """The small preset trained 3 SGD steps with mapdet's RPN and RoI heads and with torchvision's:
+    the same losses and weights, then the same detections in eval mode."""
+    torch.manual_seed(0)
+    ours = build_model(small_cfg(), K1)
+    assert isinstance(ours.rpn, ProposalNetwork) and isinstance(ours.rpn.proposal_matcher, LowQualityMatcher)
+    assert isinstance(ours.roi_heads, SampledRoIHeads)
+    stock = stock_detector(ours)
+    images, targets = rectangles(4, seed=3)
+    losses = {}
+    for name, model in (("ours", ours), ("stock", stock)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        torch.manual_seed(1)  # the samplers draw from the global generator
+        model.train()
+        losses[name] = []
+        for _ in range(3):
+            step = model(images, targets)
+            optimizer.zero_grad()
+            sum(step.values()).backward()
+            optimizer.step()
+            losses[name].append({k: v.item() for k, v in step.items()})
+    assert losses["ours"] == losses["stock"]
+    for (name, a), b in zip(ours.state_dict().items(), stock.state_dict().values()):
+        assert torch.equal(a, b), name
+    ours.eval(), stock.eval()
+    with torch.no_grad():
+        for a, b in zip(ours(images), stock(images)):
+            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_a_training_forward_reads_back_a_few_times_per_image_not_dozens():
+    """Counted on the CPU with CUDA's NMS path forced, a forward of 4 images, nonzero and nms only
+    (the ``.item()`` reads here are of CPU tensors under CUDA too: the pooler's scales, the
+    transform's size choice; torchvision's degenerate-box check, one per image, is the exception).
+    What is left of ours: NMS once per image, the RoI pooler once per level, the box loss once."""
+    torch.manual_seed(0)
+    ours = build_model(small_cfg(), K1)
+    ours.rpn.one_nms_per_image = True
+    stock = stock_detector(ours)
+    images, targets = rectangles(4, seed=1)
+    found = {}
+    for name, model in (("ours", ours), ("stock", stock)):
+        model.train()
+        with count_host_syncs() as syncs:
+            model(images, targets)
+        found[name] = {site: n for site, n in syncs.by_site().items() if site.endswith((" nonzero", " nms"))}
+    ours_total, stock_total = sum(found["ours"].values()), sum(found["stock"].values())
+    assert ours_total <= 4 + 4 + 1, found["ours"]  # the small preset's pooler has 4 levels
+    assert stock_total >= ours_total + 4 * 6 + 2, found["stock"]
