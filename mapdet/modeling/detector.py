@@ -49,7 +49,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from mapdet.config import CHOICES, ModelConfig
 from mapdet.modeling import pretrained
 from mapdet.modeling.proposals import rpn_like
-from mapdet.modeling.roi_heads import ClassWeightedRoIHeads, SampledRoIHeads, class_weights
+from mapdet.modeling.roi_heads import ClassWeightedRoIHeads, class_weights, heads_like
 from mapdet.modeling.weights_io import load_detector_partially, load_weights_file
 
 _STOCK_BUILDERS = {
@@ -145,9 +145,9 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] 
     model.rpn = rpn_like(model.rpn)  # same network and proposals, far fewer host syncs
     weights = class_weights(cfg, num_classes, class_counts)
     if weights is not None:
-        model.roi_heads = ClassWeightedRoIHeads(model.roi_heads, weights)
+        model.roi_heads = heads_like(model.roi_heads, ClassWeightedRoIHeads, weight=weights)
     else:
-        model.roi_heads = SampledRoIHeads(model.roi_heads)  # torchvision's RoIs, a sync per batch
+        model.roi_heads = heads_like(model.roi_heads)  # torchvision's RoIs, one sync per batch
     if cfg.backbone_weights:
         key = "model.backbone_weights"
         if pretrained.is_name(cfg.backbone_weights):

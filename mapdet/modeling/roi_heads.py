@@ -71,33 +71,41 @@ def weighted_classification_loss(class_logits: Tensor, labels: Tensor, weight: T
 
 
 class SampledRoIHeads(RoIHeads):
-    """torchvision's ``RoIHeads`` (box detection) with the sampler described above."""
+    """torchvision's ``RoIHeads`` (same arguments) with the sampler described above."""
 
-    def __init__(self, heads: RoIHeads):
-        if heads.has_mask() or heads.has_keypoint():
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.has_mask() or self.has_keypoint():
             raise ValueError("mapdet's RoI heads support box detection only (no masks/keypoints)")
-        super().__init__(
-            heads.box_roi_pool,
-            heads.box_head,
-            heads.box_predictor,
-            heads.proposal_matcher.high_threshold,
-            heads.proposal_matcher.low_threshold,
-            heads.fg_bg_sampler.batch_size_per_image,
-            heads.fg_bg_sampler.positive_fraction,
-            heads.box_coder.weights,
-            heads.score_thresh,
-            heads.nms_thresh,
-            heads.detections_per_img,
-        )
         self.fg_bg_sampler = BatchedSampler(
             self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction
         )
-        self.train(heads.training)
 
     def subsample(self, labels: list[Tensor]) -> list[Tensor]:
         """Per image the indices of its sampled RoIs (positives and negatives), ascending."""
         pos, neg, taken = self.fg_bg_sampler.sample(labels)
         return [true_indices((p | n).bool(), a + b) for p, n, (a, b) in zip(pos, neg, taken)]
+
+
+def heads_like(heads: RoIHeads, cls: type[RoIHeads] = SampledRoIHeads, **kwargs) -> RoIHeads:
+    """A ``cls`` with ``heads``' pooler, box head and predictor (so the same weights), settings and
+    mode: ``SampledRoIHeads``/``ClassWeightedRoIHeads`` for training, ``RoIHeads`` for torchvision's
+    own (tests and benchmarks compare them). ``kwargs`` go to ``cls`` (``weight=``)."""
+    new = cls(
+        heads.box_roi_pool,
+        heads.box_head,
+        heads.box_predictor,
+        heads.proposal_matcher.high_threshold,
+        heads.proposal_matcher.low_threshold,
+        heads.fg_bg_sampler.batch_size_per_image,
+        heads.fg_bg_sampler.positive_fraction,
+        heads.box_coder.weights,
+        heads.score_thresh,
+        heads.nms_thresh,
+        heads.detections_per_img,
+        **kwargs,
+    )
+    return new.train(heads.training)
 
 
 class ClassWeightedRoIHeads(SampledRoIHeads):
@@ -109,8 +117,8 @@ class ClassWeightedRoIHeads(SampledRoIHeads):
     trained with it load into a plain torchvision model. No global state is touched.
     """
 
-    def __init__(self, heads: RoIHeads, weight: Tensor):
-        super().__init__(heads)
+    def __init__(self, *args, weight: Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
         self.register_buffer("class_weight", weight.float(), persistent=False)
         self.weighted = True  # off inside ``unweighted_loss``
 

@@ -14,7 +14,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from mapdet.engine.host_syncs import count_host_syncs
 from mapdet.modeling.detector import build_model
 from mapdet.modeling.proposals import LowQualityMatcher, ProposalNetwork, rpn_like
-from mapdet.modeling.roi_heads import SampledRoIHeads
+from mapdet.modeling.roi_heads import SampledRoIHeads, heads_like
 from mapdet.modeling.sampling import BatchedSampler, true_indices
 from tests.modeling.rectangles import K1, rectangles, small_cfg
 
@@ -61,20 +61,7 @@ def stock_detector(model):
     """The same weights with torchvision's own RPN and RoI heads."""
     stock = copy.deepcopy(model)
     stock.rpn = rpn_like(stock.rpn, RegionProposalNetwork)
-    h = stock.roi_heads
-    stock.roi_heads = RoIHeads(
-        h.box_roi_pool,
-        h.box_head,
-        h.box_predictor,
-        h.proposal_matcher.high_threshold,
-        h.proposal_matcher.low_threshold,
-        h.fg_bg_sampler.batch_size_per_image,
-        h.fg_bg_sampler.positive_fraction,
-        h.box_coder.weights,
-        h.score_thresh,
-        h.nms_thresh,
-        h.detections_per_img,
-    )
+    stock.roi_heads = heads_like(stock.roi_heads, RoIHeads)
     return stock
 
 
