@@ -5,8 +5,8 @@ stops the host until the GPU has drained its queue. This counts them with
 ``mapdet.engine.host_syncs`` on ANY machine (a CPU is enough: the ops are the same), for one
 training forward of ``--config``'s detector (vistas_r50.yaml: R50-FPN v2 at min_size 1024 /
 max_size 2048) on ``--images`` synthetic 1600x1200 images, with mapdet's RPN forced onto its CUDA
-NMS path. Both detectors have the same weights; torchvision's is mapdet's with torchvision's own
-RPN and RoI heads swapped in. Then ``BatchAugment`` on the same batch.
+NMS path. Both detectors have the same weights; torchvision's is mapdet's parts in torchvision's own
+``GeneralizedRCNN`` with its own RPN and RoI heads. Then ``BatchAugment`` on the same batch.
 
 Counted as device syncs: ``nonzero``, ``nms``, boolean-mask indexing, and ``.item()`` of tensors
 that live on the GPU under CUDA (the degenerate-box check). ``.item()`` of tensors that stay on the
@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from train_pipelines import make_shards, parse_size
@@ -46,11 +47,10 @@ CPU_SIDE = ("ops/poolers.py:10", "ops/poolers.py:12", "detection/transform.py:17
 
 
 def torchvision_detector(model):
-    """The same weights with torchvision's own RPN and RoI heads."""
-    stock = copy.deepcopy(model)
-    stock.rpn = rpn_like(stock.rpn, RegionProposalNetwork)
-    stock.roi_heads = heads_like(stock.roi_heads, RoIHeads)
-    return stock
+    """The same weights in torchvision's own detector: its forward, RPN and RoI heads."""
+    twin = copy.deepcopy(model)
+    rpn, heads = rpn_like(twin.rpn, RegionProposalNetwork), heads_like(twin.roi_heads, RoIHeads)
+    return GeneralizedRCNN(twin.backbone, rpn, heads, twin.transform).train(model.training)
 
 
 def split(syncs) -> dict:

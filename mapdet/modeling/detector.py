@@ -19,9 +19,10 @@ Archs (``model.arch``):
                             64-channel FPN on strides 8/16/32 (+ max-pool level 64, 4 levels),
                             a 256-d two-layer box head, 128 sampled RoIs, 500 proposals. About
                             0.2-0.3 s per training step (2 images at 512 px, 1-2 threads).
-The RPN is ``mapdet.modeling.proposals.ProposalNetwork`` and the RoI heads
-``mapdet.modeling.roi_heads.SampledRoIHeads``: torchvision's, with the same weights, proposals,
-samples and losses, and a small fraction of their host syncs on CUDA.
+The module is ``mapdet.modeling.rcnn.Detector``, its RPN ``mapdet.modeling.proposals.ProposalNetwork``
+and its RoI heads ``mapdet.modeling.roi_heads.SampledRoIHeads``: torchvision's, with the same weights
+(and state-dict keys), proposals, samples, losses and detections, and a small fraction of their
+host syncs on CUDA.
 Start weights: random initialisation unless ``model.weights`` (full detector) or
 ``model.backbone_weights`` names a local file or a torchvision weight name
 (``torchvision:FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1``, ``torchvision:ResNet50_Weights.IMAGENET1K_V2``,
@@ -49,6 +50,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from mapdet.config import CHOICES, ModelConfig
 from mapdet.modeling import pretrained
 from mapdet.modeling.proposals import rpn_like
+from mapdet.modeling.rcnn import Detector
 from mapdet.modeling.roi_heads import ClassWeightedRoIHeads, class_weights, heads_like
 from mapdet.modeling.weights_io import load_detector_partially, load_weights_file
 
@@ -99,7 +101,7 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, **filled)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] | None = None) -> FasterRCNN:
+def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] | None = None) -> Detector:
     """A Faster R-CNN for ``num_classes`` = K + 1 (index 0 = background).
 
     ``class_counts`` (length K, training instances per class from the shard manifest) is needed by
@@ -142,12 +144,7 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] 
     else:
         model = _STOCK_BUILDERS[cfg.arch](weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
     _set_anchors(model, cfg)
-    model.rpn = rpn_like(model.rpn)  # same network and proposals, far fewer host syncs
-    weights = class_weights(cfg, num_classes, class_counts)
-    if weights is not None:
-        model.roi_heads = heads_like(model.roi_heads, ClassWeightedRoIHeads, weight=weights)
-    else:
-        model.roi_heads = heads_like(model.roi_heads)  # torchvision's RoIs, one sync per batch
+    model = _with_mapdet_parts(model, class_weights(cfg, num_classes, class_counts))
     if cfg.backbone_weights:
         key = "model.backbone_weights"
         if pretrained.is_name(cfg.backbone_weights):
@@ -167,6 +164,17 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] 
     if trainable is not None:
         _freeze_stages(model.backbone.body, trainable)
     return model
+
+
+def _with_mapdet_parts(model: FasterRCNN, weights: Tensor | None) -> Detector:
+    """torchvision's detector with mapdet's RPN, RoI heads and forward: the same weights and results,
+    a small fraction of the host syncs (proposals.py, roi_heads.py, rcnn.py)."""
+    model.rpn = rpn_like(model.rpn)
+    if weights is not None:
+        model.roi_heads = heads_like(model.roi_heads, ClassWeightedRoIHeads, weight=weights)
+    else:
+        model.roi_heads = heads_like(model.roi_heads)
+    return Detector.of(model)
 
 
 def _check_named_weights(cfg: ModelConfig) -> None:
@@ -192,7 +200,7 @@ def _check_named_weights(cfg: ModelConfig) -> None:
     pretrained.check_cached(cfg.weights, cfg.backbone_weights)
 
 
-def build_inference_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
+def build_inference_model(cfg: ModelConfig, num_classes: int) -> Detector:
     """The same network for evaluation: no class weights (a training-loss setting that needs the
     training manifest) and no start weights (the caller loads trained ones)."""
     return build_model(dataclasses.replace(cfg, class_weights="none", weights=None, backbone_weights=None), num_classes)
