@@ -123,8 +123,11 @@ class ProposalNetwork(RegionProposalNetwork):
             return box_ops.batched_nms(boxes, scores, levels, self.nms_thresh)
         if boxes.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=boxes.device)
+        # float32: under bf16 autocast the proposals are bf16, whose spacing at a shift of thousands of
+        # pixels is tens of pixels; every bf16 coordinate plus an integer shift is exact in float32.
+        boxes = boxes.float()
         shift = levels.to(boxes) * (boxes.max() + 1)  # levels apart: no box overlaps another level's
-        return torchvision.ops.nms(boxes + shift[:, None], scores, self.nms_thresh)
+        return torchvision.ops.nms(boxes + shift[:, None], scores.float(), self.nms_thresh)
 
 
 def rpn_like(rpn: RegionProposalNetwork, cls: type[RegionProposalNetwork] = ProposalNetwork, **kwargs):

@@ -58,6 +58,24 @@ def test_filter_proposals_keeps_torchvisions_boxes_in_its_order(one_nms, trainin
             assert torch.equal(gb, wb) and torch.equal(gs, ws)
 
 
+def test_under_bf16_autocast_one_nms_per_image_keeps_the_exact_nms_boxes():
+    """Proposals are bf16 under autocast (the RPN head's deltas are): the level shift must not round
+    them. Expected: torchvision's filter on float32 copies of the same bf16 values, i.e. NMS with
+    float32 IoUs, which torchvision's CUDA NMS computes under autocast (its CPU NMS takes bf16 as is
+    and rounds its IoUs: a few boxes differ there). Boxes are compared as sets: bf16 scores tie."""
+    ours, stock = rpn_pair(training=True, one_nms=True)
+    ours._post_nms_top_n = stock._post_nms_top_n = {"training": 2000, "testing": 2000}  # no cut among ties
+    shapes = [(80, 100), (100, 60)]
+    for seed in range(3):
+        boxes, logits = (x.bfloat16() for x in candidates(seed))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, _ = ours.filter_proposals(boxes, logits, shapes, LEVELS)
+        want, _ = stock.filter_proposals(boxes.float(), logits.float(), shapes, LEVELS)
+        for g, w in zip(got, want):
+            assert g.dtype == torch.bfloat16 and len(g) > 100
+            assert sorted(g.float().tolist()) == sorted(w.tolist())
+
+
 def test_filter_proposals_with_nothing_left():
     ours, stock = rpn_pair(training=True, score_thresh=0.99, one_nms=True)
     boxes, logits = candidates(0)
