@@ -357,3 +357,83 @@ def test_a_trained_model_validates_on_cuda_to_the_cpu_ap():
     assert sc["AP50"] > 0.05, (
         f"the demo's model is barely trained (AP50 {sc['AP50']:.3f}): the AP comparison means little"
     )
+
+
+# ------------------------------------------------ fewer host syncs: the CUDA paths of modeling/
+
+
+def test_the_rpn_on_cuda_keeps_torchvisions_proposals_with_one_nms_per_image():
+    """ProposalNetwork on CUDA takes its one-NMS-per-image path; torchvision's RPN on CUDA loops over
+    the levels above 5000 boxes. Same kept boxes per image (as sets: CUDA's NMS sort is not stable)."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from mapdet.modeling.proposals import rpn_like
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet50_fpn_v2", min_size=800, max_size=1333), num_classes=9).to(CUDA)
+    ours, stock = model.rpn.train(), rpn_like(model.rpn, RegionProposalNetwork).train()
+    g = torch.Generator().manual_seed(0)
+    levels = [12000, 3000, 750, 200, 50]  # 2000 per level after top-n: 6000 boxes, torchvision's vanilla path
+    xy = torch.rand(2, sum(levels), 2, generator=g) * 1200
+    boxes = torch.cat([xy, xy + 8 + torch.rand(2, sum(levels), 2, generator=g) * 200], dim=2).to(CUDA)
+    logits = torch.randn(2 * sum(levels), 1, generator=g).to(CUDA)
+    shapes = [(800, 1333), (1333, 800)]
+    got, _ = ours.filter_proposals(boxes, logits, shapes, levels)
+    want, _ = stock.filter_proposals(boxes, logits, shapes, levels)
+    for a, b in zip(got, want):
+        assert len(a) == len(b) > 1000
+        assert sorted(a.tolist()) == sorted(b.tolist())
+    report("rpn_cuda_vs_torchvision", boxes_kept=[len(a) for a in got])
+
+
+def test_the_samplers_on_cuda_draw_torchvisions_masks():
+    from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+    from mapdet.modeling.sampling import BatchedSampler
+
+    g = torch.Generator().manual_seed(0)
+    labels = [torch.randint(-1, 3, (n,), generator=g).to(CUDA) for n in (5000, 300, 0)]
+    torch.manual_seed(3)
+    ours = BatchedSampler(256, 0.5)(labels)
+    torch.manual_seed(3)
+    want = BalancedPositiveNegativeSampler(256, 0.5)(labels)
+    for a, b in zip(ours[0] + ours[1], want[0] + want[1]):
+        assert a.is_cuda and torch.equal(a, b)
+
+
+def test_a_bf16_training_step_on_cuda_syncs_a_few_times_per_image(bf16_accelerator):
+    """The syncs CUDA itself reports (sync debug mode) and those the counter finds on device tensors,
+    for a training step of R50-FPN v2 on 4 images: about 2 per image (NMS, plus the pooler's levels
+    and the one read-backs per batch), against about 21 per image in torchvision's detector."""
+    import warnings
+
+    from mapdet.engine.host_syncs import count_host_syncs
+
+    acc = bf16_accelerator
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet50_fpn_v2", min_size=512, max_size=683), num_classes=9)
+    cuda_speedups(model, acc.device)
+    optim_cfg = OptimConfig(lr=0.01, warmup_steps=0)
+    optimizer = make_optimizer(model, optim_cfg)
+    model, optimizer = acc.prepare(model, optimizer)
+    parts = TrainParts(
+        acc,
+        model,
+        model,
+        optimizer,
+        make_scheduler(optimizer, optim_cfg, 10),
+        BatchAugment(AugmentConfig()).to(acc.device),
+    )
+    batches = _batches()
+    train_step(parts, batches, OptimConfig(grad_accum=1, clip_norm=10.0))  # warm-up: cuDNN's choices
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught, count_host_syncs(device_only=True) as syncs:
+            warnings.simplefilter("always")
+            train_step(parts, batches, OptimConfig(grad_accum=1, clip_norm=10.0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reported = sum("synchronizing" in str(w.message) for w in caught)
+    report("syncs_per_step_cuda", images=4, counted=syncs.total, cuda_debug_mode=reported, sites=syncs.by_site())
+    assert syncs.total <= 4 * 2 + 8, syncs.by_site()
+    assert reported <= 4 * 2 + 20, reported
