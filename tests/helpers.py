@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -108,3 +110,24 @@ def wait_for_file(path: Path, procs: list[subprocess.Popen], timeout: float = 30
 
 def exported_weights(run: Path) -> dict:
     return load_file(str(run / "export" / "model.safetensors"))
+
+
+def run_in_ranks(fn, world: int, out: Path) -> list:
+    """``fn(rank)`` in ``world`` processes of one gloo group on this machine; what each returned,
+    in rank order. ``fn`` must be a module-level function (the processes are spawned, not forked)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_entry, args=(fn, world, free_port(), str(out)), nprocs=world)
+    return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(world)]
+
+
+def _rank_entry(rank: int, fn, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a rank left waiting in a collective fails the test in a minute instead of hanging it
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    saved = fn(rank)
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(saved, f)
+    dist.destroy_process_group()

@@ -3,21 +3,15 @@ process (with another rank's answer faked where it matters) and in two real gloo
 
 from __future__ import annotations
 
-import datetime
-import os
-import pickle
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mapdet import comm
 from mapdet.engine.inference import CoverageError, predict_everywhere
 from mapdet.shards.reader import CorruptSample
 from mapdet.structures import Batch
-from tests.helpers import free_port
+from tests.helpers import run_in_ranks
 
 
 class _OneBox(torch.nn.Module):
@@ -122,10 +116,7 @@ def _loaders(rank: int) -> dict:
     return {"clean": [_batch({"c": 255}, bad=("d",))], "fails_on_rank_1": _failing(ValueError("boom"), _batch({}))}
 
 
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # a rank left waiting in a collective fails the test in a minute instead of hanging it
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+def _rank_main(rank: int) -> dict:
     saved = {}
     for name, loader in _loaders(rank).items():
         try:
@@ -138,16 +129,12 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
             )
         except RuntimeError as e:
             saved[name] = f"{type(e).__name__}: {e}"
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(saved, f)
-    dist.destroy_process_group()
+    return saved
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=WORLD)
-    return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
+    return run_in_ranks(_rank_main, WORLD, tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.mark.slow

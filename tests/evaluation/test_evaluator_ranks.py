@@ -7,20 +7,14 @@ results the ranks saved.
 
 from __future__ import annotations
 
-import datetime
-import os
-import pickle
-
 import numpy as np
 import pytest
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mapdet import comm
 from mapdet.evaluation.coco import evaluate_coco
 from mapdet.structures import Detections
 from tests.evaluation.cocodata import pycocotools_eval, random_coco
-from tests.helpers import free_port
+from tests.helpers import run_in_ranks
 
 WORLD = 3
 MAX_DETS = (1, 10, 100, 300)
@@ -78,10 +72,7 @@ def whole(parts) -> list[dict]:
     return out
 
 
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # a bug that leaves one rank waiting fails the test in a minute instead of hanging it
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+def _rank_main(rank: int) -> dict:
     saved = {}
     for name, (gt, parts) in scenarios().items():
         try:
@@ -92,16 +83,12 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     streamed = []
     comm.stream_to_main(np.full(2 * rank, rank, np.uint8), streamed.append if rank == 0 else None)
     saved["stream"] = [s.tolist() for s in streamed]
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(saved, f)
-    dist.destroy_process_group()
+    return saved
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=WORLD)
-    return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
+    return run_in_ranks(_rank_main, WORLD, tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.mark.parametrize("name", ["dicts", "packed", "two_categories", "no_detections", "mixed"])
