@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from mapdet.config import ConfigError, load_config
     from mapdet.diagnosis import causes, measures, report
+    from mapdet.diagnosis.settings import DiagnoseSettings
     from mapdet.structures import Detections
 
     try:
@@ -83,7 +84,7 @@ def run(args) -> int:
         if args.config or any(kv.startswith("model.detections_per_img=") for kv in args.set)
         else None
     )
-    settings = measures.DiagnoseSettings(
+    settings = DiagnoseSettings(
         model=cfg.model, cap=args.detections_per_img, cap_from=cap_from, repeat_threshold=t, progress=True
     )
     try:
