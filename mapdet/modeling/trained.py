@@ -42,7 +42,7 @@ _TRAINING_ONLY = dict(
 
 @dataclass
 class Trained:
-    model: object  # torchvision FasterRCNN on the CPU, eval mode, weights loaded
+    model: object  # modeling.rcnn.Detector (torchvision Faster R-CNN) on the CPU, eval mode, weights loaded
     classes: list[dict]  # [{"id": 1..K, "name"}]
     model_cfg: ModelConfig
     step: int  # training step of the checkpoint (0 for an export)
