@@ -124,9 +124,10 @@ class ProposalNetwork(RegionProposalNetwork):
         if boxes.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=boxes.device)
         # float32: under bf16 autocast the proposals are bf16, whose spacing at a shift of thousands of
-        # pixels is tens of pixels; every bf16 coordinate plus an integer shift is exact in float32.
+        # pixels is tens of pixels; in float32 a whole-number shift moves a box by exactly that (up to
+        # ~1e-3 px for coordinates below 1), so the IoUs are the unshifted ones.
         boxes = boxes.float()
-        shift = levels.to(boxes) * (boxes.max() + 1)  # levels apart: no box overlaps another level's
+        shift = levels.to(boxes) * (boxes.max().ceil() + 1)  # levels apart: no box overlaps another level's
         return torchvision.ops.nms(boxes + shift[:, None], scores.float(), self.nms_thresh)
 
 
