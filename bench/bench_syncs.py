@@ -20,37 +20,25 @@ mapdet's samplers, proposal filter, augmentation and step (stated, not counted).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork
 from train_pipelines import make_shards, parse_size
 
 from mapdet.config import load_config
 from mapdet.data.augment import BatchAugment
 from mapdet.engine.host_syncs import count_host_syncs
 from mapdet.modeling.detector import build_model
-from mapdet.modeling.proposals import rpn_like
-from mapdet.modeling.roi_heads import heads_like
+from mapdet.modeling.rcnn import torchvision_twin
 from mapdet.shards.manifest import class_instance_counts, load_manifest, shard_urls
 from mapdet.shards.reader import decode_sample, read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 # .item() of CPU tensors under CUDA as well: no sync on a GPU
 CPU_SIDE = ("ops/poolers.py:10", "ops/poolers.py:12", "detection/transform.py:176", "kornia/")
-
-
-def torchvision_detector(model):
-    """The same weights in torchvision's own detector: its forward, RPN and RoI heads."""
-    twin = copy.deepcopy(model)
-    rpn, heads = rpn_like(twin.rpn, RegionProposalNetwork), heads_like(twin.roi_heads, RoIHeads)
-    return GeneralizedRCNN(twin.backbone, rpn, heads, twin.transform).train(model.training)
 
 
 def split(syncs) -> dict:
@@ -78,7 +66,7 @@ def main() -> None:
     ours = build_model(cfg.model, len(manifest["classes"]) + 1, class_instance_counts(manifest)).train()
     ours.rpn.one_nms_per_image = True  # the path it takes on CUDA
     rows = {}
-    for name, model in (("torchvision", torchvision_detector(ours)), ("mapdet", ours)):
+    for name, model in (("torchvision", torchvision_twin(ours)), ("mapdet", ours)):
         float_images = [im.float() / 255 for im in images]
         with torch.no_grad(), count_host_syncs() as syncs:
             torch.manual_seed(1)

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.models.detection.rpn import RegionProposalNetwork
 from train_pipelines import main_train_step, make_shards, no_augment, parse_size, reference_batches
 
 from mapdet import comm
@@ -47,7 +46,7 @@ from mapdet.data.loaders import TrainStream
 from mapdet.engine.optim import make_optimizer, make_scheduler
 from mapdet.engine.step import TrainParts, cuda_speedups, train_step
 from mapdet.modeling.detector import build_model
-from mapdet.modeling.proposals import rpn_like
+from mapdet.modeling.rcnn import torchvision_twin
 from mapdet.shards.manifest import class_instance_counts, load_manifest, shard_urls
 from mapdet.shards.reader import decode_sample, read_shard
 
@@ -109,14 +108,14 @@ def gpu_comparison(args, tmp: Path) -> None:
 #       main before issue 11 (any_rank per micro-batch, float() per loss, 3 all-reduces per step).
 # speedups: "train" = mapdet.engine.step.cuda_speedups, exactly what `mapdet train` applies on CUDA
 #           (channels-last weights + cudnn.benchmark); otherwise the explicit channels_last/benchmark flags.
-# rpn: "torchvision" = torchvision's own RPN instead of mapdet.modeling.proposals.ProposalNetwork (same
-#      proposals, about 10 more host syncs per image);
+# detector: "torchvision" = torchvision's own detector with the same weights (modeling.rcnn.torchvision_twin:
+#      same proposals, samples and losses, about 19 more host syncs per image);
 # workers: DataLoader workers instead of the config's; compile: torch.compile of the backbone + FPN (its
 #          compilation falls in the untimed warm-up steps; the synthetic images share one shape).
 GPU_VARIANTS = [
     dict(name="mapdet_b8", pipeline="mapdet", batch=8, speedups="train"),
     dict(name="reference_b8", pipeline="reference", batch=8),
-    dict(name="mapdet_b8_torchvision_rpn", pipeline="mapdet", batch=8, speedups="train", rpn="torchvision"),
+    dict(name="mapdet_b8_torchvision_detector", pipeline="mapdet", batch=8, speedups="train", detector="torchvision"),
     dict(name="mapdet_b16", pipeline="mapdet", batch=16, speedups="train"),  # vistas_r50.yaml on one GPU
     dict(name="mapdet_b8_pinned", pipeline="mapdet", batch=8, speedups="train", pin_memory=True),
     dict(name="mapdet_b8_fused_opt", pipeline="mapdet", batch=8, speedups="train", fused=True),
@@ -127,7 +126,7 @@ GPU_VARIANTS = [
     dict(name="mapdet_b4", pipeline="mapdet", batch=4, speedups="train"),
     dict(name="reference_b4", pipeline="reference", batch=4),
     dict(
-        name="main_b4", pipeline="mapdet", batch=4, step="main", rpn="torchvision"
+        name="main_b4", pipeline="mapdet", batch=4, step="main", detector="torchvision"
     ),  # main before issue 11: 24-31 img/s
     dict(name="mapdet_b8_main_syncs", pipeline="mapdet", batch=8, speedups="train", step="main"),
     dict(name="mapdet_b8_nchw", pipeline="mapdet", batch=8, benchmark=True),
@@ -212,8 +211,8 @@ def prepared(v: dict, grid: Grid, steps: int):
         if channels_last:
             model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = benchmark
-    if v.get("rpn") == "torchvision":
-        model.rpn = rpn_like(model.rpn, RegionProposalNetwork)
+    if v.get("detector") == "torchvision":
+        model = torchvision_twin(model)
     if v.get("compile"):
         model.backbone = torch.compile(model.backbone)
     optimizer = make_optimizer(model, cfg.optim)
@@ -240,7 +239,7 @@ def prepared(v: dict, grid: Grid, steps: int):
         "pin_memory": v.get("pin_memory", False),
         "fused_optimizer": bool(v.get("fused")),
         "compiled_backbone": bool(v.get("compile")),
-        "rpn": v.get("rpn", "mapdet"),
+        "detector": v.get("detector", "mapdet"),
         "workers": data_cfg.workers,
     }
     step = main_train_step if v.get("step") == "main" else train_step
@@ -375,7 +374,7 @@ def gpu_summary(results: dict) -> dict:
         "lever_pinned_memory_b8": ratio("mapdet_b8_pinned", "mapdet_b8"),
         "lever_fused_optimizer_b8": ratio("mapdet_b8_fused_opt", "mapdet_b8"),
         "lever_workers12_b8": ratio("mapdet_b8_workers12", "mapdet_b8"),
-        "lever_fewer_sync_rpn_b8": ratio("mapdet_b8", "mapdet_b8_torchvision_rpn"),
+        "lever_fewer_syncs_b8": ratio("mapdet_b8", "mapdet_b8_torchvision_detector"),
         "lever_compiled_backbone_b8": ratio("mapdet_b8_compiled", "mapdet_b8"),
         "batch_16_vs_8": ratio("mapdet_b16", "mapdet_b8"),
         "fastest_mapdet": best and {k: best[k] for k in ("name", "images_per_s", "data_wait", "max_mem_gib")},

@@ -15,6 +15,7 @@ torchvision's, so state dicts, checkpoints and exports are unchanged.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import torch
@@ -70,3 +71,18 @@ def _check_positive(targets: list[dict]) -> None:
         "All bounding boxes should have positive height and width."
         f" Found invalid box {boxes[first].tolist()} for target at index {int(image[first])}."
     )
+
+
+def torchvision_twin(model: Detector) -> GeneralizedRCNN:
+    """A copy of ``model`` (same weights) in torchvision's own pipeline: its ``GeneralizedRCNN``
+    forward, ``RegionProposalNetwork`` and ``RoIHeads`` (plain classification loss). What mapdet's
+    detector is measured and tested against."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from mapdet.modeling.proposals import rpn_like
+    from mapdet.modeling.roi_heads import heads_like
+
+    twin = copy.deepcopy(model)
+    rpn, heads = rpn_like(twin.rpn, RegionProposalNetwork), heads_like(twin.roi_heads, RoIHeads)
+    return GeneralizedRCNN(twin.backbone, rpn, heads, twin.transform).train(model.training)

@@ -3,20 +3,15 @@ bit for bit, with one read-back per batch."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
-from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from mapdet.engine.host_syncs import count_host_syncs
 from mapdet.modeling.detector import build_model
-from mapdet.modeling.proposals import LowQualityMatcher, ProposalNetwork, rpn_like
-from mapdet.modeling.rcnn import Detector
-from mapdet.modeling.roi_heads import SampledRoIHeads, heads_like
+from mapdet.modeling.proposals import LowQualityMatcher, ProposalNetwork
+from mapdet.modeling.rcnn import Detector, torchvision_twin
+from mapdet.modeling.roi_heads import SampledRoIHeads
 from mapdet.modeling.sampling import BatchedSampler, true_indices
 from tests.modeling.rectangles import K1, rectangles, small_cfg
 
@@ -59,13 +54,6 @@ def test_sampler_draws_torchvisions_masks(seed):
     assert taken[3] == (0, 0) and taken[2][1] == 5 and taken[1][0] < 64
 
 
-def stock_detector(model):
-    """The same weights in torchvision's own detector: its forward, RPN and RoI heads."""
-    twin = copy.deepcopy(model)
-    rpn, heads = rpn_like(twin.rpn, RegionProposalNetwork), heads_like(twin.roi_heads, RoIHeads)
-    return GeneralizedRCNN(twin.backbone, rpn, heads, twin.transform).train(model.training)
-
-
 def test_training_equals_torchvisions_detector_bit_for_bit():
     """The small preset trained 3 SGD steps with mapdet's RPN and RoI heads and with torchvision's:
     the same losses and weights, then the same detections in eval mode."""
@@ -73,7 +61,7 @@ def test_training_equals_torchvisions_detector_bit_for_bit():
     ours = build_model(small_cfg(), K1)
     assert isinstance(ours.rpn, ProposalNetwork) and isinstance(ours.rpn.proposal_matcher, LowQualityMatcher)
     assert isinstance(ours.roi_heads, SampledRoIHeads) and isinstance(ours, Detector)
-    stock = stock_detector(ours)
+    stock = torchvision_twin(ours)
     images, targets = rectangles(4, seed=3)
     losses = {}
     for name, model in (("ours", ours), ("stock", stock)):
@@ -105,7 +93,7 @@ def test_a_training_forward_reads_back_a_few_times_per_image_not_dozens():
     torch.manual_seed(0)
     ours = build_model(small_cfg(), K1)
     ours.rpn.one_nms_per_image = True
-    stock = stock_detector(ours)
+    stock = torchvision_twin(ours)
     images, targets = rectangles(4, seed=1)
     found = {}
     for name, model in (("ours", ours), ("stock", stock)):
