@@ -21,9 +21,16 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+
+from mapdet.modeling.proposals import rpn_like
+from mapdet.modeling.roi_heads import heads_like
 
 
 class Detector(GeneralizedRCNN):
+    """torchvision's Faster R-CNN pipeline, one target check per batch (see the module docstring)."""
+
     @classmethod
     def of(cls, model: GeneralizedRCNN) -> Detector:
         """The same parts (and so the same weights) as a torchvision detector."""
@@ -77,12 +84,6 @@ def torchvision_twin(model: Detector) -> GeneralizedRCNN:
     """A copy of ``model`` (same weights) in torchvision's own pipeline: its ``GeneralizedRCNN``
     forward, ``RegionProposalNetwork`` and ``RoIHeads`` (plain classification loss). What mapdet's
     detector is measured and tested against."""
-    from torchvision.models.detection.roi_heads import RoIHeads
-    from torchvision.models.detection.rpn import RegionProposalNetwork
-
-    from mapdet.modeling.proposals import rpn_like
-    from mapdet.modeling.roi_heads import heads_like
-
     twin = copy.deepcopy(model)
     rpn, heads = rpn_like(twin.rpn, RegionProposalNetwork), heads_like(twin.roi_heads, RoIHeads)
     return GeneralizedRCNN(twin.backbone, rpn, heads, twin.transform).train(model.training)
