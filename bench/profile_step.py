@@ -1,6 +1,6 @@
 """Where one training step's time goes (issue 11): ``mapdet train``'s own step under torch.profiler.
 
-Set-up as ``bench_train_gpu.py``'s variant ``--variant`` (default mapdet_b8: vistas_r50.yaml in bf16,
+Set-up as the GPU grid's variant ``--variant`` (``gpu_variants.py``) (default mapdet_b8: vistas_r50.yaml in bf16,
 synthetic 1600x1200 images packed at 2048, TrainStream + Kornia in the step, channels-last and
 cudnn.benchmark): ``--warmup`` untimed steps, ``--steps`` steps under torch.profiler, then
 ``--steps`` more with CUDA's sync debug mode. One JSON line each:
@@ -40,7 +40,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from bench_train_gpu import GPU_VARIANTS, load_grid, prepared
+from gpu_variants import GPU_VARIANTS, load_grid, prepared
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from train_pipelines import make_shards, parse_size
@@ -125,7 +125,7 @@ def _short(path: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "launch/configs/vistas_r50.yaml"), help="bf16 always")
-    ap.add_argument("--variant", default="mapdet_b8", help="a name from bench_train_gpu.GPU_VARIANTS")
+    ap.add_argument("--variant", default="mapdet_b8", help="a name from gpu_variants.GPU_VARIANTS")
     ap.add_argument("--images", type=int, default=24, help="synthetic images (the stream repeats them)")
     ap.add_argument("--size", type=parse_size, default=(1600, 1200), help="synthetic image size WxH")
     ap.add_argument("--max-side", type=int, default=2048, help="packed with mapdet pack --max-side")
