@@ -86,6 +86,10 @@ def busy_ms(events) -> tuple[float, float]:
     return summed / 1000, covered / 1000
 
 
+def device_ms(prof) -> float:
+    return sum(a.self_device_time_total for a in prof.key_averages() if a.key not in PHASES) / 1000
+
+
 def top_ops(prof, cuda: bool, n: int = 15) -> list[dict]:
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     ops = [a for a in prof.key_averages() if a.key not in PHASES]  # the ranges hold ops; they are none
@@ -179,6 +183,8 @@ def main() -> None:
                     "gpu",
                     {
                         "kernel_ms_per_step": round(summed / args.steps, 1),
+                        # the same total from the per-op table: a check that the kernels were all seen
+                        "kernel_ms_per_step_by_op": round(device_ms(prof) / args.steps, 1),
                         "busy_ms_per_step": round(covered / args.steps, 1),
                         "busy_fraction": round(covered / args.steps / wall_ms, 3),
                     },
