@@ -2,7 +2,7 @@
 
 On CUDA every read-back (``nonzero``, ``.item()``, a boolean-mask index, torchvision's ``nms``)
 stops the host until the GPU has drained its queue. This counts them with
-``mapdet.engine.host_syncs`` on ANY machine (a CPU is enough: the ops are the same), for one
+``mapdet.host_syncs`` on ANY machine (a CPU is enough: the ops are the same), for one
 training forward of ``--config``'s detector (vistas_r50.yaml: R50-FPN v2 at min_size 1024 /
 max_size 2048) on ``--images`` synthetic 1600x1200 images, with mapdet's RPN forced onto its CUDA
 NMS path. Both detectors have the same weights; torchvision's is mapdet's parts in torchvision's own
@@ -30,7 +30,7 @@ from train_pipelines import make_shards, parse_size
 
 from mapdet.config import load_config
 from mapdet.data.augment import BatchAugment
-from mapdet.engine.host_syncs import count_host_syncs
+from mapdet.host_syncs import count_host_syncs
 from mapdet.modeling.detector import build_model
 from mapdet.modeling.rcnn import torchvision_twin
 from mapdet.shards.manifest import class_instance_counts, load_manifest, shard_urls

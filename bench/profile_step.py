@@ -16,7 +16,7 @@ cudnn.benchmark): ``--warmup`` untimed steps, ``--steps`` steps under torch.prof
   kernels: channels-last, compile, larger batch). Well below 1 with a long ``step/forward`` /
   ``step/backward`` and a short ``step/sync``: the host is the limit (Python and launch overhead,
   host syncs: fewer, larger ops). A long ``step/data``: the loader.
-- ``syncs``: host syncs per step, by the source line that made them (``mapdet.engine.host_syncs``;
+- ``syncs``: host syncs per step, by the source line that made them (``mapdet.host_syncs``;
   on the CPU the ops that would sync on CUDA, Kornia's CPU-side parameter reads included), and on
   CUDA the count of CUDA's own sync debug mode beside it. What is left: torchvision's RPN and RoI
   samplers, the RoI pooler's levels, NMS once per image, the step's one read-back.
@@ -45,8 +45,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from train_pipelines import make_shards, parse_size
 
-from mapdet.engine.host_syncs import count_host_syncs
 from mapdet.engine.step import PHASES
+from mapdet.host_syncs import count_host_syncs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def top_ops(prof, cuda: bool, n: int = 15) -> list[dict]:
 
 
 def sync_sites(run, optim_cfg, steps: int, cuda: bool) -> dict:
-    """Host syncs per step by source line (``mapdet.engine.host_syncs``: on CUDA only ops on device
+    """Host syncs per step by source line (``mapdet.host_syncs``: on CUDA only ops on device
     tensors; on the CPU every op that would sync there) and, on CUDA, the total that CUDA's sync
     debug mode reports (it also sees copies such as ``.tolist()``)."""
     warned = 0

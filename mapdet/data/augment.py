@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from mapdet.config import AugmentConfig
+from mapdet.host_syncs import true_indices
 
 PER_BOX_KEYS = ("labels", "iscrowd")  # filtered together with the boxes they describe
 _CROP_ASPECT = (3 / 4, 4 / 3)  # crop w/h relative to the image's
@@ -92,7 +93,7 @@ class BatchAugment(nn.Module):
         counts = torch.stack([keep.sum() for keep, _ in kept]).tolist() if kept else []
         out = []
         for target, (keep, clipped), n in zip(targets, kept, counts):
-            index = torch.argsort((~keep).to(torch.uint8), stable=True)[:n]  # the kept rows, in order
+            index = true_indices(keep, n)  # the kept rows, in order
             self.boxes_seen += len(keep)
             self.boxes_dropped += len(keep) - n
             row = dict(target, boxes=clipped[index].to(torch.float32))

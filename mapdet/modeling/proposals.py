@@ -1,6 +1,6 @@
 """The region proposal network with fewer host syncs, giving torchvision's proposals and matches.
 
-A host sync (``mapdet.engine.host_syncs``) stops the host until the GPU has drained its queue, and
+A host sync (``mapdet.host_syncs``) stops the host until the GPU has drained its queue, and
 the GPU then idles while Python prepares the next ops. torchvision's ``RegionProposalNetwork`` makes
 about 12 per image per forward:
 
@@ -38,7 +38,8 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
 
-from mapdet.modeling.sampling import BatchedSampler, true_indices
+from mapdet.host_syncs import true_indices
+from mapdet.modeling.sampling import BatchedSampler
 
 
 class LowQualityMatcher(Matcher):

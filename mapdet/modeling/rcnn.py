@@ -8,7 +8,7 @@ image's pixels). Inputs and outputs are torchvision's (``mapdet.modeling.detecto
 
 The one difference: torchvision checks every training image's boxes for zero or negative width or
 height with ``if degenerate.any()`` per image, a host sync per image on CUDA
-(``mapdet.engine.host_syncs``); here the whole batch is checked with one read-back, and a bad box
+(``mapdet.host_syncs``); here the whole batch is checked with one read-back, and a bad box
 still stops training with torchvision's message naming the image and the box. Submodule names are
 torchvision's, so state dicts, checkpoints and exports are unchanged.
 """

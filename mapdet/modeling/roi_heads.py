@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 
 from mapdet.config import CHOICES, ModelConfig
-from mapdet.modeling.sampling import BatchedSampler, true_indices
+from mapdet.host_syncs import true_indices
+from mapdet.modeling.sampling import BatchedSampler
 
 
 def class_weights(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] | None = None) -> Tensor | None:

@@ -2,10 +2,10 @@
 
 torchvision's ``BalancedPositiveNegativeSampler`` finds each image's positives (match index >= 1)
 and negatives (== 0) with two ``nonzero`` calls, and the RPN loss and the RoI heads find the sampled
-ones again with ``nonzero``: on CUDA each is a host sync (``mapdet.engine.host_syncs``), three to
+ones again with ``nonzero``: on CUDA each is a host sync (``mapdet.host_syncs``), three to
 four per image per sampler. ``BatchedSampler.sample`` counts every image's positives and negatives
 on the device and reads the counts back ONCE for the batch; with the counts known,
-``true_indices`` finds the candidates without a sync, and the sampler draws the same
+``mapdet.host_syncs.true_indices`` finds the candidates without a sync, and the sampler draws the same
 ``torch.randperm`` of the same sizes, in the same order, from the same generator as torchvision. The
 masks it returns are torchvision's, bit for bit, and so is everything trained from them.
 """
@@ -16,16 +16,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
-
-def true_indices(mask: Tensor, count: int) -> Tensor:
-    """``torch.where(mask)[0]`` for a 1-D bool ``mask`` holding ``count`` True values (known on the
-    host), without the sync: a stable partition, Trues first, each element sent to its own slot."""
-    seen = mask.cumsum(0)  # Trues up to and including each position
-    position = torch.arange(len(mask), device=mask.device)
-    slot = torch.where(mask, seen - 1, count + position - seen)  # Falses after the Trues, in order
-    order = torch.empty_like(position)
-    order[slot] = position  # slots are a permutation: no two writes collide
-    return order[:count]
+from mapdet.host_syncs import true_indices
 
 
 class BatchedSampler(BalancedPositiveNegativeSampler):

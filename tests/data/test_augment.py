@@ -5,7 +5,7 @@ import torch
 
 from mapdet.config import AugmentConfig
 from mapdet.data.augment import BatchAugment, rot90, visible_boxes
-from mapdet.engine.host_syncs import count_host_syncs
+from mapdet.host_syncs import count_host_syncs
 
 OFF = dict(hflip=0.0, vflip=0.0, rot90=0.0, color_jitter=0.0, scale_jitter=0.0)
 

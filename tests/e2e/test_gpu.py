@@ -407,7 +407,7 @@ def test_a_bf16_training_step_on_cuda_syncs_a_few_times_per_image(bf16_accelerat
     and the one read-backs per batch), against about 21 per image in torchvision's detector."""
     import warnings
 
-    from mapdet.engine.host_syncs import count_host_syncs
+    from mapdet.host_syncs import count_host_syncs
 
     acc = bf16_accelerator
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mapdet.engine.host_syncs import count_host_syncs
+from mapdet.host_syncs import count_host_syncs
 from mapdet.modeling.detector import build_model
 from tests.modeling.rectangles import K1, rectangles, small_cfg
 

@@ -1,4 +1,5 @@
-"""Which ops of a block make the host wait for the GPU, counted by the source line that ran them.
+"""Which ops of a block make the host wait for the GPU, counted by the source line that ran them,
+and ``true_indices``, the sync-free ``torch.where(mask)`` when the count of Trues is known.
 
 On CUDA an op whose result the host must read blocks the host until the GPU has finished everything
 queued before it, and the GPU then idles while the host prepares the next ops: ``.item()``,
@@ -66,6 +67,17 @@ class count_host_syncs(TorchDispatchMode):  # noqa: N801 - used as a context man
     def in_file(self, fragment: str) -> int:
         """How many were made by a source file whose path contains ``fragment``."""
         return sum(n for site, n in self.sites.items() if fragment in site.split(":")[0])
+
+
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``torch.where(mask)[0]`` for a 1-D bool ``mask`` holding ``count`` True values (known on the
+    host), without the sync: a stable partition, Trues first, each element sent to its own slot."""
+    seen = mask.cumsum(0)  # Trues up to and including each position
+    position = torch.arange(len(mask), device=mask.device)
+    slot = torch.where(mask, seen - 1, count + position - seen)  # Falses after the Trues, in order
+    order = torch.empty_like(position)
+    order[slot] = position  # slots are a permutation: no two writes collide
+    return order[:count]
 
 
 def _fills_a_scalar(indices, value) -> bool:

@@ -1,10 +1,11 @@
-"""mapdet.engine.host_syncs: the ops that would stop the host on CUDA are counted on the CPU too."""
+"""mapdet.host_syncs: the ops that would stop the host on CUDA are counted on the CPU too."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from mapdet.engine.host_syncs import count_host_syncs
+from mapdet.host_syncs import count_host_syncs, true_indices
 
 
 def test_reads_back_are_counted_and_fills_are_not():
@@ -37,3 +38,11 @@ def test_sites_name_the_library_line():
     (site,) = syncs.sites
     assert site.startswith("torchvision/") and site.endswith(" nms")
     assert syncs.in_file("torchvision/") == 1 and syncs.in_file("mapdet/") == 0
+
+
+@pytest.mark.parametrize("share", [0.0, 0.01, 0.5, 1.0])
+def test_true_indices_equal_nonzero(share):
+    g = torch.Generator().manual_seed(int(share * 100))
+    for n in (0, 1, 7, 1000):
+        mask = torch.rand(n, generator=g) < share
+        assert torch.equal(true_indices(mask, int(mask.sum())), torch.where(mask)[0])
