@@ -20,6 +20,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from mapdet.cli import image_size
 from mapdet.data.loaders import eval_loader
 from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
 from mapdet.datasets.vistas import VistasReader
@@ -50,10 +51,10 @@ def _decode_tv(b: bytes) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--size", default="1600x1200", help="synthetic image size WxH")
+    ap.add_argument("--size", type=image_size, default=(1600, 1200), help="synthetic image size WxH")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    w, h = map(int, args.size.split("x"))
+    w, h = args.size
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = synthesize(Path(tmp) / "raw", "v2.0", n_train=args.images, n_val=0, seed=0, cfg=SynthConfig(size=(w, h)))

@@ -26,8 +26,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from train_pipelines import make_shards, parse_size
+from train_pipelines import make_shards
 
+from mapdet.cli import image_size
 from mapdet.config import load_config
 from mapdet.data.augment import BatchAugment
 from mapdet.host_syncs import count_host_syncs
@@ -52,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "launch/configs/vistas_r50.yaml"))
     ap.add_argument("--images", type=int, default=2, help="images in the batch")
-    ap.add_argument("--size", type=parse_size, default=(1600, 1200), help="synthetic image size WxH")
+    ap.add_argument("--size", type=image_size, default=(1600, 1200), help="synthetic image size WxH")
     args = ap.parse_args()
     torch.set_num_threads(2)
     cfg = load_config(args.config, ["model.weights=null", "model.backbone_weights=null"])

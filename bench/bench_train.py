@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from train_pipelines import make_shards, no_augment, parse_size, reference_batches
+from train_pipelines import make_shards, no_augment, reference_batches
 
 from mapdet import comm
+from mapdet.cli import image_size
 from mapdet.config import DataConfig, load_config
 from mapdet.data.augment import BatchAugment
 from mapdet.data.loaders import TrainStream
@@ -206,7 +207,7 @@ def main() -> None:
         "--config", default=str(REPO / "launch/configs/demo.yaml"), help="model/augment/optim sections come from here"
     )
     ap.add_argument("--images", type=int, default=200, help="synthetic training images")
-    ap.add_argument("--size", type=parse_size, default=(512, 384), help="synthetic image size WxH")
+    ap.add_argument("--size", type=image_size, default=(512, 384), help="synthetic image size WxH")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the config's data.batch_size")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers; default: the config's data.workers")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the training process")

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 from gpu_variants import GPU_VARIANTS, Grid, load_grid, prepared
-from train_pipelines import make_shards, parse_size
+from train_pipelines import make_shards
 
+from mapdet.cli import image_size
 from mapdet.shards.reader import decode_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +232,7 @@ def main() -> None:
         help="model/augment/optim/data.workers from here (bf16 always)",
     )
     ap.add_argument("--images", type=int, default=24, help="synthetic images (the stream repeats them)")
-    ap.add_argument("--size", type=parse_size, default=(1600, 1200), help="synthetic image size WxH")
+    ap.add_argument("--size", type=image_size, default=(1600, 1200), help="synthetic image size WxH")
     ap.add_argument("--max-side", type=int, default=2048, help="packed with mapdet pack --max-side")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (the first one times cuDNN)")
     ap.add_argument("--steps", type=int, default=15, help="timed steps per variant")

@@ -43,8 +43,9 @@ import torch
 from gpu_variants import GPU_VARIANTS, load_grid, prepared
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from train_pipelines import make_shards, parse_size
+from train_pipelines import make_shards
 
+from mapdet.cli import image_size
 from mapdet.engine.step import PHASES
 from mapdet.host_syncs import count_host_syncs
 
@@ -132,7 +133,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "launch/configs/vistas_r50.yaml"), help="bf16 always")
     ap.add_argument("--variant", default="mapdet_b8", help="a name from gpu_variants.GPU_VARIANTS")
     ap.add_argument("--images", type=int, default=24, help="synthetic images (the stream repeats them)")
-    ap.add_argument("--size", type=parse_size, default=(1600, 1200), help="synthetic image size WxH")
+    ap.add_argument("--size", type=image_size, default=(1600, 1200), help="synthetic image size WxH")
     ap.add_argument("--max-side", type=int, default=2048, help="packed with mapdet pack --max-side")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps (the first times cuDNN's algorithms)")
     ap.add_argument("--steps", type=int, default=6, help="profiled steps (and as many with the sync check)")

@@ -172,9 +172,3 @@ def main_train_step(parts, batches, optim_cfg):
     comm.any_rank(False, accelerator.device)
     comm.any_rank(False, accelerator.device)
     return StepResult(sums, None, skipped, wait, time.perf_counter() - start, n_images, bad)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"1600x1200"`` -> (1600, 1200): width, height."""
-    w, h = map(int, text.lower().split("x"))
-    return w, h

@@ -33,6 +33,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """argparse type of a ``WxH`` image size (width, height), each side >= 16 pixels."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH such as 512x384, got {text!r}") from None
+    if w < 16 or h < 16:
+        raise argparse.ArgumentTypeError(f"{text}: both sides must be at least 16 pixels")
+    return w, h
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mapdet",

@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 
+from mapdet.cli import image_size
 from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
 
 
@@ -36,7 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace the config files and split folders of a dataset already in OUT",
     )
     parser.add_argument(
-        "--size", type=_size, default=SynthConfig.size, metavar="WxH", help="image size in pixels (default: 512x384)"
+        "--size",
+        type=image_size,
+        default=SynthConfig.size,
+        metavar="WxH",
+        help="image size in pixels (default: 512x384)",
     )
     parser.add_argument(
         "--object-scale",
@@ -78,13 +83,3 @@ def run(args: argparse.Namespace) -> int:
         f"{cfg.size[0]}x{cfg.size[1]}, seed {args.seed}) to {out} in {time.perf_counter() - start:.1f} s"
     )
     return 0
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WxH such as 512x384, got {text!r}") from None
-    if w < 16 or h < 16:
-        raise argparse.ArgumentTypeError(f"{text}: both sides must be at least 16 pixels")
-    return w, h
