@@ -51,7 +51,7 @@ from mapdet.evaluation.validation import validate
 from mapdet.modeling.detector import build_inference_model, build_model
 from mapdet.shards.manifest import coco_path, load_manifest
 from mapdet.structures import Batch
-from tests.helpers import REPO
+from tests.helpers import REPO, TINY
 
 pytestmark = [
     pytest.mark.gpu,
@@ -183,15 +183,9 @@ def test_bf16_training_steps_of_every_arch_on_cuda_have_finite_losses(arch, bf16
 
 STEPS, HALF = 20, 10
 TRAIN = [
-    "model.arch=small",
-    "model.min_size=128",
-    "model.max_size=160",
-    "data.batch_size=2",
-    "data.workers=1",
-    "data.shuffle_buffer=4",
+    *TINY,  # later settings win
     "optim.name=adamw",
     "optim.lr=0.003",
-    "optim.warmup_steps=2",
     "train.log_every=5",
     "train.image_log_every=0",
     f"train.max_steps={STEPS}",
