@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from gpu_variants import GPU_VARIANTS, Grid, load_grid, prepared
-from train_pipelines import make_shards
+from train_pipelines import shards_in
 
 from mapdet.cli import image_size
 from mapdet.shards.reader import decode_sample
@@ -42,14 +42,14 @@ from mapdet.shards.reader import decode_sample
 REPO = Path(__file__).resolve().parents[1]
 
 
-def gpu_comparison(args, tmp: Path) -> None:
-    """The GPU grid: shards made here, every variant measured in ONE child process (all bf16: accelerate
-    fixes the precision per process, and this process may already hold an fp32 Accelerator)."""
+def gpu_comparison(args, data: Path) -> None:
+    """The GPU grid: shards made (or found) under ``data``, every variant measured in ONE child process
+    (all bf16: accelerate fixes the precision per process, and this process may hold an fp32 one)."""
     if not torch.cuda.is_available() and not args.on_cpu:
         print(json.dumps({"gpu": "skipped: torch.cuda.is_available() is False on this machine"}), flush=True)
         return
     t0 = time.perf_counter()
-    make_shards(tmp / "gpu", args.images, args.size, max_side=args.max_side, workers=min(8, os.cpu_count() or 1))
+    shards = shards_in(data, args.images, args.size, args.max_side, workers=min(8, os.cpu_count() or 1))
     print(
         json.dumps(
             {
@@ -68,7 +68,7 @@ def gpu_comparison(args, tmp: Path) -> None:
         __file__,
         "--child",
         "--shards",
-        str(tmp / "gpu" / "shards"),
+        str(shards),
         "--warmup",
         str(args.warmup),
         "--steps",
@@ -247,6 +247,7 @@ def main() -> None:
     ap.add_argument(
         "--on-cpu", action="store_true", help="run without CUDA: a check of the script, figures meaningless"
     )
+    ap.add_argument("--data-dir", help="keep the synthetic shards here and reuse them (default: a temporary folder)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shards", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -254,7 +255,7 @@ def main() -> None:
         gpu_grid(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        gpu_comparison(args, Path(tmp))
+        gpu_comparison(args, Path(args.data_dir or tmp))
 
 
 if __name__ == "__main__":

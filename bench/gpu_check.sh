@@ -150,11 +150,11 @@ if [ "$run_bench" = 1 ]; then
   secs=$(min 120 $(($(left) - reserve)))
   grid=$((secs - 40))  # shards + child start-up + the last variant that starts in time
   [ "$grid" -lt 20 ] && grid=20
-  stage bench "$secs" bash -c "'$py' bench/bench_train_gpu.py --budget-s $grid > '$res/bench.jsonl'"
+  stage bench "$secs" bash -c "'$py' bench/bench_train_gpu.py --budget-s $grid --data-dir /tmp/gpu_check_data > '$res/bench.jsonl'"
 fi
 
 if [ "$run_profile" = 1 ]; then
-  stage profile "$(min 60 $(($(left) - demo_need - 40)))" bash -c "'$py' bench/profile_step.py > '$res/profile.jsonl'"
+  stage profile "$(min 60 $(($(left) - demo_need - 40)))" bash -c "'$py' bench/profile_step.py --data-dir /tmp/gpu_check_data > '$res/profile.jsonl'"
 fi
 
 if [ "$run_tests" = 1 ]; then  # beside the demo: it may take all the time the demo takes

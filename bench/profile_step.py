@@ -43,7 +43,7 @@ import torch
 from gpu_variants import GPU_VARIANTS, load_grid, prepared
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from train_pipelines import make_shards
+from train_pipelines import shards_in
 
 from mapdet.cli import image_size
 from mapdet.engine.step import PHASES
@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="profiled steps (and as many with the sync check)")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides (key=value), after the config file")
     ap.add_argument("--on-cpu", action="store_true", help="run without CUDA: a check of the script")
+    ap.add_argument("--data-dir", help="keep the synthetic shards here and reuse them (default: a temporary folder)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.on_cpu:
@@ -150,8 +151,9 @@ def main() -> None:
             f"profile_step: unknown --variant {args.variant}; choose from {', '.join(v['name'] for v in GPU_VARIANTS)}"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        make_shards(Path(tmp), args.images, args.size, max_side=args.max_side, workers=min(8, os.cpu_count() or 1))
-        grid = load_grid(args.config, str(Path(tmp) / "shards"), args.set)
+        workers = min(8, os.cpu_count() or 1)
+        shards = shards_in(Path(args.data_dir or tmp), args.images, args.size, args.max_side, workers)
+        grid = load_grid(args.config, str(shards), args.set)
         optim_cfg = grid.cfg.optim
         with prepared(variant, grid, args.warmup + 2 * args.steps) as run:
             emit(

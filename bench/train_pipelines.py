@@ -10,7 +10,8 @@ against, main's old step (the baseline of the one-sync lever), and synthetic sha
   never pays for tar reading: a favour to the reference.
 - ``main_train_step``: ``mapdet.engine.step.train_step`` as it was before issue 11 (a sync per
   micro-batch, ``float()`` per loss, 3 small all-reduces per step).
-- ``make_shards``: synthesize + pack + merge ``n`` training images of ``size`` (W, H).
+- ``make_shards``: synthesize + pack + merge ``n`` training images of ``size`` (W, H); ``shards_in``
+  reuses them across scripts.
 """
 
 from __future__ import annotations
@@ -112,6 +113,15 @@ def reference_batches(
 
 def no_augment(images, targets):
     return [im.float() for im in images], targets
+
+
+def shards_in(root: Path, n: int, size: tuple[int, int], max_side: int | None, workers: int = 2) -> Path:
+    """The shards folder of ``make_shards(root / <n, size, max_side>, ...)``, made only if that folder
+    has no manifest yet: the GPU check's benchmark and profile share one set."""
+    folder = root / f"synthetic_{n}_{size[0]}x{size[1]}_max{max_side}"
+    if not (folder / "shards" / "training.manifest.json").exists():  # merge writes it last
+        make_shards(folder, n, size, max_side, workers)
+    return folder / "shards"
 
 
 def make_shards(root: Path, n: int, size: tuple[int, int], max_side: int | None = None, workers: int = 2) -> dict:
