@@ -11,21 +11,22 @@ about 12 per image per forward:
 - the anchor matcher's low-quality step finds each ground truth's best anchors with ``nonzero``;
 - the sampler and the loss find positives and negatives with ``nonzero`` (``mapdet.modeling.sampling``).
 
-``ProposalNetwork.filter_proposals`` removes nothing before NMS: a small or low-scoring (or NaN)
-box gets the score -inf, so it ranks below every real box and NMS, which lets a box suppress only
-lower-ranked ones, never lets it suppress one. On CUDA each image gets ONE ``nms`` over all its
-levels (the coordinate trick: each level's boxes are shifted by ``level x (largest coordinate + 1)``
-so that boxes of different levels never overlap), elsewhere torchvision's ``batched_nms`` (on the
-CPU five small NMS are cheaper than one large one, and there is no sync to save). How many real
-boxes each image kept is read back once per batch, and the -inf boxes are cut off the end of each
-list. Result: one sync per image (its NMS) plus one per batch. ``LowQualityMatcher`` finds the best
-anchors with a mask instead of ``nonzero``: none. ``BatchedSampler`` and ``compute_loss``: one per
-batch.
+On CUDA ``ProposalNetwork.filter_proposals`` removes nothing before NMS: a small or low-scoring
+(or NaN) box gets the score -inf, so it ranks below every real box and NMS, which lets a box
+suppress only lower-ranked ones, never lets it suppress one. Each image gets ONE ``nms`` over all
+its levels (the coordinate trick: each level's boxes are shifted by ``level x (largest coordinate
++ 1)`` so that boxes of different levels never overlap). How many real boxes each image kept is
+read back once per batch, and the -inf boxes are cut off the end of each list. Elsewhere it takes
+torchvision's own steps (on the CPU there is no sync to save, and five small NMS are cheaper than
+one large one), so tied scores keep torchvision's order there too. Result on CUDA: one sync per
+image (its NMS) plus one per batch. ``LowQualityMatcher`` finds the best anchors with a mask instead
+of ``nonzero``: none. ``BatchedSampler`` and ``compute_loss``: one per batch.
 
 Same results: proposals (xyxy, in the resized image's pixels, clipped to it) and scores per image,
 in descending score order, equal torchvision's box for box on any device, except that boxes with
 exactly equal scores may come out in another order on CUDA (torchvision's own two NMS paths differ
-the same way). The matches, samples and losses are equal exactly. Weights and state-dict keys are unchanged.
+the same way); on the CPU they are torchvision's exactly, ties included. The matches, samples and
+losses are equal exactly. Weights and state-dict keys are unchanged.
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ class ProposalNetwork(RegionProposalNetwork):
         for b, s, lvl, shape in zip(boxes, scores, levels, image_shapes):
             b = box_ops.clip_boxes_to_image(b, shape)
             ok = (b[:, 2] - b[:, 0] >= self.min_size) & (b[:, 3] - b[:, 1] >= self.min_size) & (s >= self.score_thresh)
-            keep = self._nms(b, torch.where(ok, s, float("-inf")), lvl)
+            keep, count = self._nms(b, s, lvl, ok)
             kept.append((b, s, keep))
-            real.append(ok[keep].sum())
+            real.append(count)
         counts = torch.stack(real).tolist() if real else []  # the batch's one read-back
         limit = self.post_nms_top_n()
         final = [(b[keep[: min(c, limit)]], s[keep[: min(c, limit)]]) for (b, s, keep), c in zip(kept, counts)]
@@ -117,19 +118,24 @@ class ProposalNetwork(RegionProposalNetwork):
         objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
         return objectness_loss, box_loss / sampled.numel()
 
-    def _nms(self, boxes: Tensor, scores: Tensor, levels: Tensor) -> Tensor:
-        """Indices kept by NMS within each level, in descending score order."""
+    def _nms(self, boxes: Tensor, scores: Tensor, levels: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+        """(indices kept by NMS within each level, the boxes ``ok`` first in descending score order;
+        how many of them are ``ok``, a 0-dim tensor)."""
         one_call = boxes.is_cuda if self.one_nms_per_image is None else self.one_nms_per_image
-        if not one_call:
-            return box_ops.batched_nms(boxes, scores, levels, self.nms_thresh)
+        if not one_call:  # torchvision's own steps: no sync to save here, and ties keep its order
+            real = torch.where(ok)[0]
+            keep = real[box_ops.batched_nms(boxes[real], scores[real], levels[real], self.nms_thresh)]
+            return keep, torch.tensor(len(keep))
         if boxes.numel() == 0:
-            return torch.empty(0, dtype=torch.int64, device=boxes.device)
+            return torch.empty(0, dtype=torch.int64, device=boxes.device), ok.sum()
         # float32: under bf16 autocast the proposals are bf16, whose spacing at a shift of thousands of
         # pixels is tens of pixels; in float32 a whole-number shift moves a box by exactly that (up to
         # ~1e-3 px for coordinates below 1), so the IoUs are the unshifted ones.
         boxes = boxes.float()
         shift = levels.to(boxes) * (boxes.max().ceil() + 1)  # levels apart: no box overlaps another level's
-        return torchvision.ops.nms(boxes + shift[:, None], scores.float(), self.nms_thresh)
+        ranked = torch.where(ok, scores, float("-inf")).float()  # not-ok boxes last: they suppress nothing
+        keep = torchvision.ops.nms(boxes + shift[:, None], ranked, self.nms_thresh)
+        return keep, ok[keep].sum()
 
 
 def rpn_like(rpn: RegionProposalNetwork, cls: type[RegionProposalNetwork] = ProposalNetwork, **kwargs):

@@ -58,6 +58,21 @@ def test_filter_proposals_keeps_torchvisions_boxes_in_its_order(one_nms, trainin
             assert torch.equal(gb, wb) and torch.equal(gs, ws)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_on_the_cpu_tied_scores_keep_torchvisions_order(training):
+    """Real images tie often (flat sky, padding give equal logits); the training of the demo follows
+    from the proposals' order, so off CUDA it must be torchvision's exactly, ties included."""
+    ours, stock = rpn_pair(training, one_nms=False)
+    shapes = [(80, 100), (100, 60)]
+    for seed in range(4):
+        boxes, logits = candidates(seed)
+        logits = logits.round()  # a handful of distinct scores: ties everywhere
+        got_boxes, got_scores = ours.filter_proposals(boxes, logits, shapes, LEVELS)
+        want_boxes, want_scores = stock.filter_proposals(boxes, logits, shapes, LEVELS)
+        for gb, gs, wb, ws in zip(got_boxes, got_scores, want_boxes, want_scores):
+            assert torch.equal(gb, wb) and torch.equal(gs, ws)
+
+
 def test_under_bf16_autocast_one_nms_per_image_keeps_the_exact_nms_boxes():
     """Proposals are bf16 under autocast (the RPN head's deltas are): the level shift must not round
     them. Expected: torchvision's filter on float32 copies of the same bf16 values, i.e. NMS with
