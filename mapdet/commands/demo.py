@@ -20,9 +20,11 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,79 +71,45 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_steps={args.steps}")
     mapdet = [sys.executable, "-m", "mapdet"]
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", *_topology(procs), "-m", "mapdet"]
-    timings = {}
+    steps = load_config(CONFIG, overrides).train.max_steps
+    expect = Expected(n_train + n_val, steps, procs, args.quick)
+    timings: dict[str, float] = {}
 
-    _stage(
-        1,
-        "synthesize",
-        [
-            *mapdet,
-            "synth",
-            str(raw),
-            "--train",
-            str(n_train),
-            "--val",
-            str(n_val),
-            "--seed",
-            "0",
-            "--overwrite",
-            *synth_size,
-        ],
-        timings,
-    )
+    synth = [*mapdet, "synth", str(raw), "--train", str(n_train), "--val", str(n_val), "--seed", "0"]
+    _stage(1, "synthesize", [*synth, "--overwrite", "--workers", "2", *synth_size], timings, expect)
     for split in ("training", "validation"):
         _stage(
             2,
             f"pack {split}",
             [*mapdet, "pack", str(raw), str(shards), "--split", split, "--samples-per-shard", "64", "--workers", "2"],
             timings,
+            expect,
             fresh=[shards / f"{split}.manifest.json", shards / ".parts"],
         )
-    _stage(3, "verify", [*mapdet, "verify", str(shards)], timings)
-    _stage(4, "train", [*launch, "train", "--config", str(CONFIG), "--set", *overrides], timings, fresh=[run_dir])
-    _stage(
-        5,
-        "evaluate",
-        [
-            *launch,
-            "evaluate",
-            "--config",
-            str(CONFIG),
-            "--checkpoint",
-            "latest",
-            "--out",
-            str(run_dir / "eval" / "final"),
-            "--set",
-            *overrides,
-        ],
-        timings,
-    )
-    metrics = json.loads((run_dir / "eval" / "final" / "metrics.json").read_text())
-    _stage(
-        6,
+    _stage(3, "verify", [*mapdet, "verify", str(shards)], timings, expect)
+    train = [*launch, "train", "--config", str(CONFIG), "--set", *overrides]
+    _stage(4, "train", train, timings, expect, fresh=[run_dir])
+    final = run_dir / "eval" / "final"
+    evaluate = [*launch, "evaluate", "--config", str(CONFIG), "--checkpoint", "latest", "--out", str(final)]
+    _stage(5, "evaluate", [*evaluate, "--set", *overrides], timings, expect)
+    metrics = json.loads((final / "metrics.json").read_text())
+    diagnose = [
+        *mapdet,
         "diagnose",
-        [
-            *mapdet,
-            "diagnose",
-            "--gt",
-            str(shards / "validation.coco.json"),
-            "--results",
-            str(run_dir / "eval" / "final" / "detections.json"),
-            "--train-manifest",
-            str(shards / "training.manifest.json"),
-            "--run",
-            str(run_dir),
-            "--checkpoint",
-            "latest",
-            "--config",
-            str(CONFIG),
-            "--set",
-            *overrides,
-            "--out",
-            str(report),
-        ],
-        timings,
-    )
+        "--gt",
+        str(shards / "validation.coco.json"),
+        "--results",
+        str(final / "detections.json"),
+        "--train-manifest",
+        str(shards / "training.manifest.json"),
+        "--run",
+        str(run_dir),
+        "--checkpoint",
+        "latest",
+        "--config",
+        str(CONFIG),
+    ]
+    _stage(6, "diagnose", [*diagnose, "--set", *overrides, "--out", str(report)], timings, expect)
     _summary(out, shards, run_dir, report, metrics, timings)
     return 0
 
@@ -166,19 +134,48 @@ def _topology(procs: int) -> list[str]:
     return ["--config_file", str(REPO / "launch/accelerate/cpu2.yaml"), "--num_processes", str(procs)]
 
 
-def _stage(n: int, name: str, cmd: list[str], timings: dict, fresh: list[Path] = ()) -> None:
-    """Run one stage as the command a user would type; stop the demo if it fails."""
-    import shutil
+@dataclass
+class Expected:
+    """Seconds each stage is expected to take, from the shipped demo measured on 2 idle CPU cores
+    (bench/RESULTS.md, "Demo"), scaled by this run's images, steps and processes. A GPU or a loaded
+    machine differs; the figure is there so that a long stage is not taken for a hung one."""
 
+    images: int
+    steps: int
+    processes: int
+    quick: bool
+
+    def __call__(self, stage: str) -> str:
+        if self.quick:
+            return "a few seconds"
+        if stage == "train":
+            per_step = TRAIN_S_PER_STEP.get(self.processes, TRAIN_S_PER_STEP[1])
+            seconds = TRAIN_START_S + per_step * self.steps
+        else:
+            seconds = STAGE_S[stage.split()[0]] * (self.images / DEMO_IMAGES if stage == "synthesize" else 1)
+        where = "on a GPU the CPU's" if torch.cuda.is_available() else "on 2 CPU cores"
+        return f"about {seconds:.0f} s {where}" if where.startswith("on 2") else f"well under {where} {seconds:.0f} s"
+
+
+# Measured for the shipped demo (launch/configs/demo.yaml, 240 + 60 images) on 2 idle CPU cores.
+DEMO_IMAGES = 300
+STAGE_S = {"synthesize": 8.0, "pack": 3.0, "verify": 3.0, "evaluate": 12.0, "diagnose": 12.0}
+TRAIN_START_S = 20.0  # launcher, imports, model build, and the validation passes
+TRAIN_S_PER_STEP = {1: 0.5, 2: 0.4}  # by training processes (1 process uses 2 torch threads)
+
+
+def _stage(n: int, name: str, cmd: list[str], timings: dict, expect: Expected, fresh: list[Path] = ()) -> None:
+    """Run one stage as the command a user would type; stop the demo if it fails."""
     for path in fresh:  # a rerun of the demo starts each stage clean
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     shown = " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
-    print(f"\n[{n}/6] {name}: {shown}", flush=True)
+    print(f"\n[{n}/6] {name} ({expect(name)}): {shown}", flush=True)
     start = time.perf_counter()
     code = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     timings[name] = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"mapdet demo: stage '{name}' failed with exit code {code} (command above)")
+    print(f"[{n}/6] {name} done in {timings[name]:.0f} s", flush=True)
 
 
 def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict, timings: dict) -> None:
@@ -186,20 +183,23 @@ def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict
     diagnosis = json.loads((report / "diagnosis.json").read_text())
     causes = diagnosis.get("causes", [])
     top = causes[0] if causes else None
-    learn = timings.get("train", 0) + timings.get("evaluate", 0) + timings.get("diagnose", 0)
+    total = sum(timings.values())
+    figures = sorted(p.name for p in report.glob("*.png"))
     print("\n" + "=" * 72)
-    print(f"mapdet demo finished in {sum(timings.values()):.0f} s (train + evaluate + diagnose: {learn:.0f} s)")
+    print(f"mapdet demo finished in {total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"  shards       {shards}")
     print(f"  checkpoints  {run_dir / 'checkpoints'}")
     print(f"  weights      {run_dir / 'export' / 'model.safetensors'}")
     print(f"  metrics      {run_dir / 'eval' / 'final' / 'metrics.json'}")
-    print(f"  report       {report / 'report.md'}")
+    print(f"  report       {report / 'report.md'} (diagnosis.json; figures: {', '.join(figures) or 'none'})")
     print(
         f"  validation   AP {bbox['AP']:.3f}   AP50 {bbox['AP50']:.3f}   "
         f"val loss {metrics['val_loss'].get('loss', float('nan')):.3f}"
     )
     if top and top["impact"] > 0:
         print(f"  top cause    {top['cause']} ({top['impact']:.1f} AP points): {top['advice']}")
+        if top.get("set"):  # the diagnosis' concrete change, ready to paste after --set
+            print(f"  try          --set {' '.join(top['set'])}")
     else:  # advice for a cause with no measured impact would only mislead
         print("  top cause    none measurable (every diagnosed impact is 0 AP points)")
     print(f"  TensorBoard  tensorboard --logdir {run_dir}")
@@ -210,6 +210,7 @@ def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict
         "val_loss": metrics["val_loss"].get("loss"),
         "top_cause": top,
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
-        "train_to_summary_s": round(learn, 1),
+        "total_s": round(total, 1),
+        "train_to_summary_s": round(sum(timings.get(k, 0) for k in ("train", "evaluate", "diagnose")), 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="cap on objects in an ordinary image; dense images hold more (default: %(default)s)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes drawing images; the files are the same for any N (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             cfg=cfg,
             progress=True,
             overwrite=args.overwrite,
+            workers=args.workers,
         )
     except FileExistsError as e:
         print(f"mapdet synth: error: {e}", file=sys.stderr)

@@ -101,6 +101,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     # image i depends only on (seed, split, i): a longer run starts with the same images
     longer = _files(synthesize(tmp_path / "d", "v2.0", n_train=5, n_val=1, seed=5, cfg=SMALL))
     assert set(images(a).items()) <= set(images(longer).items())
+    # worker processes draw the same files, the panoptic JSON included (its order is the index order)
+    assert _files(synthesize(tmp_path / "e", "v2.0", n_train=3, n_val=1, seed=5, cfg=SMALL, workers=2)) == a
 
 
 def test_refuses_existing_dataset_unless_overwrite(tmp_path):

@@ -14,14 +14,17 @@ and cars in most images, four classes in under 3 %); poles are thin; some images
 are dense (> 100 objects); some segments are crowds (``iscrowd`` = 1). Objects are painted far to
 near, so later ones occlude earlier ones; every box and area is measured on the final masks.
 
-Image i of a split depends only on (seed, split, i): same seed, byte-identical files.
+Image i of a split depends only on (seed, split, i): same seed, byte-identical files, whatever the
+number of worker processes drawing them (``workers``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -86,12 +89,16 @@ def synthesize(
     cfg: SynthConfig | None = None,
     progress: bool = False,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Write a synthetic Vistas release under ``out`` (see the module docstring); returns ``out``.
 
     An ``out`` that already holds a dataset is refused, or with ``overwrite`` its config files and
     split folders are deleted first (stale images would otherwise be read as unlabelled input).
+    ``workers`` > 1 draws and writes images in that many processes (the same files).
     """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     if version not in PANOPTIC_JSON:
         raise ValueError(f"version must be one of {sorted(PANOPTIC_JSON)}, got {version!r}")
     cfg = cfg or SynthConfig()
@@ -103,32 +110,32 @@ def synthesize(
     config_path(out, version).write_text(json.dumps(config, indent=1))
     palette = _palette(labels)
     stems: set[str] = set()
-    with tqdm(total=n_train + n_val, desc=f"synth {version}", unit="img", disable=not progress) as bar:
-        for split_no, (split, count) in enumerate(zip(SPLITS, (n_train, n_val))):
-            _write_split(out, split, version, count, seed, split_no, cfg, labels, palette, stems, bar)
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        with tqdm(total=n_train + n_val, desc=f"synth {version}", unit="img", disable=not progress) as bar:
+            for split_no, (split, count) in enumerate(zip(SPLITS, (n_train, n_val))):
+                _write_split(out, split, version, count, seed, split_no, cfg, labels, palette, stems, bar, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return out
 
 
-def _write_split(out, split, version, count, seed, split_no, cfg, labels, palette, stems, bar) -> None:
+def _write_split(out, split, version, count, seed, split_no, cfg, labels, palette, stems, bar, pool) -> None:
     dirs = {kind: labels_dir(out, split, version, kind) for kind in ("labels", "instances", "panoptic")}
     dirs["images"] = out / split / "images"
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    names = [lab["name"] for lab in labels]
-    void_of = np.array([lab["name"].startswith("void--") for lab in labels])
+    draw = partial(_draw_one, dirs, seed, split_no, cfg, labels, palette, version)
     images, annotations = [], []
-    for i in range(count):
-        rng = np.random.default_rng([seed, split_no, i])
-        stem = _stem(rng)
-        if stem in stems:
+    # Results come back in index order, so the JSON is the same with any number of workers.
+    for image, annotation in pool.map(draw, range(count), chunksize=4) if pool else map(draw, range(count)):
+        stem = image["id"]
+        if stem in stems:  # a stem is drawn from the image's own generator: check across images here
             raise RuntimeError(f"stem {stem} drawn twice; choose another seed")
         stems.add(stem)
-        sample = scene.render(rng, cfg, names, version)
-        segments, pan = scene.panoptic(rng, sample, void_of)
-        _write_sample(dirs, stem, sample, pan, palette, cfg.jpeg_quality)
-        h, w = sample.label.shape
-        images.append({"id": stem, "file_name": f"{stem}.jpg", "width": w, "height": h})
-        annotations.append({"image_id": stem, "file_name": f"{stem}.png", "segments_info": segments})
+        images.append(image)
+        annotations.append(annotation)
         bar.update()
     categories = [
         {
@@ -142,6 +149,20 @@ def _write_split(out, split, version, count, seed, split_no, cfg, labels, palett
     ]
     panoptic = {"images": images, "annotations": annotations, "categories": categories}
     (dirs["panoptic"] / PANOPTIC_JSON[version]).write_text(json.dumps(panoptic))
+
+
+def _draw_one(dirs, seed, split_no, cfg, labels, palette, version, i: int) -> tuple[dict, dict]:
+    """Draw and write image ``i`` of a split; its panoptic JSON entries (image, annotation)."""
+    rng = np.random.default_rng([seed, split_no, i])
+    stem = _stem(rng)
+    names = [lab["name"] for lab in labels]
+    void_of = np.array([lab["name"].startswith("void--") for lab in labels])
+    sample = scene.render(rng, cfg, names, version)
+    segments, pan = scene.panoptic(rng, sample, void_of)
+    _write_sample(dirs, stem, sample, pan, palette, cfg.jpeg_quality)
+    h, w = sample.label.shape
+    image = {"id": stem, "file_name": f"{stem}.jpg", "width": w, "height": h}
+    return image, {"image_id": stem, "file_name": f"{stem}.png", "segments_info": segments}
 
 
 def _write_sample(dirs, stem, sample, pan, palette, quality) -> None:
