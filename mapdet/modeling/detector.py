@@ -15,10 +15,12 @@ Archs (``model.arch``):
     resnet50_fpn_v2         torchvision ``fasterrcnn_resnet50_fpn_v2``: 5 FPN levels, strides 4..64;
                             the GPU default.
     mobilenet_v3_large_fpn  torchvision ``fasterrcnn_mobilenet_v3_large_fpn``: 3 levels, strides 16..64.
-    small                   CPU preset: MobileNetV3-Large trunk at width 0.5 cut at stride 32, a
-                            64-channel FPN on strides 8/16/32 (+ max-pool level 64, 4 levels),
-                            a 256-d two-layer box head, 128 sampled RoIs, 500 proposals. About
-                            0.2-0.3 s per training step (2 images at 512 px, 1-2 threads).
+    small                   CPU preset, trained from scratch: a plain 3x3-convolution trunk (two
+                            strided convolutions, then three ResNet basic blocks; 16..128 channels,
+                            strides 2..32), a 64-channel FPN on strides 8/16/32 (+ max-pool level
+                            64, 4 levels), a 256-d two-layer box head, 128 sampled RoIs, 500
+                            proposals. About 0.1 s per training step of 4 images at 256 px on one
+                            CPU thread (bench/profile_demo.py).
 The module is ``mapdet.modeling.rcnn.Detector``, its RPN ``mapdet.modeling.proposals.ProposalNetwork``
 and its RoI heads ``mapdet.modeling.roi_heads.SampledRoIHeads``: torchvision's, with the same weights
 (and state-dict keys), proposals, samples, losses and detections, and a small fraction of their
@@ -32,8 +34,8 @@ Start weights: random initialisation unless ``model.weights`` (full detector) or
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +46,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -86,10 +89,10 @@ ARCH_DEFAULTS = {
     ),
 }
 _STOCK_ASPECT_RATIOS = (0.5, 1.0, 2.0)
-# MobileNetV3-Large feature indices ending the stride-8, -16 and -32 stages (the 1x1 960-channel
-# head conv after them is left out: it is a large share of the trunk's cost).
-_SMALL_RETURN_LAYERS = {"6": "0", "12": "1", "15": "2"}
-_SMALL_WIDTH, _SMALL_FPN_CHANNELS, _SMALL_REPRESENTATION = 0.5, 64, 256
+# The small trunk's channels at strides 2, 4, 8, 16, 32; the FPN reads the last three stages.
+_SMALL_WIDTHS = (16, 32, 64, 96, 128)
+_SMALL_RETURN_LAYERS = {"layer2": "0", "layer3": "1", "layer4": "2"}
+_SMALL_FPN_CHANNELS, _SMALL_REPRESENTATION = 64, 256
 _DEFAULT_TRAINABLE_PRETRAINED = 3  # torchvision's default when starting from pretrained weights
 
 
@@ -187,7 +190,7 @@ def _check_named_weights(cfg: ModelConfig) -> None:
             raise ValueError(
                 f"{key}: {spec} is for model.arch={arch}, not {cfg.arch}"
                 + (
-                    " (the small preset has no torchvision weights: its trunk is MobileNetV3 at width 0.5)"
+                    " (the small preset has no torchvision weights: its trunk is mapdet's own, trained from scratch)"
                     if cfg.arch == "small"
                     else ""
                 )
@@ -207,14 +210,9 @@ def build_inference_model(cfg: ModelConfig, num_classes: int) -> Detector:
 
 
 def _build_small(num_classes: int, kwargs: dict) -> FasterRCNN:
-    # torchvision's MobileNetV3 defaults to BatchNorm momentum 0.01: trained from scratch for a few
-    # hundred steps, its running statistics are still near their initial values and eval mode
-    # predicts nothing (train loss low, mAP 0). 0.1 is the usual from-scratch momentum.
-    norm = functools.partial(nn.BatchNorm2d, eps=0.001, momentum=0.1)
-    trunk = torchvision.models.mobilenet_v3_large(weights=None, width_mult=_SMALL_WIDTH, norm_layer=norm).features
-    channels = [trunk[int(i)].out_channels for i in _SMALL_RETURN_LAYERS]
+    trunk = _small_trunk(_SMALL_WIDTHS)
     backbone = BackboneWithFPN(
-        trunk, _SMALL_RETURN_LAYERS, channels, _SMALL_FPN_CHANNELS, extra_blocks=LastLevelMaxPool()
+        trunk, _SMALL_RETURN_LAYERS, list(_SMALL_WIDTHS[2:]), _SMALL_FPN_CHANNELS, extra_blocks=LastLevelMaxPool()
     )
     levels = list(_SMALL_RETURN_LAYERS.values())  # RoIs pool from the real levels, not the max-pool one
     box_head = TwoMLPHead(_SMALL_FPN_CHANNELS * 7 * 7, _SMALL_REPRESENTATION)
@@ -226,6 +224,30 @@ def _build_small(num_classes: int, kwargs: dict) -> FasterRCNN:
         box_predictor=FastRCNNPredictor(_SMALL_REPRESENTATION, num_classes),
         **kwargs,
     )
+
+
+def _small_trunk(widths: tuple[int, ...]) -> nn.Sequential:
+    """The small preset's trunk: two strided 3x3 convolutions (stride 4), then three ResNet basic
+    blocks that each halve the resolution (strides 8, 16, 32), named as torchvision's ResNet stages
+    (``layer1``..``layer4``) so the FPN and stage freezing address them the same way.
+
+    Plain 3x3 convolutions because the trunk trains from scratch on the CPU: oneDNN runs them at
+    several times the throughput of MobileNetV3's depthwise ones (bench/RESULTS.md), and BatchNorm
+    with ReLU learns from a random start without the warm-up MobileNetV3's hard-swish and
+    squeeze-excitation need. BatchNorm momentum 0.1, the from-scratch default (torchvision's
+    MobileNetV3 used 0.01: its running statistics lagged and eval mode predicted nothing)."""
+
+    def conv(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    def down(cin: int, cout: int) -> BasicBlock:
+        skip = nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
+        return BasicBlock(cin, cout, stride=2, downsample=skip)
+
+    w = widths
+    stages = [("stem", conv(3, w[0])), ("layer1", conv(w[0], w[1]))]
+    stages += [(f"layer{i}", down(w[i - 1], w[i])) for i in (2, 3, 4)]
+    return nn.Sequential(collections.OrderedDict(stages))
 
 
 def _num_feature_maps(backbone: nn.Module) -> int:
