@@ -1,7 +1,8 @@
-"""The demo's promise (issues 7 and 11): validation AP50 >= 0.5 for EVERY training seed, on 1 and on
-2 processes (the demo config fixes the global batch at 8 images per step, so the topology must not
-change what is learned), and how long it takes. Runs `mapdet demo` as a user would, once per
-(processes, seed), and prints one JSON line per run, then one summary line per process count.
+"""The demo's promise (issues 7, 11 and 19): validation AP50 >= 0.5 for EVERY training seed, on 1 and
+on 2 processes (the demo config fixes the global batch, so the topology must not change what is
+learned), in at most 5 minutes from start to summary on 2 CPU cores, every stage included. Runs
+`mapdet demo` as a user would, once per (processes, seed), and prints one JSON line per run, then one
+summary line per process count whose "met" checks both the AP50 and the time of every run.
 
     python bench/bench_demo.py                                   # seeds 0 1 2, 1 and 2 processes
     python bench/bench_demo.py --processes 1 --seeds 0 1 2 --jobs 3   # a GPU machine: 3 demos at once
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 GOAL_AP50 = 0.5
+GOAL_S = 300  # start to summary, on 2 idle CPU cores (a GPU machine has no time goal here)
 
 
 def run_demo(out: Path, processes: int, seed: int) -> dict:
@@ -50,6 +52,7 @@ def run_demo(out: Path, processes: int, seed: int) -> dict:
                 "AP50": round(s["AP50"], 3),
                 "AP": round(s["AP"], 3),
                 "val_loss": round(s["val_loss"], 3),
+                "total_s": s.get("total_s"),
                 "train_to_summary_s": s["train_to_summary_s"],
                 "stage_seconds": s["stage_seconds"],
                 "top_cause": (s["top_cause"] or {}).get("cause"),
@@ -64,6 +67,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
     ap.add_argument("--jobs", type=int, default=1, help="demos run at once (default 1)")
     ap.add_argument("--out", default=None, help="folder for the demo runs (default: a temporary one)")
+    ap.add_argument(
+        "--no-time-goal",
+        action="store_true",
+        help="judge AP50 only (runs side by side with --jobs, or a loaded machine, say nothing of the time)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
@@ -79,6 +87,8 @@ def main() -> None:
     for p in args.processes:
         mine = [r for r in rows if r["processes"] == p]
         ap50 = [r.get("AP50", 0.0) for r in mine]
+        seconds = [r["wall_s"] for r in mine]
+        fast = args.no_time_goal or args.jobs > 1 or max(seconds) <= GOAL_S
         print(
             json.dumps(
                 {
@@ -87,9 +97,11 @@ def main() -> None:
                         "seeds": [r["seed"] for r in mine],
                         "AP50": ap50,
                         "min_AP50": min(ap50),
-                        "goal": f"AP50 >= {GOAL_AP50} for every seed",
-                        "met": all(r["exit_code"] == 0 for r in mine) and min(ap50) >= GOAL_AP50,
-                        "train_to_summary_s": [r.get("train_to_summary_s") for r in mine],
+                        "wall_s": seconds,
+                        "goal": f"AP50 >= {GOAL_AP50} for every seed"
+                        + ("" if args.no_time_goal or args.jobs > 1 else f", each run <= {GOAL_S} s start to summary"),
+                        "met": all(r["exit_code"] == 0 for r in mine) and min(ap50) >= GOAL_AP50 and fast,
+                        "stage_seconds": [r.get("stage_seconds") for r in mine],
                     }
                 }
             ),

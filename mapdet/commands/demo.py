@@ -191,7 +191,8 @@ def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict
     print(f"  checkpoints  {run_dir / 'checkpoints'}")
     print(f"  weights      {run_dir / 'export' / 'model.safetensors'}")
     print(f"  metrics      {run_dir / 'eval' / 'final' / 'metrics.json'}")
-    print(f"  report       {report / 'report.md'} (diagnosis.json; figures: {', '.join(figures) or 'none'})")
+    print(f"  report       {report / 'report.md'} (and diagnosis.json)")
+    print(f"  figures      {len(figures)} beside it: {', '.join(figures) or 'none'}")
     print(
         f"  validation   AP {bbox['AP']:.3f}   AP50 {bbox['AP50']:.3f}   "
         f"val loss {metrics['val_loss'].get('loss', float('nan')):.3f}"
