@@ -1,7 +1,11 @@
-"""Loader throughput: packed shards vs the raw Vistas folder vs bare JPEG decoding (issue 2).
+"""Loader throughput: packed shards vs the raw Vistas folder vs bare JPEG decoding (issue 2), and
+the same shards streamed over HTTP and through a pipe: command (issue 21: the cost of streaming).
 
-All three read the same synthetic images at the same size, in one process, one after another in
-this run, and print JSON lines; the last line holds the ratios. Also compares JPEG decoders.
+All read the same synthetic images at the same size, in one process, one after another in this
+run, and print JSON lines; the last line holds the ratios. Also compares JPEG decoders. The HTTP
+path is the evaluation loader reading http://127.0.0.1:PORT/ from Python's own server
+(`python -m http.server`) in a process of its own, as a remote server would be; the pipe path
+reads `pipe:cat DIR/{name}`.
 
     python bench/bench_data.py [--images 200] [--size 1600x1200] [--repeats 3]
 """
@@ -9,8 +13,12 @@ this run, and print JSON lines; the last line holds the ratios. Also compares JP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +56,25 @@ def _decode_tv(b: bytes) -> torch.Tensor:
     )
 
 
+@contextlib.contextmanager
+def _http_server(folder: Path):
+    """``http://127.0.0.1:PORT`` serving ``folder`` from a separate process, until the block ends."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=200)
@@ -71,8 +98,8 @@ def main() -> None:
         rates = {name: _rate(lambda f=f: [f(b) for b in jpegs], n, args.repeats) for name, f in decoders.items()}
         print(json.dumps({"decoders_images_per_s": {k: round(v, 1) for k, v in rates.items()}}))
 
-        def shards():
-            for batch in eval_loader(out, manifest, batch_size=4, workers=0, rank=0, world=1):
+        def shards(where=out):
+            for batch in eval_loader(where, manifest, batch_size=4, workers=0, rank=0, world=1):
                 assert len(batch.images) <= 4
 
         def raw_folder():
@@ -84,11 +111,14 @@ def main() -> None:
             for b in jpegs:
                 _decode_tv(b)
 
-        r = {
-            "shards": _rate(shards, n, args.repeats),
-            "raw_folder": _rate(raw_folder, n, args.repeats),
-            "bare_decode": _rate(bare, n, args.repeats),
-        }
+        with _http_server(out) as url:
+            r = {
+                "shards": _rate(shards, n, args.repeats),
+                "shards_http": _rate(lambda: shards(url), n, args.repeats),
+                "shards_pipe": _rate(lambda: shards(f"pipe:cat {out}/{{name}}"), n, args.repeats),
+                "raw_folder": _rate(raw_folder, n, args.repeats),
+                "bare_decode": _rate(bare, n, args.repeats),
+            }
         print(json.dumps({"loader_images_per_s": {k: round(v, 1) for k, v in r.items()}}))
         print(
             json.dumps(
@@ -96,6 +126,8 @@ def main() -> None:
                     "ratios": {
                         "shards_vs_raw_folder": round(r["shards"] / r["raw_folder"], 2),
                         "shards_vs_bare_decode": round(r["shards"] / r["bare_decode"], 3),
+                        "http_vs_local_shards": round(r["shards_http"] / r["shards"], 3),
+                        "pipe_vs_local_shards": round(r["shards_pipe"] / r["shards"], 3),
                         "goal": "shards >= 5x raw folder, >= 0.85x bare decode",
                     }
                 }

@@ -13,10 +13,11 @@ import time
 from mapdet.config import DataConfig
 from mapdet.data.loaders import TrainStream, eval_loader
 from mapdet.shards.manifest import class_names, load_manifest
+from mapdet.shards.source import SOURCE_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", help="a folder written by `mapdet pack`")
+    p.add_argument("out", help=SOURCE_HELP)
     p.add_argument("--split", default="training")
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)

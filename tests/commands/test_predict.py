@@ -99,6 +99,19 @@ def test_shards_equal_evaluate_detections(run, shards, tmp_path, capsys):
     assert canonical(predicted) == canonical(evaluated)
     assert f"6 image(s) on 1 process(es), {len(evaluated)} detection(s)" in out
 
+    # the same shards through a pipe: command (as from object storage): the same files
+    piped = f"pipe:cat {shards}/{{name}}"
+    code, _, err = mapdet(
+        capsys, "predict", "--checkpoint", run, "--shards", piped, "--out", tmp_path / "piped.json", "--workers", "0"
+    )
+    assert code == 0 and results(tmp_path / "piped.json") == predicted, err
+    evaluate = ["evaluate", "--config", run / "config.yaml", "--checkpoint", "latest", "--out", tmp_path / "eval_piped"]
+    overrides = ["eval.val_loss=false", "eval.num_images_logged=0", "eval.workers=0", f"data.shards={piped}"]
+    code, _, err = mapdet(capsys, *evaluate, "--set", *overrides)
+    assert code == 0, err
+    for name in ("detections.json", "metrics.json"):
+        assert (tmp_path / "eval_piped" / name).read_bytes() == (tmp_path / "eval" / name).read_bytes(), name
+
 
 def test_folder_of_any_sizes_in_original_pixels_and_export_equals_checkpoint(run, images, tmp_path, capsys):
     # batches of one: images of different sizes batched together share padding, which moves scores a little
