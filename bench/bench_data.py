@@ -1,8 +1,8 @@
 """Loader throughput: packed shards vs the raw Vistas folder vs bare JPEG decoding (issue 2), and
 the same shards streamed over HTTP and through a pipe: command (issue 21: the cost of streaming).
 
-All read the same synthetic images at the same size, in one process, one after another in this
-run, and print JSON lines; the last line holds the ratios. Also compares JPEG decoders. The HTTP
+All read the same synthetic images at the same size, in one process, in turn in each round (best
+round of each kept), and print JSON lines; the last line holds the ratios. Also compares JPEG decoders. The HTTP
 path is the evaluation loader reading http://127.0.0.1:PORT/ from Python's own server
 (`python -m http.server`) in a process of its own, as a remote server would be; the pipe path
 reads `pipe:cat DIR/{name}`.
@@ -36,13 +36,16 @@ from mapdet.shards.merge import merge
 from mapdet.shards.writer import PackOptions, pack
 
 
-def _rate(fn, n_images: int, repeats: int) -> float:
-    best = float("inf")
+def _rates(fns: dict, n_images: int, repeats: int) -> dict[str, float]:
+    """Images/s of each function, best of ``repeats`` rounds; each round runs every function once,
+    in turn, so that a load that comes and goes on a shared machine weighs on all alike."""
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return n_images / best
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: n_images / s for name, s in best.items()}
 
 
 def _decode_pil(b: bytes) -> torch.Tensor:
@@ -95,7 +98,7 @@ def main() -> None:
         print(json.dumps({"setup": {"images": n, "size": [w, h], "shards": len(manifest["shards"]), "threads": 1}}))
 
         decoders = {"torchvision.io.decode_jpeg": _decode_tv, "PIL": _decode_pil}
-        rates = {name: _rate(lambda f=f: [f(b) for b in jpegs], n, args.repeats) for name, f in decoders.items()}
+        rates = _rates({name: lambda f=f: [f(b) for b in jpegs] for name, f in decoders.items()}, n, args.repeats)
         print(json.dumps({"decoders_images_per_s": {k: round(v, 1) for k, v in rates.items()}}))
 
         def shards(where=out):
@@ -112,13 +115,14 @@ def main() -> None:
                 _decode_tv(b)
 
         with _http_server(out) as url:
-            r = {
-                "shards": _rate(shards, n, args.repeats),
-                "shards_http": _rate(lambda: shards(url), n, args.repeats),
-                "shards_pipe": _rate(lambda: shards(f"pipe:cat {out}/{{name}}"), n, args.repeats),
-                "raw_folder": _rate(raw_folder, n, args.repeats),
-                "bare_decode": _rate(bare, n, args.repeats),
+            loaders = {
+                "shards": shards,
+                "shards_http": lambda: shards(url),
+                "shards_pipe": lambda: shards(f"pipe:cat {out}/{{name}}"),
+                "raw_folder": raw_folder,
+                "bare_decode": bare,
             }
+            r = _rates(loaders, n, args.repeats)
         print(json.dumps({"loader_images_per_s": {k: round(v, 1) for k, v in r.items()}}))
         print(
             json.dumps(
