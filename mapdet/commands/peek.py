@@ -1,7 +1,8 @@
 """mapdet peek OUT [--split S] [--batches N] [--eval]: stream a few batches and print them.
 
 A quick look at what training (default: the resampled, shuffled stream) or evaluation (--eval:
-the exactly-once stream) will see from packed shards, with the decode rate.
+the exactly-once stream) will see from packed shards, with the decode rate. OUT is a folder, an
+http(s):// base URL or a pipe: command with {name} (``mapdet.shards.source``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
                (--images DIR | --shards DIR [--split validation]) --out results.json [--draw DIR]
 
 Runs a trained detector on a folder of images of any sizes (``.jpg``/``.jpeg``/``.png``, searched
-recursively) or on packed shards, and writes a COCO results list to ``--out``::
+recursively) or on packed shards (a folder, an http(s):// URL or a ``pipe:`` command with
+``{name}``: ``mapdet.shards.source``), and writes a COCO results list to ``--out``::
 
     [{"image_id": 3, "file_name": "a/b.jpg", "category_id": 7, "bbox": [x, y, w, h], "score": 0.93}, ...]
 

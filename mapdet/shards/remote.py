@@ -197,11 +197,16 @@ class PipeBody:
 
 
 def _skip(body, n: int) -> None:
-    """Read and discard the first ``n`` bytes of ``body`` (a retry that cannot seek)."""
+    """Read and discard the first ``n`` bytes of ``body`` (a retry that cannot seek); on a failure
+    the body is closed (its connection or command with it) before the error goes on."""
     buf = bytearray(min(max(n, 1), BUFFER))
-    while n > 0:
-        got = body.readinto(memoryview(buf)[: min(n, len(buf))])
-        if not got:
-            body.finish()
-            raise http.client.IncompleteRead(b"")
-        n -= got
+    try:
+        while n > 0:
+            got = body.readinto(memoryview(buf)[: min(n, len(buf))])
+            if not got:
+                body.finish()
+                raise http.client.IncompleteRead(b"")
+            n -= got
+    except BaseException:
+        body.close()
+        raise

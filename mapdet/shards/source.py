@@ -108,6 +108,8 @@ def shard_source(where: str | Path | ShardSource, data=None) -> ShardSource:
     if isinstance(where, ShardSource):
         return where
     data = data or DataConfig()  # the defaults' one home
+    if data.stream_retries < 0 or not data.read_timeout_s > 0:
+        raise ValueError("data.stream_retries must be 0 or more and data.read_timeout_s more than 0")
     text = str(where)
     if text.startswith("pipe:"):
         if "{name}" not in text:

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mapdet import boxes, cli
+from mapdet import boxes
 from mapdet.config import load_config, to_yaml
 from mapdet.drawing import output_names
 from mapdet.modeling import trained
 from mapdet.modeling.detector import build_inference_model
 from mapdet.shards.manifest import class_names, load_manifest
-from tests.helpers import accelerate_launch
+from tests.helpers import accelerate_launch, mapdet
 
 # Random weights: scores near 1 / (K + 1); a low model threshold keeps detections to compare.
 MODEL = [
@@ -30,13 +30,6 @@ MODEL = [
     "model.detections_per_img=20",
 ]
 SIZES = {"a.png": (160, 120), "sub/b.png": (320, 240), "sub/c.png": (90, 200), "wide.jpg": (400, 100)}
-
-
-def mapdet(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from mapdet import cli
 from mapdet.config import (
     AugmentConfig,
     ConfigError,
@@ -34,18 +33,9 @@ from mapdet.shards.manifest import load_manifest
 from mapdet.shards.reader import CorruptSample, checked_samples, decode_sample, read_shard
 from mapdet.shards.source import shard_source
 from tests.faults.damage import rewrite
-from tests.helpers import REPO, TINY, pack_all, run_cli
+from tests.helpers import REPO, TINY, mapdet, pack_all, run_cli
 
 HUGE = (6400, 4800)  # 30.7 megapixels
-
-
-def mapdet(capsys, *argv: str) -> tuple[int, str, str]:
-    """``mapdet ARGV`` in this process: (exit code, stdout, stderr). Any exception other than the
-    CLI's own exit is a stack trace a user would see, and fails the test."""
-    with pytest.raises(SystemExit) as e:
-        cli.main(list(argv))
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def _add_raw_image(root: Path, stem: str, size: tuple[int, int], bbox: list[int], category_id: int) -> None:

@@ -17,7 +17,7 @@ from mapdet.data.loaders import TrainStream, eval_loader
 from mapdet.shards.manifest import ManifestError, load_coco, load_manifest
 from mapdet.shards.reader import CorruptSample
 from mapdet.shards.source import MissingFile, StreamError, check_name, shard_source
-from tests.helpers import run_cli
+from tests.helpers import mapdet
 from tests.shards.loopback import LoopbackServer
 
 
@@ -52,6 +52,8 @@ def test_sources_are_parsed_and_other_schemes_get_the_pipe_form(tmp_path):
     with pytest.raises(ValueError, match=r"pipe:aws s3 cp s3://bucket/path/\{name\} -"):
         _source("s3://bucket/vistas")
     assert shard_source("shards").retries == DataConfig().stream_retries  # the defaults' one home
+    with pytest.raises(ValueError, match="data.read_timeout_s more than 0"):
+        _source(tmp_path, timeout=0)
 
 
 @pytest.mark.parametrize("name", ["a;touch PWNED", "$(touch PWNED)", "x`id`.tar", "../x.tar", "-rf", ".x", "a b", ""])
@@ -110,15 +112,15 @@ def test_a_stalled_pipe_command_times_out_and_is_killed(shards, tmp_path):
     assert not sleepers  # the stalled command was killed, not left behind
 
 
-def test_http_reads_what_the_folder_holds_and_cli_commands_take_the_url(shards):
+def test_http_reads_what_the_folder_holds_and_cli_commands_take_the_url(shards, capsys):
     with LoopbackServer(shards) as server:
         source = _source(server.url + "/")
         assert load_manifest(source, "validation") == load_manifest(shards, "validation")
         assert _same(_read_all(source, workers=2)[0], _read_all(shards)[0])
-        r = run_cli("verify", server.url)  # no listing over HTTP: training and validation
-        assert r.returncode == 0 and "2 split(s), 0 problem(s)" in r.stdout, r.stdout + r.stderr
-        r = run_cli("peek", server.url, "--split", "validation", "--eval", "--batches", "1", "--batch-size", "2")
-        assert r.returncode == 0 and r.stdout.count("uint8 (3, 120, 160)") == 2, r.stdout + r.stderr
+        code, out, err = mapdet(capsys, "verify", server.url)  # no listing over HTTP: training and validation
+        assert code == 0 and "2 split(s), 0 problem(s)" in out, out + err
+        code, out, err = mapdet(capsys, "peek", server.url, "--split", "validation", "--eval", "--batch-size", "2")
+        assert code == 0 and out.count("uint8 (3, 120, 160)") == 6, out + err
         assert server.requests["training-000000.tar"] == 1  # verify hashes and decodes in one download
         with pytest.raises(ManifestError, match=r"no manifest http://127.0.0.1:\d+/testing.manifest.json"):
             load_manifest(source, "testing")
@@ -193,7 +195,7 @@ def test_a_stalled_server_times_out_instead_of_hanging(shards):
     _only_the_rest_of_the_shard_lost(shards, 0, seen, left_out)
 
 
-def test_verify_at_a_url_checks_each_shards_sha256_and_presence(shards, tmp_path):
+def test_verify_at_a_url_checks_each_shards_sha256_and_presence(shards, tmp_path, capsys):
     out = tmp_path / "s"
     shutil.copytree(shards, out)
     tar = out / "training-000001.tar"
@@ -202,12 +204,12 @@ def test_verify_at_a_url_checks_each_shards_sha256_and_presence(shards, tmp_path
     tar.write_bytes(bytes(data))
     with LoopbackServer(out) as server:
         server.fault("validation-000000.tar", "404")
-        r = run_cli("verify", server.url)
-        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("PROBLEM")]
-        assert r.returncode == 1 and "2 split(s)" in r.stdout
+        code, out, _ = mapdet(capsys, "verify", server.url)
+        lines = [ln for ln in out.splitlines() if ln.startswith("PROBLEM")]
+        assert code == 1 and "2 split(s)" in out
         assert lines == [
             "PROBLEM training-000001.tar: sha256 differs from the manifest",
             "PROBLEM validation-000000.tar: missing",
         ]
-        r = run_cli("verify", server.url + "/nothing")
-        assert r.returncode == 1 and "no *.manifest.json for training, validation at http://" in r.stderr
+        code, _, err = mapdet(capsys, "verify", server.url + "/nothing")
+        assert code == 1 and "no *.manifest.json for training, validation at http://" in err
