@@ -149,12 +149,12 @@ def test_training_from_http_ends_at_the_weights_of_training_from_the_folder(shar
     """The same shards served by a real HTTP server on the loopback address, with a connection dropped
     mid-shard once in training and once in validation: retried, so nothing differs."""
     steps = ["train.max_steps=4", "train.ckpt_every=4", "train.image_log_every=0"]
-    r = run_cli(*train_args(shards, tmp_path / "local", *steps))
+    r = run_cli(*train_args(shards, tmp_path / "local", *steps), timeout=600)  # a loaded CI machine: minutes
     assert r.returncode == 0, r.stderr[-3000:]
     with LoopbackServer(shards) as server:
         server.fault("training-000001.tar", "drop", times=1)
         server.fault("validation-000000.tar", "drop", times=1)
-        r = run_cli(*train_args(server.url, tmp_path / "http", *steps, "data.stream_retries=1"))
+        r = run_cli(*train_args(server.url, tmp_path / "http", *steps, "data.stream_retries=1"), timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
     assert "skipped bad sample" not in r.stdout + r.stderr
     assert server.requests["training-000001.tar"] >= 2 and server.requests["validation-000000.tar"] == 2
