@@ -1,7 +1,11 @@
-"""Loader throughput: packed shards vs the raw Vistas folder vs bare JPEG decoding (issue 2).
+"""Loader throughput: packed shards vs the raw Vistas folder vs bare JPEG decoding (issue 2), and
+the same shards streamed over HTTP and through a pipe: command (issue 21: the cost of streaming).
 
-All three read the same synthetic images at the same size, in one process, one after another in
-this run, and print JSON lines; the last line holds the ratios. Also compares JPEG decoders.
+All read the same synthetic images at the same size, in one process, in turn in each round (best
+round of each kept), and print JSON lines; the last line holds the ratios. Also compares JPEG decoders. The HTTP
+path is the evaluation loader reading http://127.0.0.1:PORT/ from Python's own server
+(`python -m http.server`) in a process of its own, as a remote server would be; the pipe path
+reads `pipe:cat DIR/{name}`.
 
     python bench/bench_data.py [--images 200] [--size 1600x1200] [--repeats 3]
 """
@@ -9,8 +13,12 @@ this run, and print JSON lines; the last line holds the ratios. Also compares JP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +36,16 @@ from mapdet.shards.merge import merge
 from mapdet.shards.writer import PackOptions, pack
 
 
-def _rate(fn, n_images: int, repeats: int) -> float:
-    best = float("inf")
+def _rates(fns: dict, n_images: int, repeats: int) -> dict[str, float]:
+    """Images/s of each function, best of ``repeats`` rounds; each round runs every function once,
+    in turn, so that a load that comes and goes on a shared machine weighs on all alike."""
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return n_images / best
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: n_images / s for name, s in best.items()}
 
 
 def _decode_pil(b: bytes) -> torch.Tensor:
@@ -46,6 +57,25 @@ def _decode_tv(b: bytes) -> torch.Tensor:
     return torchvision.io.decode_jpeg(
         torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=torchvision.io.ImageReadMode.RGB
     )
+
+
+@contextlib.contextmanager
+def _http_server(folder: Path):
+    """``http://127.0.0.1:PORT`` serving ``folder`` from a separate process, until the block ends."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
 
 
 def main() -> None:
@@ -68,11 +98,11 @@ def main() -> None:
         print(json.dumps({"setup": {"images": n, "size": [w, h], "shards": len(manifest["shards"]), "threads": 1}}))
 
         decoders = {"torchvision.io.decode_jpeg": _decode_tv, "PIL": _decode_pil}
-        rates = {name: _rate(lambda f=f: [f(b) for b in jpegs], n, args.repeats) for name, f in decoders.items()}
+        rates = _rates({name: lambda f=f: [f(b) for b in jpegs] for name, f in decoders.items()}, n, args.repeats)
         print(json.dumps({"decoders_images_per_s": {k: round(v, 1) for k, v in rates.items()}}))
 
-        def shards():
-            for batch in eval_loader(out, manifest, batch_size=4, workers=0, rank=0, world=1):
+        def shards(where=out):
+            for batch in eval_loader(where, manifest, batch_size=4, workers=0, rank=0, world=1):
                 assert len(batch.images) <= 4
 
         def raw_folder():
@@ -84,11 +114,15 @@ def main() -> None:
             for b in jpegs:
                 _decode_tv(b)
 
-        r = {
-            "shards": _rate(shards, n, args.repeats),
-            "raw_folder": _rate(raw_folder, n, args.repeats),
-            "bare_decode": _rate(bare, n, args.repeats),
-        }
+        with _http_server(out) as url:
+            loaders = {
+                "shards": shards,
+                "shards_http": lambda: shards(url),
+                "shards_pipe": lambda: shards(f"pipe:cat {out}/{{name}}"),
+                "raw_folder": raw_folder,
+                "bare_decode": bare,
+            }
+            r = _rates(loaders, n, args.repeats)
         print(json.dumps({"loader_images_per_s": {k: round(v, 1) for k, v in r.items()}}))
         print(
             json.dumps(
@@ -96,6 +130,8 @@ def main() -> None:
                     "ratios": {
                         "shards_vs_raw_folder": round(r["shards"] / r["raw_folder"], 2),
                         "shards_vs_bare_decode": round(r["shards"] / r["bare_decode"], 3),
+                        "http_vs_local_shards": round(r["shards_http"] / r["shards"], 3),
+                        "pipe_vs_local_shards": round(r["shards_pipe"] / r["shards"], 3),
                         "goal": "shards >= 5x raw folder, >= 0.85x bare decode",
                     }
                 }

@@ -34,7 +34,7 @@ from mapdet.data.augment import BatchAugment
 from mapdet.host_syncs import count_host_syncs
 from mapdet.modeling.detector import build_model
 from mapdet.modeling.rcnn import torchvision_twin
-from mapdet.shards.manifest import class_instance_counts, load_manifest, shard_urls
+from mapdet.shards.manifest import class_instance_counts, load_manifest
 from mapdet.shards.reader import decode_sample, read_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +59,9 @@ def main() -> None:
     cfg = load_config(args.config, ["model.weights=null", "model.backbone_weights=null"])
     with tempfile.TemporaryDirectory() as tmp:
         make_shards(Path(tmp), args.images, args.size, max_side=2048, workers=1)
-        manifest = load_manifest(Path(tmp) / "shards", "training")
-        samples = [decode_sample(s) for url in shard_urls(Path(tmp) / "shards", manifest) for s in read_shard(url)]
+        shards = Path(tmp) / "shards"
+        manifest = load_manifest(shards, "training")
+        samples = [decode_sample(s) for sh in manifest["shards"] for s in read_shard(shards / sh["name"])]
     images = [im for im, _ in samples]
     targets = [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in samples]
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ from mapdet.data.loaders import TrainStream
 from mapdet.engine.optim import make_optimizer, make_scheduler
 from mapdet.engine.step import TrainParts, train_step
 from mapdet.modeling.detector import build_model
-from mapdet.shards.manifest import class_instance_counts, shard_urls
+from mapdet.shards.manifest import class_instance_counts
 from mapdet.shards.reader import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def cpu_comparison(args, tmp: Path) -> None:
         shuffle_buffer=cfg.data.shuffle_buffer,
     )  # no repeat factors: both see plain data
     manifest = make_shards(tmp, args.images, args.size)
-    samples = [s for url in shard_urls(cfg.data.shards, manifest) for s in read_shard(url)]
+    samples = [s for sh in manifest["shards"] for s in read_shard(Path(cfg.data.shards) / sh["name"])]
     k = len(manifest["classes"])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

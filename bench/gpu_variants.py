@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+from pathlib import Path
 
 import torch
 from train_pipelines import main_train_step, no_augment, reference_batches
@@ -24,7 +25,7 @@ from mapdet.engine.optim import make_optimizer, make_scheduler
 from mapdet.engine.step import TrainParts, cuda_speedups, train_step
 from mapdet.modeling.detector import build_model
 from mapdet.modeling.rcnn import torchvision_twin
-from mapdet.shards.manifest import class_instance_counts, load_manifest, shard_urls
+from mapdet.shards.manifest import class_instance_counts, load_manifest
 from mapdet.shards.reader import read_shard
 
 # The grid, in priority order (a variant that would start past --budget-s is reported as skipped):
@@ -106,7 +107,7 @@ def load_grid(config: str, shards: str, overrides: list[str]) -> Grid:
     cfg.data = dataclasses.replace(
         cfg.data, shards=shards, samples_per_epoch=10**7, shuffle_buffer=32, repeat_threshold=None
     )  # plain data for both pipelines, as on the CPU
-    samples = [s for url in shard_urls(cfg.data.shards, manifest) for s in read_shard(url)]
+    samples = [s for sh in manifest["shards"] for s in read_shard(Path(cfg.data.shards) / sh["name"])]
     accelerator = comm.make_accelerator(mixed_precision="bf16")
     torch.manual_seed(0)
     model0 = build_model(cfg.model, len(manifest["classes"]) + 1, class_instance_counts(manifest))

@@ -41,7 +41,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class DataConfig:
-    shards: str = "shards"  # folder written by `mapdet pack`
+    # A folder written by `mapdet pack`, an http(s):// base URL, or a pipe: command with {name}, e.g.
+    # "pipe:aws s3 cp s3://bucket/vistas/{name} -" (mapdet.shards.source, shards/README.md)
+    shards: str = "shards"
     train_split: str = "training"
     val_split: str = "validation"
     batch_size: int = 2  # images per rank per step (derived from global_batch when that is set)
@@ -54,6 +56,12 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples held for shuffling in each worker
     samples_per_epoch: Optional[int] = None  # per rank; None = train split size / world size
     repeat_threshold: Optional[float] = None  # repeat-factor sampling t; None = off (Vistas: 0.1)
+    # Remote shards only. A read that fails (a dropped connection, a stall, HTTP 5xx, a pipe: command
+    # exiting non-zero) is retried this many times, going on from the byte reached, with 0.5-8 s waits;
+    # then the shard counts as a corrupt one (training skips and counts its samples, evaluation stops
+    # or, with eval.skip_corrupt, leaves its images out). 3 rides out a blip without hiding an outage.
+    stream_retries: int = 3
+    read_timeout_s: float = 60.0  # no byte for this long is a stall (then retried): no rank ever hangs
 
 
 @dataclass

@@ -59,6 +59,19 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
+def mapdet(capsys, *argv) -> tuple[int, str, str]:
+    """``mapdet ARGV`` in this process: (exit code, stdout, stderr). Any exception other than the
+    CLI's own exit is a stack trace a user would see, and fails the test."""
+    import pytest
+
+    from mapdet import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1, so parallel launches never fight over the default."""
     with socket.socket() as s:

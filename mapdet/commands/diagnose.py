@@ -123,13 +123,15 @@ def _model_checks(args, cfg):
     from mapdet.engine import checkpoint
     from mapdet.modeling.detector import build_inference_model
     from mapdet.shards.manifest import load_manifest
+    from mapdet.shards.source import shard_source
 
-    manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
+    shards = shard_source(cfg.data.shards, cfg.data)
+    manifest = load_manifest(shards, cfg.data.val_split)
     cat_ids = [int(c["id"]) for c in manifest["classes"]]
     model = build_inference_model(cfg.model, len(cat_ids) + 1)
     model.load_state_dict(checkpoint.load_weights(cfg.train.out, args.checkpoint)[0])
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    loader = eval_loader(cfg.data.shards, manifest, cfg.eval.batch_size, cfg.eval.workers, rank=0, world=1)
+    loader = eval_loader(shards, manifest, cfg.eval.batch_size, cfg.eval.workers, rank=0, world=1)
     current = (cfg.model.nms_thresh, cfg.model.score_thresh, cfg.model.detections_per_img)
     return run_model_checks(
         model,

@@ -29,7 +29,8 @@ from mapdet.engine import checkpoint
 from mapdet.evaluation.coco import format_summary, format_table
 from mapdet.evaluation.validation import metrics_dict, stream_detections, validate
 from mapdet.modeling.detector import build_inference_model
-from mapdet.shards.manifest import class_names, classes_mismatch, coco_path, load_manifest
+from mapdet.shards.manifest import class_names, classes_mismatch, load_coco, load_manifest
+from mapdet.shards.source import shard_source
 from mapdet.structures import Detections
 
 
@@ -53,19 +54,20 @@ def run(args: argparse.Namespace) -> int:
     split = args.split or cfg.data.val_split
     run_dir = Path(cfg.train.out)
     accelerator = comm.make_accelerator(log_with="tensorboard", project_dir=str(run_dir))
-    manifest = load_manifest(cfg.data.shards, split)
-    train_manifest = _optional_manifest(cfg.data.shards, cfg.data.train_split)
+    shards = shard_source(cfg.data.shards, cfg.data)  # a folder, a URL or a pipe: command
+    manifest = load_manifest(shards, split)
+    train_manifest = _optional_manifest(shards, cfg.data.train_split)
     if train_manifest is not None and (why := classes_mismatch(train_manifest, manifest)):
         raise ValueError(f"{cfg.data.shards}: {why}; the model's classes are the training split's")
     names = class_names(manifest)
-    gt = json.loads(coco_path(cfg.data.shards, split).read_text())
+    gt = load_coco(shards, split)
 
     model = build_inference_model(cfg.model, len(names) + 1).to(accelerator.device)
     state, step = checkpoint.load_weights(run_dir, args.checkpoint)
     model.load_state_dict(state)
     out = Path(args.out) if args.out else run_dir / "eval" / f"step_{step:07d}"
 
-    v = validate(model, accelerator.device, cfg.eval, cfg.data.shards, manifest, gt)
+    v = validate(model, accelerator.device, cfg.eval, shards, manifest, gt)
     metrics = metrics_dict(v, manifest, train_manifest)
     tracking.start(accelerator, to_yaml(cfg), to_dict(cfg))
     summary = metrics["bbox"]
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     values.update({f"eval/{k}": x for k, x in v.loss.items()})
     tracking.scalars(accelerator, values, step)
     main = accelerator.is_main_process
-    batch = _logged_batch(cfg, manifest) if main else None
+    batch = _logged_batch(cfg, shards, manifest) if main else None
     writer = _ResultsWriter(out / "detections.json", batch) if main else None
     stream_detections(v, writer.add if main else None)
     if main:
@@ -124,12 +126,12 @@ def _optional_manifest(shards, split):
         return None
 
 
-def _logged_batch(cfg, manifest):
+def _logged_batch(cfg, shards, manifest):
     """The first ``eval.num_images_logged`` validation images (pictures only), or None."""
     n = cfg.eval.num_images_logged
     if n <= 0:
         return None
-    return next(iter(eval_loader(cfg.data.shards, manifest, n, 0, rank=0, world=1, skip_corrupt=True)))
+    return next(iter(eval_loader(shards, manifest, n, 0, rank=0, world=1, skip_corrupt=True)))
 
 
 def _log_images(accelerator, batch, names, dets: Detections, step: int) -> None:

@@ -1,7 +1,8 @@
 """mapdet peek OUT [--split S] [--batches N] [--eval]: stream a few batches and print them.
 
 A quick look at what training (default: the resampled, shuffled stream) or evaluation (--eval:
-the exactly-once stream) will see from packed shards, with the decode rate.
+the exactly-once stream) will see from packed shards, with the decode rate. OUT is a folder, an
+http(s):// base URL or a pipe: command with {name} (``mapdet.shards.source``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import time
 from mapdet.config import DataConfig
 from mapdet.data.loaders import TrainStream, eval_loader
 from mapdet.shards.manifest import class_names, load_manifest
+from mapdet.shards.source import SOURCE_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", help="a folder written by `mapdet pack`")
+    p.add_argument("out", help=SOURCE_HELP)
     p.add_argument("--split", default="training")
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)

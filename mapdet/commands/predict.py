@@ -2,7 +2,8 @@
                (--images DIR | --shards DIR [--split validation]) --out results.json [--draw DIR]
 
 Runs a trained detector on a folder of images of any sizes (``.jpg``/``.jpeg``/``.png``, searched
-recursively) or on packed shards, and writes a COCO results list to ``--out``::
+recursively) or on packed shards (a folder, an http(s):// URL or a ``pipe:`` command with
+``{name}``: ``mapdet.shards.source``), and writes a COCO results list to ``--out``::
 
     [{"image_id": 3, "file_name": "a/b.jpg", "category_id": 7, "bbox": [x, y, w, h], "score": 0.93}, ...]
 
@@ -45,6 +46,7 @@ from mapdet.drawing import FORMATS, DrawnImages, output_names
 from mapdet.engine.inference import describe_bad, predict_gathered, write_results
 from mapdet.modeling import trained
 from mapdet.shards.manifest import load_manifest
+from mapdet.shards.source import SOURCE_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="training config: model settings for exports that lack them")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of .jpg/.jpeg/.png images of any sizes (searched recursively)")
-    source.add_argument("--shards", help="folder of packed shards (`mapdet pack`)")
+    source.add_argument("--shards", help=SOURCE_HELP)
     p.add_argument("--split", default="validation", help="split of --shards (default: validation)")
     p.add_argument("--out", required=True, help="COCO results JSON to write")
     p.add_argument(

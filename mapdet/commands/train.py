@@ -35,7 +35,15 @@ from mapdet.engine.step import TrainParts, cuda_speedups
 from mapdet.evaluation.validation import metrics_dict, validate
 from mapdet.modeling import trained
 from mapdet.modeling.detector import build_model
-from mapdet.shards.manifest import class_instance_counts, class_names, classes_mismatch, coco_path, load_manifest
+from mapdet.shards.manifest import (
+    ManifestError,
+    class_instance_counts,
+    class_names,
+    classes_mismatch,
+    load_coco,
+    load_manifest,
+)
+from mapdet.shards.source import shard_source
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         f"{cfg.optim.grad_accum}; {comm.get_num_nodes()} node(s)"
     )
 
-    train_manifest = load_manifest(cfg.data.shards, cfg.data.train_split)
+    shards = shard_source(cfg.data.shards, cfg.data)  # a folder, a URL or a pipe: command
+    train_manifest = load_manifest(shards, cfg.data.train_split)
     names = class_names(train_manifest)
     model = build_model(cfg.model, len(names) + 1, class_instance_counts(train_manifest))
     cuda_speedups(model, device)  # channels-last weights and cudnn.benchmark on CUDA; nothing on the CPU
@@ -91,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
             _export(parts.raw_model, run_dir, cfg, names)  # killed after its last checkpoint, before the export
         tracking.finish(accelerator)
         return 0
-    stream = TrainStream(cfg.data.shards, train_manifest, cfg.data, rank, world, cfg.train.seed, state.batches)
-    val = _validation_inputs(cfg, accelerator, train_manifest)
+    stream = TrainStream(shards, train_manifest, cfg.data, rank, world, cfg.train.seed, state.batches)
+    val = _validation_inputs(cfg, accelerator, shards, train_manifest)
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         preemption.clear_marker(run_dir)
     tracking.start(accelerator, to_yaml(cfg), to_dict(cfg))
     preemption.install()
-    validate_at = partial(_validate, accelerator, parts.raw_model, cfg, val, train_manifest, run_dir) if val else None
+    validate_at = (
+        partial(_validate, accelerator, parts.raw_model, cfg, shards, val, train_manifest, run_dir) if val else None
+    )
     try:
         exit_code = train_loop(parts, SanitizedTally(iter(stream)), cfg, state, run_dir, names, validate_at)
     except RankFailure as e:
@@ -113,14 +124,14 @@ def run(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def _validation_inputs(cfg, accelerator, train_manifest: dict):
+def _validation_inputs(cfg, accelerator, shards, train_manifest: dict):
     """(manifest, COCO ground truth) of the validation split, or None when it is not packed or empty.
     Raises ValueError (exit 2, before any step) when its classes differ from training's: label ids are
     positions in the class list, so validation would score every class as another one."""
     try:
-        manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
-    except ValueError:
-        accelerator.print(f"no {cfg.data.val_split} split in {cfg.data.shards}: training without validation")
+        manifest = load_manifest(shards, cfg.data.val_split)
+    except ManifestError as e:
+        accelerator.print(f"no {cfg.data.val_split} split ({e}): training without validation")
         return None
     if not manifest["num_samples"]:
         accelerator.print(
@@ -129,14 +140,14 @@ def _validation_inputs(cfg, accelerator, train_manifest: dict):
         return None
     if why := classes_mismatch(train_manifest, manifest):
         raise ValueError(why)
-    return manifest, json.loads(coco_path(cfg.data.shards, cfg.data.val_split).read_text())
+    return manifest, load_coco(shards, cfg.data.val_split)
 
 
-def _validate(accelerator, raw_model, cfg, val, train_manifest, run_dir: Path, step: int) -> None:
+def _validate(accelerator, raw_model, cfg, shards, val, train_manifest, run_dir: Path, step: int) -> None:
     """Validation at ``step``: metrics to TensorBoard, metrics_step_N.json and the log."""
     manifest, gt = val
     comm.broadcast_buffers(raw_model)  # every rank scores the model the checkpoint holds (rank 0's)
-    v = validate(raw_model, accelerator.device, cfg.eval, cfg.data.shards, manifest, gt)
+    v = validate(raw_model, accelerator.device, cfg.eval, shards, manifest, gt)
     metrics = metrics_dict(v, manifest, train_manifest)
     summary = metrics["bbox"]
     values = {f"val/{k}": summary[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")}

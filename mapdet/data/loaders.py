@@ -4,7 +4,9 @@ evaluation stream (samples are read, checked and decoded by ``mapdet.shards.read
 Batches are ``mapdet.structures.Batch(images, targets, bad)`` (shapes and box format there).
 Training targets leave crowd regions out (torchvision cannot ignore them; detectron2 does the same).
 A truncated shard costs all the samples after the damage: its ``bad`` entry counts them. Members
-the manifest does not list for a shard are never used.
+the manifest does not list for a shard are never used. Shards may be remote (``mapdet.shards.source``:
+an http(s) URL or a pipe: command): a read that still fails after ``data.stream_retries`` retries is
+such a fault too, counted or raised like a truncated shard, and a stall times out, so no rank hangs.
 
 Training (``TrainStream``): each DataLoader worker draws shards with replacement from its own
 seeded RNG, optionally repeats images by repeat-factor sampling, shuffles through a buffer and
@@ -39,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mapdet.comm import share
 from mapdet.data.workers import RaiseFatal, batch_loader, fatal_batch  # batch_loader: see TrainStream.__iter__
-from mapdet.shards.manifest import class_image_fractions, shard_urls
+from mapdet.shards.manifest import class_image_fractions
 from mapdet.shards.reader import (
     CorruptSample,
     bad_entry,
@@ -47,6 +49,7 @@ from mapdet.shards.reader import (
     decode_sample,
     sample_range,
 )
+from mapdet.shards.source import ShardSource, shard_source
 from mapdet.structures import Batch
 
 
@@ -63,7 +66,8 @@ def image_repeat_factor(labels, iscrowd, factors: dict[int, float]) -> float:
 
 @dataclass
 class _TrainPlan:
-    urls: list[str]
+    source: ShardSource
+    names: list[str]  # per shard, as the manifest lists them
     keys: list[list[str]]  # per shard, as the manifest lists them
     batch_size: int
     batches_per_epoch: int
@@ -141,9 +145,9 @@ def _train_samples(p: _TrainPlan, rng: random.Random, bad: list[dict]) -> Iterat
     def raw():
         empty = 0
         while empty < _GIVE_UP:
-            i = rng.randrange(len(p.urls))
+            i = rng.randrange(len(p.names))
             empty += 1
-            for sample in checked_samples(p.urls[i], p.keys[i], bad):
+            for sample in checked_samples(p.source, p.names[i], p.keys[i], bad):
                 empty = 0
                 yield sample
 
@@ -174,15 +178,24 @@ class TrainStream:
     """
 
     def __init__(
-        self, shards_dir: str | Path, manifest: dict, data_cfg, rank: int, world: int, seed: int, start_batch: int = 0
+        self,
+        shards: str | Path | ShardSource,
+        manifest: dict,
+        data_cfg,
+        rank: int,
+        world: int,
+        seed: int,
+        start_batch: int = 0,
     ):
+        source = shard_source(shards, data_cfg)
         n = int(manifest["num_samples"])
         if n == 0 or not manifest["shards"]:
-            raise ValueError(f"the {manifest['split']} split in {shards_dir} has no samples to train on")
+            raise ValueError(f"the {manifest['split']} split in {source.location} has no samples to train on")
         per_rank = data_cfg.samples_per_epoch or math.ceil(n / world)
         thr = data_cfg.repeat_threshold
         self.plan = _TrainPlan(
-            urls=shard_urls(shards_dir, manifest),
+            source=source,
+            names=[s["name"] for s in manifest["shards"]],
             keys=[s["keys"] for s in manifest["shards"]],
             batch_size=data_cfg.batch_size,
             batches_per_epoch=max(1, per_rank // data_cfg.batch_size),
@@ -194,7 +207,7 @@ class TrainStream:
         )
         self.workers = data_cfg.workers
         self.batches_seen = start_batch
-        self.hint = f"; run `mapdet verify {shards_dir}` and repack the shards it names"
+        self.hint = f"; run `mapdet verify {source.location}` and repack the shards it names"
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -217,8 +230,8 @@ def eval_keys(manifest: dict, rank: int, world: int) -> list[str]:
 
 
 class _EvalShare(IterableDataset):
-    def __init__(self, shards_dir, manifest, rank, world, batch_size, skip_corrupt):
-        self.urls, self.manifest = shard_urls(shards_dir, manifest), manifest
+    def __init__(self, source: ShardSource, manifest, rank, world, batch_size, skip_corrupt):
+        self.source, self.manifest = source, manifest
         self.rank, self.world, self.batch_size, self.skip_corrupt = rank, world, batch_size, skip_corrupt
 
     def __iter__(self) -> Iterator[Batch]:
@@ -252,15 +265,15 @@ class _EvalShare(IterableDataset):
 
     def _samples(self, lo: int, hi: int, lost: list | None) -> Iterator[dict]:
         start = 0
-        for url, shard in zip(self.urls, self.manifest["shards"]):
+        for shard in self.manifest["shards"]:
             end = start + shard["num_samples"]
             if start < hi and end > lo:
-                yield from sample_range(url, shard, max(lo - start, 0), min(hi, end) - start, lost)
+                yield from sample_range(self.source, shard, max(lo - start, 0), min(hi, end) - start, lost)
             start = end
 
 
 def eval_loader(
-    shards_dir: str | Path,
+    shards: str | Path | ShardSource,
     manifest: dict,
     batch_size: int,
     workers: int,
@@ -272,6 +285,6 @@ def eval_loader(
 
     Raises ``CorruptSample`` at the first fault unless ``skip_corrupt``.
     """
-    dataset = _EvalShare(shards_dir, manifest, rank, world, batch_size, skip_corrupt)
+    dataset = _EvalShare(shard_source(shards), manifest, rank, world, batch_size, skip_corrupt)
     hint = "" if skip_corrupt else " (eval.skip_corrupt=true leaves such images out and counts them)"
     return RaiseFatal(batch_loader(dataset, workers), hint)

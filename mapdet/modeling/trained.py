@@ -31,6 +31,7 @@ from mapdet.config import ModelConfig, load_config
 from mapdet.engine import checkpoint
 from mapdet.fileio import read_json, write_json_atomic
 from mapdet.shards.manifest import ManifestError, class_names, load_manifest
+from mapdet.shards.source import shard_source
 
 # Training-only settings: they change how training starts or weighs its loss, never the network that
 # a state dict loads into or what it predicts (a frozen stage is a FrozenBatchNorm2d with the same
@@ -128,7 +129,8 @@ def _checkpoint_classes(run: Path, cfg, classes) -> list[dict]:
     if classes:
         return read_classes(classes)
     try:
-        return _checked(load_manifest(cfg.data.shards, cfg.data.train_split)["classes"], "the training manifest")
+        shards = shard_source(cfg.data.shards, cfg.data)
+        return _checked(load_manifest(shards, cfg.data.train_split)["classes"], "the training manifest")
     except ManifestError:
         if (run / "export" / "classes.json").is_file():
             return read_classes(run / "export" / "classes.json")

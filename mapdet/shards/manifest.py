@@ -15,6 +15,7 @@
      "skipped": [{"key": "stem", "reason": "..."}], "sanitized": {"clipped": n, "dropped": m},
      "coco": "training.coco.json"}
 
+Read through ``mapdet.shards.source``: the folder may also be a URL or a ``pipe:`` command.
 Files are written atomically (temporary name, then ``os.replace``) so a killed job never leaves a
 half-written manifest that looks complete.
 """
@@ -25,15 +26,25 @@ import hashlib
 import json
 from pathlib import Path
 
+from mapdet.shards.source import ShardSource, check_name, shard_source
+
 FORMAT = "mapdet-shards/1"
 
 
+def manifest_name(split: str) -> str:
+    return f"{split}.manifest.json"
+
+
+def coco_name(split: str) -> str:
+    return f"{split}.coco.json"
+
+
 def manifest_path(out: str | Path, split: str) -> Path:
-    return Path(out) / f"{split}.manifest.json"
+    return Path(out) / manifest_name(split)
 
 
 def coco_path(out: str | Path, split: str) -> Path:
-    return Path(out) / f"{split}.coco.json"
+    return Path(out) / coco_name(split)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -52,23 +63,58 @@ class ManifestError(ValueError):
     """A missing or malformed manifest; the message says which file and what to run."""
 
 
-def load_manifest(out: str | Path, split: str) -> dict:
-    path = manifest_path(out, split)
-    if not path.exists():
-        found = sorted(p.name for p in Path(out).glob("*.manifest.json")) if Path(out).is_dir() else []
-        hint = f" (found: {', '.join(found)})" if found else " (run `mapdet pack` first)"
-        raise ManifestError(f"no manifest {path}{hint}")
+class NoManifest(ManifestError):
+    """The source holds no manifest of that split."""
+
+
+def load_manifest(out: str | Path | ShardSource, split: str) -> dict:
+    """The manifest of ``split`` in ``out`` (a folder, URL or pipe: source: ``mapdet.shards.source``).
+
+    Every shard name it lists is checked to be a plain file name before anything opens it (a
+    remote manifest must not smuggle shell syntax into a pipe: command or a path out of the folder).
+    """
+    source = shard_source(out)
+    name = manifest_name(split)
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise ManifestError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        manifest = json.loads(source.read_bytes(name))
+    except FileNotFoundError:
+        raise NoManifest(f"no manifest {source.where(name)}{_missing_hint(source)}") from None
+    except OSError as e:  # a StreamError names the file and the cause
+        raise ManifestError(f"cannot read the manifest: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{source.where(name)} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(f"{source.where(name)}: format {got!r}, expected {FORMAT!r}")
+    for shard in manifest.get("shards", []):
+        try:
+            check_name(shard.get("name") if isinstance(shard, dict) else shard)
+        except ValueError as e:
+            raise ManifestError(f"{source.where(name)}: {e}") from None
     return manifest
 
 
-def shard_urls(out: str | Path, manifest: dict) -> list[str]:
-    return [str(Path(out) / s["name"]) for s in manifest["shards"]]
+def _missing_hint(source: ShardSource) -> str:
+    if source.local_dir is None:
+        return " (upload the manifests and COCO files beside the shards, or name another split)"
+    out = source.local_dir
+    found = sorted(p.name for p in out.glob("*.manifest.json")) if out.is_dir() else []
+    return f" (found: {', '.join(found)})" if found else " (run `mapdet pack` first)"
+
+
+def load_coco(out: str | Path | ShardSource, split: str) -> dict:
+    """``{split}.coco.json`` of ``out``, read through the same source as the shards; ValueError
+    (one line: exit 2) when it cannot be read."""
+    source = shard_source(out)
+    name = coco_name(split)
+    try:
+        return json.loads(source.read_bytes(name))
+    except FileNotFoundError:
+        raise ValueError(f"no COCO ground truth {source.where(name)} (`mapdet pack` writes it)") from None
+    except OSError as e:
+        raise ValueError(f"cannot read the COCO ground truth: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{source.where(name)} is not valid JSON: {e}") from None
 
 
 def class_names(manifest: dict) -> dict[int, str]:

@@ -15,16 +15,19 @@ is just another sample. So every read compares the keys met with the manifest's.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torchvision
 import webdataset as wds
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mapdet import boxes as box_ops
+from mapdet.shards.source import ShardSource, shard_source
 
 
 class CorruptSample(ValueError):
@@ -68,19 +71,30 @@ def decode_sample(sample: dict, num_classes: int | None = None) -> tuple[torch.T
     return image, target
 
 
-def read_shard(path: str | Path, handler=wds.reraise_exception) -> Iterator[dict]:
+def read_shard(shard: str | Path, source: ShardSource | None = None) -> Iterator[dict]:
     """Raw samples of one shard in tar order: ``__key__``, ``__url__``, ``jpg``/``json`` bytes.
 
+    ``shard``: a local path, or with ``source`` the shard's name there (``mapdet.shards.source``:
+    a folder, URL or pipe: command; a remote read is retried, then raises ``StreamError``).
     Unchecked: see ``checked_samples`` and ``sample_range`` for reads that trust nothing.
     """
-    return iter(tarfile_samples([{"url": str(path)}], handler=handler))
+    if source is None:
+        source, shard = shard_source(Path(shard).parent), Path(shard).name
+    with source.open(str(shard)) as stream:
+        yield from tar_samples(stream, source.where(str(shard)))
+
+
+def tar_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
+    """Raw samples of the tar read from ``stream`` (webdataset's tar reader); ``__url__`` = ``url``."""
+    files = tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
+    return group_by_keys(files, handler=wds.reraise_exception)
 
 
 def bad_entry(url: str, key: str | None, reason: str, samples: int = 1) -> dict:
     return {"shard": Path(url).name, "key": key, "reason": reason, "samples": samples}
 
 
-def checked_samples(url: str, keys: list[str], bad: list[dict]) -> Iterator[dict]:
+def checked_samples(source: ShardSource, name: str, keys: list[str], bad: list[dict]) -> Iterator[dict]:
     """The samples of one shard whose keys the manifest lists for it, in tar order (training).
 
     Faults are appended to ``bad`` instead of raised: a member under a key the manifest does not
@@ -88,19 +102,19 @@ def checked_samples(url: str, keys: list[str], bad: list[dict]) -> Iterator[dict
     """
     expected, n, problem = set(keys), 0, None
     try:
-        for sample in read_shard(url):
+        for sample in read_shard(name, source):
             if sample["__key__"] not in expected:
-                bad.append(bad_entry(url, sample["__key__"], "member not listed in the manifest for this shard"))
+                bad.append(bad_entry(name, sample["__key__"], "member not listed in the manifest for this shard"))
                 continue
             n += 1
             yield sample
-    except Exception as e:  # noqa: BLE001 - any tar fault ends this shard; the caller counts it
-        problem = f"unreadable shard data after {n} samples: {_describe(e)}"
+    except Exception as e:  # noqa: BLE001 - any tar or stream fault ends this shard; the caller counts it
+        problem = f"unreadable shard data after {n} samples: {describe_error(e)}"
     if n < len(keys):
-        bad.append(bad_entry(url, None, problem or f"shard ends after {n} of {len(keys)} samples", len(keys) - n))
+        bad.append(bad_entry(name, None, problem or f"shard ends after {n} of {len(keys)} samples", len(keys) - n))
 
 
-def sample_range(url: str, shard: dict, lo: int, hi: int, lost: list | None = None) -> Iterator[dict]:
+def sample_range(source: ShardSource, shard: dict, lo: int, hi: int, lost: list | None = None) -> Iterator[dict]:
     """Samples lo..hi-1 of one shard, each checked to carry the key the manifest has at its position
     (evaluation: every image exactly once).
 
@@ -110,7 +124,7 @@ def sample_range(url: str, shard: dict, lo: int, hi: int, lost: list | None = No
     """
     i, problem = 0, None
     try:
-        for sample in read_shard(url):
+        for sample in read_shard(shard["name"], source):
             if i >= hi:
                 return
             if sample["__key__"] != shard["keys"][i]:
@@ -120,17 +134,18 @@ def sample_range(url: str, shard: dict, lo: int, hi: int, lost: list | None = No
                 yield sample
             i += 1
     except Exception as e:  # noqa: BLE001 - any tar fault ends the shard here; reported below
-        problem = f"unreadable after {i} samples: {_describe(e)}"
+        problem = f"unreadable after {i} samples: {describe_error(e)}"
     if i >= hi:
         return
     problem = problem or f"ends after {i} samples, manifest lists {len(shard['keys'])}"
     keys = shard["keys"][max(i, lo) : hi]
     if lost is None:
         raise CorruptSample(f"{shard['name']}: {problem}; {len(keys)} image(s) from key {keys[0]!r} on cannot be read")
-    lost.extend(bad_entry(url, k, f"{shard['name']}: {problem}") for k in keys)
+    lost.extend(bad_entry(shard["name"], k, f"{shard['name']}: {problem}") for k in keys)
 
 
-def _describe(e: Exception) -> str:
-    """``ReadError: unexpected end of data``: tar errors carry the stream object in their args."""
+def describe_error(e: Exception) -> str:
+    """``ReadError: unexpected end of data``: tar errors carry the stream object in their args, and
+    webdataset appends `` @ <stream>`` to the message of an error met inside a member."""
     text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    return f"{type(e).__name__}: {text}"
+    return f"{type(e).__name__}: {re.sub(r' @ <[^<>]*>$', '', text)}"

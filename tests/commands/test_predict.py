@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mapdet import boxes, cli
+from mapdet import boxes
 from mapdet.config import load_config, to_yaml
 from mapdet.drawing import output_names
 from mapdet.modeling import trained
 from mapdet.modeling.detector import build_inference_model
 from mapdet.shards.manifest import class_names, load_manifest
-from tests.helpers import accelerate_launch
+from tests.helpers import accelerate_launch, mapdet
 
 # Random weights: scores near 1 / (K + 1); a low model threshold keeps detections to compare.
 MODEL = [
@@ -30,13 +30,6 @@ MODEL = [
     "model.detections_per_img=20",
 ]
 SIZES = {"a.png": (160, 120), "sub/b.png": (320, 240), "sub/c.png": (90, 200), "wide.jpg": (400, 100)}
-
-
-def mapdet(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +91,19 @@ def test_shards_equal_evaluate_detections(run, shards, tmp_path, capsys):
     canonical = lambda rs: sorted(rs, key=lambda r: (r["image_id"], -r["score"], r["category_id"], r["bbox"]))  # noqa: E731
     assert canonical(predicted) == canonical(evaluated)
     assert f"6 image(s) on 1 process(es), {len(evaluated)} detection(s)" in out
+
+    # the same shards through a pipe: command (as from object storage): the same files
+    piped = f"pipe:cat {shards}/{{name}}"
+    code, _, err = mapdet(
+        capsys, "predict", "--checkpoint", run, "--shards", piped, "--out", tmp_path / "piped.json", "--workers", "0"
+    )
+    assert code == 0 and results(tmp_path / "piped.json") == predicted, err
+    evaluate = ["evaluate", "--config", run / "config.yaml", "--checkpoint", "latest", "--out", tmp_path / "eval_piped"]
+    overrides = ["eval.val_loss=false", "eval.num_images_logged=0", "eval.workers=0", f"data.shards={piped}"]
+    code, _, err = mapdet(capsys, *evaluate, "--set", *overrides)
+    assert code == 0, err
+    for name in ("detections.json", "metrics.json"):
+        assert (tmp_path / "eval_piped" / name).read_bytes() == (tmp_path / "eval" / name).read_bytes(), name
 
 
 def test_folder_of_any_sizes_in_original_pixels_and_export_equals_checkpoint(run, images, tmp_path, capsys):

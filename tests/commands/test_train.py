@@ -24,6 +24,7 @@ from tests.helpers import (
     train_args,
     wait_for_file,
 )
+from tests.shards.loopback import LoopbackServer
 
 
 def _scalars(run: Path, tag: str) -> list[float]:
@@ -142,6 +143,25 @@ def test_kill_then_resume_and_sigusr1_preemption_end_at_the_uninterrupted_weight
         assert got.keys() == ref.keys()
         for k in ref:
             assert torch.equal(got[k], ref[k]), f"{run.name}: {k} differs from the uninterrupted run"
+
+
+def test_training_from_http_ends_at_the_weights_of_training_from_the_folder(shards, tmp_path):
+    """The same shards served by a real HTTP server on the loopback address, with a connection dropped
+    mid-shard once in training and once in validation: retried, so nothing differs."""
+    steps = ["train.max_steps=4", "train.ckpt_every=4", "train.image_log_every=0"]
+    r = run_cli(*train_args(shards, tmp_path / "local", *steps), timeout=600)  # a loaded CI machine: minutes
+    assert r.returncode == 0, r.stderr[-3000:]
+    with LoopbackServer(shards) as server:
+        server.fault("training-000001.tar", "drop", times=1)
+        server.fault("validation-000000.tar", "drop", times=1)
+        r = run_cli(*train_args(server.url, tmp_path / "http", *steps, "data.stream_retries=1"), timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipped bad sample" not in r.stdout + r.stderr
+    assert server.requests["training-000001.tar"] >= 2 and server.requests["validation-000000.tar"] == 2
+    ref, got = exported_weights(tmp_path / "local"), exported_weights(tmp_path / "http")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    metrics = [json.loads((tmp_path / run / "metrics_step_0000004.json").read_text()) for run in ("local", "http")]
+    assert metrics[0] == metrics[1] and metrics[0]["images"] == 6
 
 
 def test_single_process_bf16_autocast_runs(shards, tmp_path):

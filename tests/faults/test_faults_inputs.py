@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from mapdet import cli
 from mapdet.config import (
     AugmentConfig,
     ConfigError,
@@ -32,19 +31,11 @@ from mapdet.modeling.detector import build_model
 from mapdet.modeling.weights_io import load_weights_file
 from mapdet.shards.manifest import load_manifest
 from mapdet.shards.reader import CorruptSample, checked_samples, decode_sample, read_shard
+from mapdet.shards.source import shard_source
 from tests.faults.damage import rewrite
-from tests.helpers import REPO, TINY, pack_all, run_cli
+from tests.helpers import REPO, TINY, mapdet, pack_all, run_cli
 
 HUGE = (6400, 4800)  # 30.7 megapixels
-
-
-def mapdet(capsys, *argv: str) -> tuple[int, str, str]:
-    """``mapdet ARGV`` in this process: (exit code, stdout, stderr). Any exception other than the
-    CLI's own exit is a stack trace a user would see, and fails the test."""
-    with pytest.raises(SystemExit) as e:
-        cli.main(list(argv))
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def _add_raw_image(root: Path, stem: str, size: tuple[int, int], bbox: list[int], category_id: int) -> None:
@@ -267,7 +258,7 @@ def test_shard_member_names_outside_the_folder_are_never_written_or_used(shards,
     code, stdout, _ = mapdet(capsys, "verify", str(out))
     assert code == 1 and "PROBLEM training-000000.tar: holds 6 samples, manifest lists 4 (keys differ)" in stdout
     keys, bad = load_manifest(out, "training")["shards"][0]["keys"], []
-    assert [s["__key__"] for s in checked_samples(str(out / "training-000000.tar"), keys, bad)] == keys
+    assert [s["__key__"] for s in checked_samples(shard_source(out), "training-000000.tar", keys, bad)] == keys
     assert [b["key"] for b in bad] == ["../evil", str(outside)]  # the training reader skips and counts them
     with pytest.raises(CorruptSample, match="validation-000000.tar: sample 1 is '../evil', manifest says"):
         list(eval_loader(out, load_manifest(out, "validation"), 2, 0, rank=0, world=1))
