@@ -77,18 +77,18 @@ def test_sweep_runs_the_network_once_per_image(model):
     finally:
         hook.remove()
     assert sum(calls) == 4  # 4 images, one backbone pass each, for a 3 x 3 x 2 grid
-    ap = np.array(sw["ap"])
-    assert ap.shape == (3, 3, 2) and sw["nms_thresh"] == [0.3, 0.5, 0.6] and sw["score_thresh"] == [0.0, 0.05, 0.3]
-    assert ((ap >= 0) & (ap <= 100)).all() and sw["num_images"] == 4
-    assert sw["best"]["ap"] == pytest.approx(ap.max()) and sw["current_ap"] == pytest.approx(ap[1, 1, 1])
-    assert pr["num_gt"] == {"all": 8, "small": 0, "medium": 4, "large": 4}  # the crowd box is left out
-    assert all(0.0 <= v <= 1.0 for k, v in pr["recall"].items() if v is not None) and pr["recall"]["small"] is None
-    assert pr["proposals_per_image"] <= 40
+    ap = np.array(sw.ap)
+    assert ap.shape == (3, 3, 2) and sw.nms_thresh == [0.3, 0.5, 0.6] and sw.score_thresh == [0.0, 0.05, 0.3]
+    assert ((ap >= 0) & (ap <= 100)).all() and sw.num_images == 4 and sw.max_dets == 100
+    assert sw.best.ap == pytest.approx(ap.max()) and sw.current_ap == pytest.approx(ap[1, 1, 1])
+    assert pr.num_gt == {"all": 8, "small": 0, "medium": 4, "large": 4}  # the crowd box is left out
+    assert all(0.0 <= v <= 1.0 for k, v in pr.recall.items() if v is not None) and pr.recall["small"] is None
+    assert pr.proposals_per_image <= 40
 
 
 def test_max_images_and_empty_loader(model):
     sw, _ = sweep.run_model_checks(model, batches(), [1, 2, 3], (0.5,), (0.05,), (10,), max_images=3)
-    assert sw["num_images"] == 3
+    assert sw.num_images == 3
     with pytest.raises(ValueError, match="saw no image"):
         sweep.run_model_checks(model, [], [1, 2, 3])
 

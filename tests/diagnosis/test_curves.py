@@ -1,0 +1,68 @@
+"""The run's training curves and the under-training estimate drawn from them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mapdet.diagnosis import curves
+from mapdet.diagnosis.records import RunEvidence, RunMeta, TrainingCurves
+
+
+def test_training_curves_read_tensorboard_and_name_missing_tags(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "tensorboard" / "run"))
+    for step in range(0, 30, 10):
+        w.add_scalar("train/loss", 1.0 / (step + 1), step)
+    w.add_scalar("val/AP", 0.25, 20)
+    w.close()
+    tc = curves.training_curves(tmp_path)
+    assert tc.series["train/loss"] == [[0, 1.0], [10, pytest.approx(1 / 11)], [20, pytest.approx(1 / 21)]]
+    assert tc.series["val/AP"] == [[20, 0.25]]
+    assert tc.missing == ["val/loss", "val/AP50"]
+    assert curves.training_curves(tmp_path / "nothing") == TrainingCurves(
+        {}, ["train/loss", "val/loss", "val/AP", "val/AP50"], []
+    )
+
+
+def evidence(ap, ap50=None, meta=None, train_images=None, loss=None) -> RunEvidence:
+    series = {"val/AP": ap}
+    if ap50 is not None:
+        series["val/AP50"] = ap50
+    if loss is not None:
+        series["train/loss"] = loss
+    return RunEvidence(TrainingCurves(series, [], []), meta, train_images)
+
+
+def test_under_training_extrapolates_the_last_interval_per_doubling_of_the_steps():
+    run = evidence(
+        ap=[[360, 0.05], [720, 0.12], [1080, 0.20]],
+        ap50=[[360, 0.10], [720, 0.18], [1080, 0.30]],
+        meta=RunMeta(step=1080, global_batch=4, processes=1),
+        train_images=240,
+        loss=[[s, 3.0 / (1 + s)] for s in range(0, 1090, 10)],
+    )
+    gain, text = curves.under_training(run)
+    per_doubling = math.log(2) / math.log(1080 / 720)  # 1.71: the last interval was half a doubling
+    assert gain.ap == pytest.approx(8.0 * per_doubling) and gain.ap50 == pytest.approx(12.0 * per_doubling)
+    assert "from 12.0 at step 720 to 20.0 at step 1080 (AP50 18.0 to 30.0)" in text
+    assert f"2x the steps adds about {8.0 * per_doubling:.1f} AP" in text
+    assert "4320 images in 1080 steps (4 per step: 1 process(es)), 18.0 epochs of 240" in text
+    assert "training loss 3 at the start" in text
+
+
+def test_under_training_needs_two_validations_after_step_0_and_may_go_negative():
+    gain, text = curves.under_training(evidence([[0, 0.0], [720, 0.5]]))
+    assert gain.ap == 0.0 and "1 validation point(s)" in text and "not measurable (set train.eval_every)" in text
+    assert "images" not in text  # no meta: nothing invented
+    gain, text = curves.under_training(evidence([[360, 0.5], [720, 0.4]]))
+    assert gain.ap == pytest.approx(-10.0) and "no longer rising" in text  # the ranking clips it to 0
+
+
+def test_run_meta_reads_old_and_new_checkpoints(tmp_path):
+    (tmp_path / "meta.json").write_text('{"step": 90, "global_batch": 8, "processes": 2}')
+    assert curves.run_meta(tmp_path) == RunMeta(90, 8, 2)
+    (tmp_path / "meta.json").write_text('{"step": 90}')
+    assert curves.run_meta(tmp_path) == RunMeta(90) and curves.run_meta(None) is None
