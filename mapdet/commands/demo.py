@@ -46,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="training seed, train.seed (the synthetic data stays the same)")
     p.add_argument("--quick", action="store_true", help="a few images and steps: checks the plumbing, learns little")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides after the demo's own, for training, evaluation and diagnosis alike "
+        "(e.g. model.nms_thresh=0.6; bench/bench_diagnose_planted.py plants causes with them)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         overrides += ["train.max_steps=6", "train.ckpt_every=3", "model.min_size=192", "model.max_size=256"]
     elif args.steps:
         overrides.append(f"train.max_steps={args.steps}")
+    overrides += args.set
     mapdet = [sys.executable, "-m", "mapdet"]
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", *_topology(procs), "-m", "mapdet"]
     timings = {}

@@ -144,8 +144,7 @@ def _check_ids(gt: dict, dets) -> None:
 
 def _run_evidence(run_dir: str, manifest: dict | None):
     """The run's curves, its last checkpoint's meta.json and the training split's size."""
-    from mapdet.diagnosis.curves import run_meta, training_curves
-    from mapdet.diagnosis.records import RunEvidence
+    from mapdet.diagnosis.curves import RunEvidence, run_meta, training_curves
     from mapdet.engine import checkpoint
 
     return RunEvidence(

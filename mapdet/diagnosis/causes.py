@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from mapdet.diagnosis import advice
-from mapdet.diagnosis.curves import EXTEND, under_training
-from mapdet.diagnosis.records import Cause, Diagnosis, Gain, LeverBest, RunEvidence
+from mapdet.diagnosis.curves import EXTEND, RunEvidence, under_training
+from mapdet.diagnosis.postprocess import LeverBest
+from mapdet.diagnosis.records import Cause, Diagnosis, Gain
 from mapdet.diagnosis.settings import DiagnoseSettings
 
 _AP = "COCO AP at maxDets 100"

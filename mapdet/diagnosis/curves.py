@@ -1,20 +1,47 @@
 """The run's training curves and what they say about training longer (``mapdet diagnose --run``).
 
-``training_curves(run_dir)`` reads the scalars of every TensorBoard event file of a run;
-``run_meta`` the last checkpoint's meta.json; ``under_training`` estimates what a longer run
-would add by extrapolating the validation AP curve.
+``training_curves(run_dir)`` reads the scalars of every TensorBoard event file of a run
+(``TrainingCurves``); ``run_meta`` the last checkpoint's meta.json (``RunMeta``); together with the
+training split's size they are the ``RunEvidence`` ``under_training`` reads to estimate what a
+longer run would add by extrapolating the validation AP curve.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from mapdet.diagnosis.records import Gain, RunEvidence, RunMeta, TrainingCurves
+from mapdet.diagnosis.records import Gain
 
 TAGS = ("train/loss", "val/loss", "val/AP", "val/AP50")
 EXTEND = 2  # the longer run estimated: this many times the steps
+
+
+@dataclass
+class TrainingCurves:
+    series: dict[str, list[list[float]]]  # tag -> [[step, value]], values as logged (0-1 for AP)
+    missing: list[str]
+    files: list[str]
+
+
+@dataclass
+class RunMeta:
+    """What the run's last checkpoint records (meta.json); batch fields absent in older runs."""
+
+    step: int
+    global_batch: int | None = None
+    processes: int | None = None
+
+
+@dataclass
+class RunEvidence:
+    """What ``--run`` gives the diagnosis: the curves, the last checkpoint, the training split's size."""
+
+    curves: TrainingCurves
+    meta: RunMeta | None
+    train_images: int | None
 
 
 def training_curves(run_dir: str | Path, tags=TAGS) -> TrainingCurves:

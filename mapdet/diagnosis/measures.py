@@ -20,7 +20,9 @@ from mapdet.config import ModelConfig
 from mapdet.diagnosis import tide
 from mapdet.diagnosis.caps import CAPS, cap_estimate, max_dets_curves, resolve_cap
 from mapdet.diagnosis.causes import rank_causes
+from mapdet.diagnosis.curves import RunEvidence
 from mapdet.diagnosis.fixes import Fixer, reference_ious
+from mapdet.diagnosis.postprocess import ProposalRecall, Sweep
 from mapdet.diagnosis.records import (
     ClassRow,
     Diagnosis,
@@ -31,10 +33,7 @@ from mapdet.diagnosis.records import (
     MissBreakdown,
     MissGroup,
     PerClass,
-    ProposalRecall,
-    RunEvidence,
     Summary,
-    Sweep,
     TideSummary,
 )
 from mapdet.diagnosis.settings import DiagnoseSettings

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from mapdet.boxes import area, xyxy_to_xywh
 from mapdet.diagnosis.caps import cap_per_image
-from mapdet.diagnosis.records import HEADLINE_MAX_DETS, Postprocess, ProposalRecall, Sweep, SweepBest
+from mapdet.diagnosis.postprocess import Postprocess, ProposalRecall, Sweep, SweepBest
+from mapdet.diagnosis.records import HEADLINE_MAX_DETS
 from mapdet.diagnosis.stats import points
 from mapdet.evaluation.coco import evaluate_coco
 from mapdet.evaluation.matching import MEDIUM, SMALL

@@ -6,8 +6,8 @@ import pytest
 
 from mapdet.config import load_config
 from mapdet.diagnosis import advice
+from mapdet.diagnosis.curves import RunEvidence, TrainingCurves
 from mapdet.diagnosis.measures import diagnose
-from mapdet.diagnosis.records import RunEvidence, TrainingCurves
 from mapdet.diagnosis.settings import DiagnoseSettings
 from mapdet.modeling.detector import resolve_config
 from tests.diagnosis.scenes import detect, manifest, scene, small_scene

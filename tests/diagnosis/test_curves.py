@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mapdet.diagnosis import curves
-from mapdet.diagnosis.records import RunEvidence, RunMeta, TrainingCurves
+from mapdet.diagnosis.curves import RunEvidence, RunMeta, TrainingCurves
 
 
 def test_training_curves_read_tensorboard_and_name_missing_tags(tmp_path):

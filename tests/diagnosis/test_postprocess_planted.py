@@ -18,7 +18,7 @@ from torchvision.ops import batched_nms
 from mapdet.config import load_config
 from mapdet.diagnosis import fixes
 from mapdet.diagnosis.measures import diagnose
-from mapdet.diagnosis.records import Postprocess
+from mapdet.diagnosis.postprocess import Postprocess
 from mapdet.diagnosis.settings import DiagnoseSettings
 from mapdet.diagnosis.sweep import evaluate_grid
 from mapdet.structures import Detections

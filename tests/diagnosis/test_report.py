@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from mapdet.diagnosis import report
+from mapdet.diagnosis.curves import TrainingCurves
 from mapdet.diagnosis.measures import diagnose
-from mapdet.diagnosis.records import Postprocess, ProposalRecall, Sweep, SweepBest, TrainingCurves
+from mapdet.diagnosis.postprocess import Postprocess, ProposalRecall, Sweep, SweepBest
 from mapdet.diagnosis.tide import ALL_TYPES
 from tests.diagnosis.scenes import detect, scene
 
