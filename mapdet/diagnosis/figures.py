@@ -137,6 +137,8 @@ def _curves(d: Diagnosis):
     fig, ax = plt.subplots(figsize=(7, 3.8))
     right = ax.twinx()
     for tag, series in tc.series.items():
+        if tag not in _TAG_COLORS:  # the learning rate has its own scale: shown in TensorBoard
+            continue
         steps, values = zip(*series)
         target = right if tag.startswith("val/AP") else ax
         target.plot(

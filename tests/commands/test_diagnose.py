@@ -31,7 +31,7 @@ def test_cli_writes_report_json_and_tensorboard(inputs, capsys):
     run = inputs / "run"
     w = SummaryWriter(str(run / "tensorboard" / "train"))
     for step, (tl, vl, ap) in enumerate([(2.0, 2.1, 0.05), (1.0, 1.2, 0.1), (0.8, 1.0, 0.12)]):
-        for tag, v in (("train/loss", tl), ("val/loss", vl), ("val/AP", ap), ("val/AP50", 2 * ap)):
+        for tag, v in (("train/loss", tl), ("val/loss", vl), ("val/AP", ap), ("val/AP50", 2 * ap), ("train/lr", 0.01)):
             w.add_scalar(tag, v, step * 100)
     w.close()
     config = inputs / "cfg.yaml"

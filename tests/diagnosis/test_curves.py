@@ -21,10 +21,8 @@ def test_training_curves_read_tensorboard_and_name_missing_tags(tmp_path):
     tc = curves.training_curves(tmp_path)
     assert tc.series["train/loss"] == [[0, 1.0], [10, pytest.approx(1 / 11)], [20, pytest.approx(1 / 21)]]
     assert tc.series["val/AP"] == [[20, 0.25]]
-    assert tc.missing == ["val/loss", "val/AP50"]
-    assert curves.training_curves(tmp_path / "nothing") == TrainingCurves(
-        {}, ["train/loss", "val/loss", "val/AP", "val/AP50"], []
-    )
+    assert tc.missing == ["val/loss", "val/AP50", "train/lr"]
+    assert curves.training_curves(tmp_path / "nothing") == TrainingCurves({}, list(curves.TAGS), [])
 
 
 def evidence(ap, ap50=None, meta=None, train_images=None, loss=None) -> RunEvidence:
@@ -51,6 +49,21 @@ def test_under_training_extrapolates_the_last_interval_per_doubling_of_the_steps
     assert f"2x the steps adds about {8.0 * per_doubling:.1f} AP" in text
     assert "4320 images in 1080 steps (4 per step: 1 process(es)), 18.0 epochs of 240" in text
     assert "training loss 3 at the start" in text
+
+
+def test_under_training_reads_the_trend_before_an_lr_drop():
+    # multistep schedule: the LR drops 10x at step 756, inside the last interval; its one-time lift is
+    # not a trend a longer run keeps (it gets one drop too), so the interval before it is read
+    lr = [[s, 0.003 if s < 756 else 0.0003] for s in range(0, 1090, 10)]
+    run = evidence(ap=[[360, 0.03], [720, 0.17], [1080, 0.32]], ap50=[[360, 0.1], [720, 0.44], [1080, 0.67]])
+    run.curves.series["train/lr"] = lr
+    gain, text = curves.under_training(run)
+    assert gain.ap == pytest.approx(14.0) and gain.ap50 == pytest.approx(34.0)  # 360 -> 720 is one doubling
+    assert "(the trend before the LR drop; AP 32.0 at the last validation, step 1080)" in text
+    run = evidence(ap=[[135, 0.005], [270, 0.03]])  # the only interval holds the drop: used, and said
+    run.curves.series["train/lr"] = [[s, 0.003 if s < 189 else 0.0003] for s in range(0, 280, 10)]
+    gain, text = curves.under_training(run)
+    assert gain.ap == pytest.approx(2.5) and "an LR drop lies in this interval" in text
 
 
 def test_under_training_needs_two_validations_after_step_0_and_may_go_negative():
