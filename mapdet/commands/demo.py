@@ -208,7 +208,11 @@ def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict
         f"val loss {metrics['val_loss'].get('loss', float('nan')):.3f}"
     )
     if top and top["impact"] > 0:
-        print(f"  top cause    {top['cause']} ({top['impact']:.1f} AP points): {top['advice']}")
+        print(f"  top cause    {top['cause']} (+{top['impact']:.1f} COCO AP if fixed alone): {top['advice']}")
+        if top.get("set"):
+            from mapdet.diagnosis.report import set_line
+
+            print(f"  try          {set_line(top['set'])}")
     else:  # advice for a cause with no measured impact would only mislead
         print("  top cause    none measurable (every diagnosed impact is 0 AP points)")
     print(f"  TensorBoard  tensorboard --logdir {run_dir}")
