@@ -169,9 +169,10 @@ def _cap_guess(c: _Context) -> Move | Limit | None:
     md, cur = c.d.max_dets, c.model.detections_per_img
     curve = md.curves.per_image
     here = curve.at(md.model_cap).ap if md.model_cap in curve.cap else None
-    above = [(a, k) for k, a in zip(curve.cap, curve.ap) if k > cur]
-    if here is not None and above and max(above)[0] > here:
-        ap, k = max(above)
+    above = {k: a for k, a in zip(curve.cap, curve.ap) if k > cur}
+    ap = max(above.values(), default=None)
+    if here is not None and ap is not None and ap > here:
+        k = min(k for k, a in above.items() if a == ap)  # of equal APs, the smallest cap
         return Move([("model.detections_per_img", k)], f"the results truncated to {k} per image give AP {ap:.1f}")
     need = md.curves.gt_per_image_max
     if cur >= need:

@@ -10,7 +10,7 @@ from mapdet.diagnosis.curves import RunEvidence, TrainingCurves
 from mapdet.diagnosis.measures import diagnose
 from mapdet.diagnosis.settings import DiagnoseSettings
 from mapdet.modeling.detector import resolve_config
-from tests.diagnosis.scenes import detect, manifest, scene, small_scene
+from tests.diagnosis.scenes import capped_scene, detect, manifest, scene, small_scene
 from tests.helpers import REPO
 
 DEMO = REPO / "launch" / "configs" / "demo.yaml"
@@ -124,3 +124,16 @@ def test_value_formatting_reads_back_as_yaml():
     ]
     cfg = load_config(None, ["model.score_thresh=0.05", "model.anchor_sizes=[8,16]", "data.repeat_threshold=null"])
     assert cfg.model.score_thresh == 0.05 and cfg.model.anchor_sizes == [8, 16] and cfg.data.repeat_threshold is None
+
+
+def test_detection_cap_without_a_sweep_reads_the_results_or_the_objects_per_image():
+    gt, objs = scene(4, lambda i: [1, 2, 3] * 40)  # 120 objects per image, results hold them all
+    d = run_diagnosis(gt, detect(objs), ["model.detections_per_img=100"])
+    c = d.causes[0]
+    assert c.cause == "detection_cap" and c.set == ["model.detections_per_img=300"]
+    assert "the results truncated to 300 per image give AP 100.0" in c.advice
+    gt, dets = capped_scene()  # 150 objects per image, results capped at 100: beyond it is unmeasured
+    d = run_diagnosis(gt, dets, ["model.detections_per_img=100"])
+    c = d.causes[0]
+    assert c.cause == "detection_cap" and c.set == ["model.detections_per_img=300"]
+    assert "300 covers the most objects in an image (150); unmeasured: pass --checkpoint" in c.advice
