@@ -28,7 +28,9 @@ GOAL_AP50 = 0.5
 GOAL_S = 300  # start to summary, on 2 idle CPU cores (a GPU machine has no time goal here)
 
 
-def run_demo(out: Path, processes: int, seed: int) -> dict:
+def run_demo(out: Path, processes: int | None, seed: int, extra: tuple[str, ...] = ()) -> dict:
+    """`mapdet demo` into ``out`` (log beside it as OUT.log), ``extra`` arguments appended (e.g. --set ...);
+    ``processes`` None: the demo's default. Returns its figures from summary.json."""
     cmd = [
         sys.executable,
         "-m",
@@ -36,10 +38,10 @@ def run_demo(out: Path, processes: int, seed: int) -> dict:
         "demo",
         "--out",
         str(out),
-        "--processes",
-        str(processes),
+        *(["--processes", str(processes)] if processes else []),
         "--seed",
         str(seed),
+        *extra,
     ]
     start = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:

@@ -139,8 +139,8 @@ def main() -> None:
             {
                 "images": args.images,
                 "diagnose_s": round(t_all, 2),
-                "top_cause": d["causes"][0]["cause"],
-                "top_impact": d["causes"][0]["impact"],
+                "top_cause": d.causes[0].cause,
+                "top_impact": d.causes[0].impact,
             }
         )
     )

@@ -88,6 +88,10 @@ class ModelConfig:
     weights: Optional[str] = None  # full detector weights
     backbone_weights: Optional[str] = None  # backbone-only weights, e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2
     trainable_backbone_layers: Optional[int] = None  # None = torchvision's default for the arch
+    # Weight of the box head's box-regression loss (torchvision: 1). Near 0 the RoI head stops
+    # learning to place boxes (with AdamW only exactly 0 does: Adam rescales a small gradient back
+    # up), which bench/bench_diagnose_planted.py uses to plant loose boxes. Validation loss ignores it.
+    box_loss_weight: float = 1.0
     class_weights: str = "none"  # CHOICES: none | inv_sqrt | explicit
     class_weights_list: Optional[list[float]] = None  # with "explicit": K+1 values, index 0 = background
 

@@ -48,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="training seed, train.seed (the synthetic data stays the same)")
     p.add_argument("--quick", action="store_true", help="a few images and steps: checks the plumbing, learns little")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides after the demo's own, for training, evaluation and diagnosis alike "
+        "(e.g. model.nms_thresh=0.6; bench/bench_diagnose_planted.py plants causes with them)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         overrides += ["train.max_steps=6", "train.ckpt_every=3", "model.min_size=192", "model.max_size=256"]
     elif args.steps:
         overrides.append(f"train.max_steps={args.steps}")
+    overrides += args.set
     mapdet = [sys.executable, "-m", "mapdet"]
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", *_topology(procs), "-m", "mapdet"]
     steps = load_config(CONFIG, overrides).train.max_steps
@@ -198,9 +207,11 @@ def _summary(out: Path, shards: Path, run_dir: Path, report: Path, metrics: dict
         f"val loss {metrics['val_loss'].get('loss', float('nan')):.3f}"
     )
     if top and top["impact"] > 0:
-        print(f"  top cause    {top['cause']} ({top['impact']:.1f} AP points): {top['advice']}")
-        if top.get("set"):  # the diagnosis' concrete change, ready to paste after --set
-            print(f"  try          --set {' '.join(top['set'])}")
+        print(f"  top cause    {top['cause']} (+{top['impact']:.1f} COCO AP if fixed alone): {top['advice']}")
+        if top.get("set"):
+            from mapdet.diagnosis.report import set_line
+
+            print(f"  try          {set_line(top['set'])}")
     else:  # advice for a cause with no measured impact would only mislead
         print("  top cause    none measurable (every diagnosed impact is 0 AP points)")
     print(f"  TensorBoard  tensorboard --logdir {run_dir}")

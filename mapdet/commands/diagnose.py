@@ -5,15 +5,16 @@
         [--checkpoint runs/exp/checkpoints/step_0090000 --config runs/exp/config.yaml]
 
 Writes OUT/report.md (with PNG figures beside it) and OUT/diagnosis.json; with --run also the
-loss-vs-mAP curves from the run's TensorBoard events, and the diagnosis into
-RUN/tensorboard/diagnose. With --checkpoint and --config the model runs once per validation image
-(shards from the config's data section) for proposal recall and a post-processing sweep.
+loss-vs-mAP curves from the run's TensorBoard events (and what training longer would add), and
+the diagnosis into RUN/tensorboard/diagnose. With --checkpoint and --config the model runs once per
+validation image (shards from the config's data section) for proposal recall and a post-processing
+sweep. Every cause's impact is the COCO AP (maxDets 100) fixing it alone is estimated to add; with
+--config every cause carries ``set``: overrides to try that fit the config in force.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="t for repeat factors and the 'rare' cut-off (default: the config's data.repeat_threshold, else 0.1)",
     )
+    parser.add_argument(
+        "--loc-reference-iou",
+        type=float,
+        default=None,
+        help="IoU a better-localizing model is credited with (default 0.75; less for tiny boxes): localization "
+        "counts only the AP below it",
+    )
     parser.add_argument("--sweep-images", type=int, default=200, help="validation images for the model checks")
     parser.add_argument("--sweep-nms", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     parser.add_argument("--sweep-score", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.3])
@@ -62,8 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from mapdet.config import ConfigError, load_config
-    from mapdet.diagnosis import causes, measures, report
-    from mapdet.diagnosis.settings import DiagnoseSettings
+    from mapdet.diagnosis import measures, report
     from mapdet.structures import Detections
 
     try:
@@ -76,35 +83,25 @@ def run(args) -> int:
     if inputs is None:
         return 2
     gt, results, manifest = inputs
-    t = args.repeat_threshold or cfg.data.repeat_threshold or 0.1
-    cap_from = (
-        "--detections-per-img"
-        if args.detections_per_img is not None
-        else "the config's model.detections_per_img"
-        if args.config or any(kv.startswith("model.detections_per_img=") for kv in args.set)
-        else None
-    )
-    settings = DiagnoseSettings(
-        model=cfg.model, cap=args.detections_per_img, cap_from=cap_from, repeat_threshold=t, progress=True
-    )
+    if args.loc_reference_iou is not None and not 0.5 <= args.loc_reference_iou <= 1.0:
+        return _fail(f"--loc-reference-iou {args.loc_reference_iou}: choose an IoU in [0.5, 1]")
+    settings = _settings(args, cfg)
     try:
         dets = Detections.from_coco_results(results)
-        d = measures.diagnose(gt, dets, manifest, settings)
+        _check_ids(gt, dets)
     except ValueError as e:
         return _fail(f"cannot diagnose {args.results} against {args.gt}: {e}")
-    if args.run:
-        d["training_curves"] = measures.training_curves(args.run)
-        d["causes"] = causes.add_cause(
-            d["causes"],
-            causes.under_training(
-                d["training_curves"], _last_meta(args.run), manifest["num_samples"] if manifest else None
-            ),
-        )
+    evidence = _run_evidence(args.run, manifest) if args.run else None
+    sweep = proposal_recall = None
     if args.checkpoint:
         try:
-            d["sweep"], d["proposal_recall"] = _model_checks(args, cfg)
+            sweep, proposal_recall = _model_checks(args, cfg)
         except (FileNotFoundError, ValueError) as e:
             return _fail(f"model checks: {e}")
+    try:
+        d = measures.diagnose(gt, dets, manifest, settings, evidence, sweep, proposal_recall)
+    except ValueError as e:
+        return _fail(f"cannot diagnose {args.results} against {args.gt}: {e}")
     paths = report.write_report(d, args.out)
     if args.run:
         text = paths["report"].read_text()
@@ -112,6 +109,47 @@ def run(args) -> int:
         report.log_tensorboard(d, text, figures, Path(args.run) / "tensorboard" / "diagnose")
     _print_summary(d, paths["report"])
     return 0
+
+
+def _settings(args, cfg):
+    """What the diagnosis needs from the arguments and the config; the config counts as in force
+    (advice respects it) only when given with --config."""
+    from mapdet.diagnosis.fixes import LOC_REFERENCE_IOU
+    from mapdet.diagnosis.settings import DiagnoseSettings
+
+    cap_from = (
+        "--detections-per-img"
+        if args.detections_per_img is not None
+        else "the config's model.detections_per_img"
+        if args.config or any(kv.startswith("model.detections_per_img=") for kv in args.set)
+        else None
+    )
+    return DiagnoseSettings(
+        model=cfg.model,
+        cap=args.detections_per_img,
+        cap_from=cap_from,
+        repeat_threshold=args.repeat_threshold or cfg.data.repeat_threshold or 0.1,
+        loc_reference_iou=LOC_REFERENCE_IOU if args.loc_reference_iou is None else args.loc_reference_iou,
+        config=cfg if args.config else None,
+        progress=True,
+    )
+
+
+def _check_ids(gt: dict, dets) -> None:
+    """ValueError naming detections on images or classes the ground truth lacks (before the slow part)."""
+    from mapdet.evaluation.inputs import GroundTruth, detection_rows
+
+    detection_rows(dets, GroundTruth.parse(gt))
+
+
+def _run_evidence(run_dir: str, manifest: dict | None):
+    """The run's curves, its last checkpoint's meta.json and the training split's size."""
+    from mapdet.diagnosis.curves import RunEvidence, run_meta, training_curves
+    from mapdet.engine import checkpoint
+
+    return RunEvidence(
+        training_curves(run_dir), run_meta(checkpoint.latest(run_dir)), manifest["num_samples"] if manifest else None
+    )
 
 
 def _model_checks(args, cfg):
@@ -146,14 +184,6 @@ def _model_checks(args, cfg):
     )
 
 
-def _last_meta(run_dir: str) -> dict | None:
-    """meta.json of the run's latest checkpoint (step, images per step), or None."""
-    from mapdet.engine import checkpoint
-
-    last = checkpoint.latest(run_dir)
-    return json.loads((last / "meta.json").read_text()) if last else None
-
-
 def _read_inputs(args) -> tuple | None:
     """(ground truth, results, training manifest or None); None after naming every file that is
     missing or not JSON (all of them at once: one rerun fixes them all)."""
@@ -174,18 +204,18 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _print_summary(d: dict, report_path: Path) -> None:
-    s = d["summary"]
-    print(
-        f"AP {s['AP']:.1f}  AP50 {s['AP50']:.1f}  ({s['num_images']} images)"
-        if s["AP"] is not None
-        else "AP undefined: no ground truth"
-    )
-    md = d["max_dets"]
-    print(f"detection cap {md['model_cap']}: {md['cap_source']}")
-    if md.get("cap_note"):
-        print(f"  note: {md['cap_note']}")
-    for c in d["causes"]:
-        if c["impact"] > 0:
-            print(f"  {c['cause']:<16} {c['impact']:6.1f}  {c['advice']}")
+def _print_summary(d, report_path: Path) -> None:
+    from mapdet.diagnosis.report import set_line
+
+    s = d.summary
+    head = f"AP {s.AP:.1f}  AP50 {s.AP50:.1f}  ({s.num_images} images)" if s.AP is not None else None
+    print(head or "AP undefined: no ground truth")
+    choice = d.max_dets.choice
+    print(f"detection cap {choice.model_cap}: {choice.cap_source}")
+    if choice.cap_note:
+        print(f"  note: {choice.cap_note}")
+    print("causes (COCO AP at maxDets 100 gained by fixing each alone):")
+    for c in d.causes:
+        if c.impact > 0:
+            print(f"  {c.cause:<16} {c.impact:6.1f}  {set_line(c.set) if c.set else c.advice}")
     print(f"report: {report_path}")

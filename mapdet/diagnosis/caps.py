@@ -4,7 +4,8 @@ A model keeps at most ``model.detections_per_img`` detections per image over all
 maxDets caps each image AND class. ``max_dets_curves`` measures AP against both; ``infer_cap``
 reads the cap from the results alone, ``resolve_cap`` reconciles it with a cap given by the
 user or the config, and ``cap_estimate`` estimates what lies beyond the results' own cap from
-TIDE's missed objects.
+TIDE's missed objects. Every AP here is read at the headline maxDets (``records.HEADLINE_MAX_DETS``),
+where the causes' impacts are: a larger cap is worth only what it adds to the AP that is reported.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ import math
 import numpy as np
 
 from mapdet.diagnosis import tide
+from mapdet.diagnosis.fixes import Fixer
+from mapdet.diagnosis.records import (
+    HEADLINE_MAX_DETS,
+    CapChoice,
+    CapCurves,
+    CapEstimate,
+    CocoCurve,
+    InferredCap,
+    PerImageCurve,
+)
 from mapdet.diagnosis.settings import DiagnoseSettings
 from mapdet.diagnosis.stats import points, share
 from mapdet.diagnosis.tide_matching import ImageTruth, match
@@ -46,11 +57,12 @@ def cap_per_image(dets: Detections, k: int) -> Detections:
     return dets.take(keep)
 
 
-def max_dets_curves(gt: dict, g: ImageTruth, dets: Detections, result, cap: int, extra_caps=()) -> dict:
+def max_dets_curves(gt: dict, g: ImageTruth, dets: Detections, result, cap: int, extra_caps=()) -> CapCurves:
     """AP and AP50 against COCO maxDets (per image AND class) and against a per-image cap.
 
-    The per-image curve truncates the results and re-evaluates at maxDets 1000, so the COCO
-    per-class cap never interferes; caps at or above the largest per-image count reuse ``result``.
+    The per-image curve truncates the results to the top k per image and reads AP at the headline
+    maxDets (100 per image and class), where the AP is reported; caps at or above the largest
+    per-image count reuse ``result``.
     """
     ids = np.asarray(dets.image_id)
     per_image = np.unique(ids, return_counts=True)[1] if len(ids) else np.zeros(0, int)
@@ -58,25 +70,24 @@ def max_dets_curves(gt: dict, g: ImageTruth, dets: Detections, result, cap: int,
     caps = sorted(set(CAPS) | {cap} | {int(k) for k in extra_caps})
     img_ap, img_ap50 = [], []
     for k in caps:
-        r = result if k >= most else evaluate_coco(gt, cap_per_image(dets, k), max_dets=(CAPS[-1],))
-        img_ap.append(points(r.ap(max_dets=CAPS[-1])) or 0.0)
-        img_ap50.append(points(r.ap(iou=0.5, max_dets=CAPS[-1])) or 0.0)
+        r = result if k >= most else evaluate_coco(gt, cap_per_image(dets, k), max_dets=(HEADLINE_MAX_DETS,))
+        img_ap.append(points(r.ap(max_dets=HEADLINE_MAX_DETS)) or 0.0)
+        img_ap50.append(points(r.ap(iou=0.5, max_dets=HEADLINE_MAX_DETS)) or 0.0)
     gt_per_image = np.bincount(g.image[~g.crowd], minlength=len(g.image_ids))
-    return {
-        "coco": {
-            "max_dets": list(CAPS),
-            "ap": [points(result.ap(max_dets=k)) for k in CAPS],
-            "ap50": [points(result.ap(iou=0.5, max_dets=k)) for k in CAPS],
-        },
-        "per_image": {"cap": caps, "ap": img_ap, "ap50": img_ap50},
-        "model_cap": cap,
-        "most_dets_per_image": most,
-        "share_images_at_cap": share(per_image >= cap),
-        "share_images_gt_over_100": share(gt_per_image > 100),
-        "share_images_gt_over_cap": share(gt_per_image > cap),
-        "gt_per_image_mean": float(gt_per_image.mean()) if len(gt_per_image) else 0.0,
-        "gt_per_image_max": int(gt_per_image.max(initial=0)),
-    }
+    return CapCurves(
+        coco=CocoCurve(
+            list(CAPS),
+            [points(result.ap(max_dets=k)) for k in CAPS],
+            [points(result.ap(iou=0.5, max_dets=k)) for k in CAPS],
+        ),
+        per_image=PerImageCurve(caps, img_ap, img_ap50),
+        most_dets_per_image=most,
+        share_images_at_cap=share(per_image >= cap),
+        share_images_gt_over_100=share(gt_per_image > 100),
+        share_images_gt_over_cap=share(gt_per_image > cap),
+        gt_per_image_mean=float(gt_per_image.mean()) if len(gt_per_image) else 0.0,
+        gt_per_image_max=int(gt_per_image.max(initial=0)),
+    )
 
 
 def counts_per_image(g: ImageTruth, dets: Detections) -> tuple[np.ndarray, np.ndarray]:
@@ -86,12 +97,10 @@ def counts_per_image(g: ImageTruth, dets: Detections) -> tuple[np.ndarray, np.nd
     return np.bincount(img[img >= 0], minlength=n), np.bincount(g.image[~g.crowd], minlength=n)
 
 
-def infer_cap(g: ImageTruth, dets: Detections) -> dict | None:
-    """The per-image cap the results show, or None (see CAP_PILE_SHARE for the rule).
-
-    Returns ``cap`` (the largest count), ``images_at_cap`` (images holding exactly that many),
-    ``evidence`` (those of them whose count is not their own number of objects), ``images_with_dets``.
-    """
+def infer_cap(g: ImageTruth, dets: Detections) -> InferredCap | None:
+    """The per-image cap the results show, or None (see CAP_PILE_SHARE for the rule): ``cap`` (the
+    largest count), ``images_at_cap`` (images holding exactly that many), ``evidence`` (those of
+    them whose count is not their own number of objects), ``images_with_dets``."""
     dets_n, gt_n = counts_per_image(g, dets)
     most = int(dets_n.max(initial=0))
     if most < MIN_INFERRED_CAP:
@@ -101,17 +110,17 @@ def infer_cap(g: ImageTruth, dets: Detections) -> dict | None:
     with_dets = int((dets_n > 0).sum())
     if evidence < max(CAP_PILE_MIN_IMAGES, math.ceil(CAP_PILE_SHARE * with_dets)):
         return None
-    return {"cap": most, "images_at_cap": int(at.sum()), "evidence": evidence, "images_with_dets": with_dets}
+    return InferredCap(most, int(at.sum()), evidence, with_dets)
 
 
-def _inferred_text(inf: dict) -> str:
+def _inferred_text(inf: InferredCap) -> str:
     return (
-        f"{inf['images_at_cap']} of {inf['images_with_dets']} images with detections hold exactly "
-        f"{inf['cap']} detections, none more"
+        f"{inf.images_at_cap} of {inf.images_with_dets} images with detections hold exactly {inf.cap} detections, "
+        "none more"
     )
 
 
-def resolve_cap(g: ImageTruth, dets: Detections, s: DiagnoseSettings) -> dict:
+def resolve_cap(g: ImageTruth, dets: Detections, s: DiagnoseSettings) -> CapChoice:
     """The cap the diagnosis uses, reconciled with what the results show.
 
     ``model_cap``: the cap whose cost the per-image curve measures; ``results_cap``: the cap the
@@ -132,55 +141,61 @@ def resolve_cap(g: ImageTruth, dets: Detections, s: DiagnoseSettings) -> dict:
     given_from = s.cap_from or ("settings.cap" if s.cap is not None else None)
     inf = infer_cap(g, dets)
     most = int(counts_per_image(g, dets)[0].max(initial=0))
-    out = {"given_cap": given if given_from else None, "given_from": given_from, "inferred": inf}
-    if given_from is None:  # nobody gave a cap: the config default is only an assumption
-        return out | _assumed_cap(inf, given, most)
-    return out | _given_cap(inf, given, f"{given_from} = {given}", most)
+    chosen = (
+        _assumed_cap(inf, given, most)  # nobody gave a cap: the config default is only an assumption
+        if given_from is None
+        else _given_cap(inf, given, f"{given_from} = {given}", most)
+    )
+    model_cap, results_cap, source, note = chosen
+    return CapChoice(given if given_from else None, given_from, inf, model_cap, results_cap, note, source)
 
 
-def _chosen(model_cap: int, results_cap: int | None, source: str, note: str | None = None) -> dict:
-    return {"model_cap": model_cap, "results_cap": results_cap, "cap_note": note, "cap_source": source}
+def _chosen(model_cap: int, results_cap: int | None, source: str, note: str | None = None) -> tuple:
+    return model_cap, results_cap, source, note
 
 
-def _assumed_cap(inf: dict | None, default: int, most: int) -> dict:
+def _assumed_cap(inf: InferredCap | None, default: int, most: int) -> tuple:
     """No cap given: the one the results show, else the config's default."""
     if inf:
         source = f"inferred: {_inferred_text(inf)} (no cap given; model.detections_per_img defaults to {default})"
-        return _chosen(inf["cap"], inf["cap"], source)
+        return _chosen(inf.cap, inf.cap, source)
     source = f"assumed: model.detections_per_img defaults to {default} (no cap given and none shown by the results)"
     return _chosen(default, default if most <= default else None, source)
 
 
-def _given_cap(inf: dict | None, given: int, named: str, most: int) -> dict:
+def _given_cap(inf: InferredCap | None, given: int, named: str, most: int) -> tuple:
     """A cap given: confirmed by the results, replaced by a smaller one they show, or measured by
     truncating results that hold more than it."""
-    if inf and inf["cap"] == given:
+    if inf and inf.cap == given:
         return _chosen(given, given, f"given: {named}, confirmed by the results ({_inferred_text(inf)})")
-    if inf and inf["cap"] < given:
+    if inf and inf.cap < given:
         note = (
             f"the given cap ({named}) disagrees with the results: {_inferred_text(inf)}; a cap of {given} "
-            f"does not stop that many images at exactly {inf['cap']}, so the diagnosis uses {inf['cap']}"
+            f"does not stop that many images at exactly {inf.cap}, so the diagnosis uses {inf.cap}"
         )
-        return _chosen(inf["cap"], inf["cap"], f"inferred: {_inferred_text(inf)}", note)
+        return _chosen(inf.cap, inf.cap, f"inferred: {_inferred_text(inf)}", note)
     if most > given:
-        shown = f"they show a cap of {inf['cap']}: {_inferred_text(inf)}" if inf else "or none: they show no cap"
+        shown = f"they show a cap of {inf.cap}: {_inferred_text(inf)}" if inf else "or none: they show no cap"
         note = (
             f"the results hold up to {most} detections per image, more than the given cap ({named}): they were "
             f"produced with a larger cap ({shown}); the cost of {given} is measured by truncating them to the "
             f"top {given} per image"
         )
-        own = f"inferred {inf['cap']}" if inf else "none"
-        return _chosen(given, inf["cap"] if inf else None, f"given: {named}; results' own cap: {own}", note)
+        own = f"inferred {inf.cap}" if inf else "none"
+        return _chosen(given, inf.cap if inf else None, f"given: {named}; results' own cap: {own}", note)
     return _chosen(given, given, f"given: {named}")
 
 
-def cap_estimate(g: ImageTruth, dets: Detections, td: tide.TideResult, cap: int | None, s: DiagnoseSettings) -> dict:
-    """What the objects beyond the results' cap would add: TIDE's miss fix (AP50 with those
-    objects no longer counted as missed) restricted to the missed ground truth in images whose
-    results reach ``cap`` and that hold more non-crowd objects than ``cap``. The TIDE matching
-    counts ``max(cap, tide_max_dets)`` detections per image (a second matching when ``cap`` is the
-    larger). ``dAP`` 0 when no image is over the cap or the results show no cap (``cap`` None)."""
-    out = {"cap": cap, "images": 0, "missed_gt": 0, "dAP": 0.0, "tide_max_dets": max(cap or 0, s.tide_max_dets)}
+def cap_estimate(
+    g: ImageTruth, dets: Detections, td: tide.TideResult, cap: int | None, s: DiagnoseSettings, fixer: Fixer
+) -> CapEstimate:
+    """What the objects beyond the results' cap would add: the missed ground truth in images whose
+    results reach ``cap`` and that hold more non-crowd objects than ``cap``, no longer counted as
+    missed: ``dAP`` by TIDE's miss fix (AP50), ``gain`` by the same objects removed from the ground
+    truth and the results scored again (COCO AP, ``fixer``). The matching counts
+    ``max(cap, tide_max_dets)`` detections per image (a second matching when ``cap`` is the
+    larger). Zero when no image is over the cap or the results show no cap (``cap`` None)."""
+    out = CapEstimate(cap, tide_max_dets=max(cap or 0, s.tide_max_dets))
     if cap is None:
         return out
     dets_n, gt_n = counts_per_image(g, dets)
@@ -191,10 +206,9 @@ def cap_estimate(g: ImageTruth, dets: Detections, td: tide.TideResult, cap: int 
         m, base = td.matching, td.ap
     else:
         m = match(g, dets, s.pos_thr, s.bkg_thr, cap)
-        base = tide.fixed_ap(m)
+        base, fixer = tide.fixed_ap(m), fixer.with_matching(m)
     mask = over[g.image]
-    return out | {
-        "images": int(over.sum()),
-        "missed_gt": int((m.miss & mask).sum()),
-        "dAP": max(tide.fixed_ap(m, "miss", mask) - base, 0.0),
-    }
+    out.images, out.missed_gt = int(over.sum()), int((m.miss & mask).sum())
+    out.dAP = max(tide.fixed_ap(m, "miss", mask) - base, 0.0)
+    out.gain = fixer.gain("miss", mask)
+    return out

@@ -1,7 +1,7 @@
-"""The diagnosis figures: one PNG per question, drawn from ``diagnosis.json`` alone (matplotlib Agg).
+"""The diagnosis figures: one PNG per question, drawn from the diagnosis record alone (matplotlib Agg).
 
 ``write_figures(d, out_dir) -> {name: path}`` draws every figure whose data is present in the
-diagnosis dict ``d`` (see ``mapdet.diagnosis.measures``): TIDE dAP bars, per-class AP vs training frequency,
+``records.Diagnosis`` ``d`` (see ``mapdet.diagnosis.measures``): TIDE dAP bars, per-class AP vs training frequency,
 AP vs IoU threshold, AP vs detection cap / maxDets, box-size histogram against the anchor sizes,
 loss vs mAP over training, and the post-processing sweep and proposal recall when measured.
 """
@@ -16,10 +16,11 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mapdet.diagnosis.records import Diagnosis  # noqa: E402
 from mapdet.diagnosis.tide import ALL_TYPES  # noqa: E402
 
 
-def write_figures(d: dict, out_dir: str | Path) -> dict[str, Path]:
+def write_figures(d: Diagnosis, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawers = {
@@ -44,49 +45,45 @@ def write_figures(d: dict, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def _tide(d: dict):
+def _tide(d: Diagnosis):
+    t = d.tide
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    values = [d["errors"][k] for k in ALL_TYPES]
+    values = [t.errors[k] for k in ALL_TYPES]
     colors = ["tab:red"] * 6 + ["tab:gray"] * 2
     bars = ax.bar([k.upper() if len(k) == 2 else k.capitalize() for k in ALL_TYPES], values, color=colors)
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_ylim(min(0.0, min(values) * 1.15), max(1.0, max(values) * 1.15))
     ax.set_ylabel("dAP50 (AP points)")
-    ax.set_title(
-        f"TIDE error decomposition (AP50 {d['tide']['ap50']:.1f}, "
-        f"IoU {d['tide']['pos_thr']}/{d['tide']['bkg_thr']}, {d['tide']['max_dets']} dets/img)"
-    )
+    ax.set_title(f"TIDE error decomposition (AP50 {t.ap50:.1f}, IoU {t.pos_thr}/{t.bkg_thr}, {t.max_dets} dets/img)")
     return fig
 
 
-def _per_class(d: dict):
-    pc = d["per_class"]
-    rows = pc["rows"]
+def _per_class(d: Diagnosis):
+    pc = d.per_class
+    rows = pc.rows
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    f = np.array([max(r["train_freq"], 1e-4) for r in rows])
-    ap = np.array([r["ap"] for r in rows])
-    ap50 = np.array([r["ap50"] for r in rows])
-    ax.scatter(f, ap50, marker="x", color="tab:gray", label="AP50")
-    ax.scatter(f, ap, color="tab:blue", label="AP")
+    f = np.array([max(r.train_freq, 1e-4) for r in rows])
+    ax.scatter(f, [r.ap50 for r in rows], marker="x", color="tab:gray", label="AP50")
+    ax.scatter(f, [r.ap for r in rows], color="tab:blue", label="AP")
     for r, x in zip(rows, f):
-        if r["ap50"] < 1.0 or len(rows) <= 12:
-            ax.annotate(r["name"], (x, r["ap"]), fontsize=6, rotation=30)
-    ax.axvline(pc["repeat_threshold"], color="tab:orange", ls="--", label=f"t = {pc['repeat_threshold']}")
+        if r.ap50 < 1.0 or len(rows) <= 12:
+            ax.annotate(r.name, (x, r.ap), fontsize=6, rotation=30)
+    ax.axvline(pc.repeat_threshold, color="tab:orange", ls="--", label=f"t = {pc.repeat_threshold}")
     ax.set_xscale("log")
-    ax.set_xlabel(f"share of training images with the class ({pc['source']})")
+    ax.set_xlabel(f"share of training images with the class ({pc.source})")
     ax.set_ylabel("AP points")
-    rho = pc["spearman_ap_vs_freq"]
+    rho = pc.spearman_ap_vs_freq
     ax.set_title("Per-class AP vs training frequency" + (f" (Spearman {rho:.2f})" if rho is not None else ""))
     ax.legend(fontsize=8)
     return fig
 
 
-def _iou(d: dict):
-    c = d["iou_curve"]
+def _iou(d: Diagnosis):
+    c = d.iou_curve
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(c["iou"], [np.nan if v is None else v for v in c["ap"]], marker="o")
+    ax.plot(c.iou, [np.nan if v is None else v for v in c.ap], marker="o")
     ax.set_xlabel("IoU threshold")
     ax.set_ylabel("AP points")
     ax.set_title("AP vs IoU threshold")
@@ -94,51 +91,54 @@ def _iou(d: dict):
     return fig
 
 
-def _max_dets(d: dict):
-    m = d["max_dets"]
+def _max_dets(d: Diagnosis):
+    m = d.max_dets
+    per, coco = m.curves.per_image, m.curves.coco
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(m["per_image"]["cap"], m["per_image"]["ap50"], marker="o", label="AP50, cap per image (all classes)")
-    ax.plot(m["per_image"]["cap"], m["per_image"]["ap"], marker="o", label="AP, cap per image (all classes)")
-    coco = [np.nan if v is None else v for v in m["coco"]["ap"]]
-    ax.plot(m["coco"]["max_dets"], coco, marker="s", ls="--", label="AP, COCO maxDets (per image and class)")
-    ax.axvline(m["model_cap"], color="tab:red", ls=":", label=f"model cap {m['model_cap']}")
+    ax.plot(per.cap, per.ap50, marker="o", label="AP50, cap per image (all classes), maxDets 100")
+    ax.plot(per.cap, per.ap, marker="o", label="AP, cap per image (all classes), maxDets 100")
+    ap = [np.nan if v is None else v for v in coco.ap]
+    ax.plot(coco.max_dets, ap, marker="s", ls="--", label="AP, COCO maxDets (per image and class)")
+    ax.axvline(m.model_cap, color="tab:red", ls=":", label=f"model cap {m.model_cap}")
     ax.set_xscale("log")
     ax.set_xlabel("detections kept")
     ax.set_ylabel("AP points")
-    ax.set_title(f"AP vs detection cap ({m['share_images_gt_over_100']:.0%} of images have > 100 objects)")
+    ax.set_title(f"AP vs detection cap ({m.curves.share_images_gt_over_100:.0%} of images have > 100 objects)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return fig
 
 
-def _sizes(d: dict):
-    s = d["size"]
+def _sizes(d: Diagnosis):
+    s = d.size
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"width_ratios": [3, 1]})
-    bins = np.array(s["bins"])
-    ax.stairs(s["hist_model_input"], bins, fill=True, alpha=0.6, label="at the model's input size")
-    ax.stairs(s["hist_original"], bins, color="k", label="in the stored images")
-    for i, a in enumerate(s["anchor_sizes"]):
+    bins = np.array(s.bins)
+    ax.stairs(s.hist_model_input, bins, fill=True, alpha=0.6, label="at the model's input size")
+    ax.stairs(s.hist_original, bins, color="k", label="in the stored images")
+    for i, a in enumerate(s.anchor_sizes):
         ax.axvline(a, color="tab:red", ls="--", label="anchor sizes" if i == 0 else None)
     ax.set_xscale("log")
     ax.set_xlabel("ground-truth box size sqrt(area), px")
     ax.set_ylabel("boxes")
     ax.legend(fontsize=7)
-    ax.set_title(f"Box sizes vs anchors (input min_size {s['model_input']['min_size']})")
+    ax.set_title(f"Box sizes vs anchors (input min_size {s.model_input.min_size})")
     names = ["small", "medium", "large"]
-    bx.bar(names, [s["ap"][k] or 0.0 for k in names], label="AP")
-    bx.bar(names, [s["ap50"][k] or 0.0 for k in names], fill=False, edgecolor="k", label="AP50")
+    bx.bar(names, [s.ap[k] or 0.0 for k in names], label="AP")
+    bx.bar(names, [s.ap50[k] or 0.0 for k in names], fill=False, edgecolor="k", label="AP50")
     bx.set_title("AP by size")
     bx.legend(fontsize=7)
     return fig
 
 
-def _curves(d: dict):
-    tc = d.get("training_curves")
-    if not tc or not tc["series"]:
+def _curves(d: Diagnosis):
+    tc = d.training_curves
+    if not tc or not tc.series:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.8))
     right = ax.twinx()
-    for tag, series in tc["series"].items():
+    for tag, series in tc.series.items():
+        if tag not in _TAG_COLORS:  # the learning rate has its own scale: shown in TensorBoard
+            continue
         steps, values = zip(*series)
         target = right if tag.startswith("val/AP") else ax
         target.plot(
@@ -163,12 +163,12 @@ def _curves(d: dict):
 _TAG_COLORS = {"train/loss": "tab:blue", "val/loss": "tab:orange", "val/AP": "tab:green", "val/AP50": "tab:olive"}
 
 
-def _sweep(d: dict):
-    sw = d.get("sweep")
+def _sweep(d: Diagnosis):
+    sw = d.sweep
     if not sw:
         return None
-    nms, scores, caps = sw["nms_thresh"], sw["score_thresh"], sw["detections_per_img"]
-    grid = np.array(sw["ap"])  # (nms, score, caps)
+    nms, scores, caps = sw.nms_thresh, sw.score_thresh, sw.detections_per_img
+    grid = np.array(sw.ap)  # (nms, score, caps), AP at maxDets sw.max_dets
     fig, axes = plt.subplots(1, len(caps), figsize=(3.2 * len(caps), 3), squeeze=False)
     for j, (ax, cap) in enumerate(zip(axes[0], caps)):
         im = ax.imshow(grid[:, :, j], origin="lower", aspect="auto", vmin=np.nanmin(grid), vmax=np.nanmax(grid))
@@ -184,14 +184,14 @@ def _sweep(d: dict):
     return fig
 
 
-def _proposals(d: dict):
-    pr = d.get("proposal_recall")
+def _proposals(d: Diagnosis):
+    pr = d.proposal_recall
     if not pr:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    names = list(pr["recall"])
-    ax.bar(names, [pr["recall"][k] if pr["recall"][k] is not None else 0.0 for k in names])
+    names = list(pr.recall)
+    ax.bar(names, [pr.recall[k] if pr.recall[k] is not None else 0.0 for k in names])
     ax.set_ylim(0, 1)
-    ax.set_ylabel(f"recall at IoU {pr['iou']}")
-    ax.set_title(f"RPN proposal recall by size ({pr['proposals_per_image']:.0f} proposals/img)")
+    ax.set_ylabel(f"recall at IoU {pr.iou}")
+    ax.set_title(f"RPN proposal recall by size ({pr.proposals_per_image:.0f} proposals/img)")
     return fig

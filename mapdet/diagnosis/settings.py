@@ -1,15 +1,17 @@
-"""What a diagnosis needs besides the ground truth and the detections: the model's configuration,
-the per-image detection cap and where it came from, the rare-class threshold and TIDE's thresholds.
+"""What a diagnosis needs besides the ground truth and the detections: the model's configuration
+(and the whole config in force, for advice), the per-image detection cap and where it came from,
+the rare-class threshold, TIDE's thresholds and the localization reference.
 
-One home for the settings that ``mapdet.diagnosis.measures`` (which runs the diagnosis) and
-``mapdet.diagnosis.caps`` (which reconciles the cap) both read.
+One home for the settings that ``mapdet.diagnosis.measures`` (which runs the diagnosis),
+``mapdet.diagnosis.caps`` (which reconciles the cap) and ``mapdet.diagnosis.advice`` read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mapdet.config import ModelConfig
+from mapdet.config import Config, ModelConfig
+from mapdet.diagnosis.fixes import LOC_REFERENCE_IOU
 
 
 @dataclass
@@ -18,7 +20,9 @@ class DiagnoseSettings:
 
     ``cap_from`` names where the cap comes from (``--detections-per-img``, the config); None with
     ``cap`` None means nobody gave one (the config default stands in): the cap the results show,
-    when they show one, is then used without a note.
+    when they show one, is then used without a note. ``config``: the config the results were made
+    with (``--config``); None when not given, and then no cause carries ``set`` overrides (advice
+    against a config nobody gave could repeat what is already in force).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -28,4 +32,6 @@ class DiagnoseSettings:
     pos_thr: float = 0.5
     bkg_thr: float = 0.1
     tide_max_dets: int = 100
+    loc_reference_iou: float = LOC_REFERENCE_IOU
+    config: Config | None = None
     progress: bool = False

@@ -10,7 +10,9 @@ The sweep then reruns only torchvision's own ``RoIHeads.postprocess_detections``
 per-class NMS, top-k) and ``transform.postprocess`` for each (NMS IoU, score threshold) pair, at
 the largest detections-per-image value; smaller caps are the top-k prefix of that output (the
 postprocess keeps detections sorted by score), so every grid point equals a full model run with
-those three settings.
+those three settings. Every grid point is scored at the headline maxDets (100 per image and class,
+``records.HEADLINE_MAX_DETS``), where the AP is reported and the causes' impacts are read: a larger
+per-image cap is worth only what it adds there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ from tqdm import tqdm
 
 from mapdet.boxes import area, xyxy_to_xywh
 from mapdet.diagnosis.caps import cap_per_image
+from mapdet.diagnosis.postprocess import Postprocess, ProposalRecall, Sweep, SweepBest
+from mapdet.diagnosis.records import HEADLINE_MAX_DETS
 from mapdet.diagnosis.stats import points
 from mapdet.evaluation.coco import evaluate_coco
 from mapdet.evaluation.matching import MEDIUM, SMALL
@@ -111,14 +114,6 @@ def coco_from_targets(targets: list[dict], cat_ids: list[int]) -> dict:
     return {"images": images, "annotations": anns, "categories": [{"id": int(k)} for k in cat_ids]}
 
 
-class Postprocess(NamedTuple):
-    """The three settings of torchvision's post-processing that the sweep varies."""
-
-    nms_thresh: float
-    score_thresh: float
-    detections_per_img: int
-
-
 @dataclass
 class _ModelPass:
     """What one pass of the network over the images leaves for the measurements."""
@@ -144,12 +139,12 @@ def run_model_checks(
     iou: float = 0.5,
     max_images: int | None = None,
     progress: bool = False,
-) -> tuple[dict, dict]:
+) -> tuple[Sweep, ProposalRecall]:
     """(sweep, proposal_recall) over ``batches``; ``current`` = (nms, score, dets) of the model config.
 
-    sweep: ``ap`` (len(nms), len(score), len(dets)) COCO AP points, ``ap50`` the same, ``best``,
-    ``current_ap``. proposal_recall: share of non-crowd GT boxes (by COCO size of the stored box)
-    with IoU >= ``iou`` to some RPN proposal.
+    sweep: ``ap`` (len(nms), len(score), len(dets)) COCO AP points at the headline maxDets, ``ap50``
+    the same, ``best``, ``current_ap``. proposal_recall: share of non-crowd GT boxes (by COCO size of
+    the stored box) with IoU >= ``iou`` to some RPN proposal.
     """
     nms_v, score_v = _grid_values(nms_thresh), _grid_values(score_thresh)
     caps = sorted({int(c) for c in detections_per_img})
@@ -163,8 +158,7 @@ def run_model_checks(
         raise ValueError("the model checks saw no image: the loader is empty")
     gt = coco_from_targets(seen.targets, cat_ids)
     found = {p: Detections.concat(v) for p, v in seen.found.items()}
-    sweep = _evaluate_grid(gt, found, nms_v, score_v, caps, current)
-    sweep["num_images"] = len(seen.targets)
+    sweep = evaluate_grid(gt, found, nms_v, score_v, caps, current)
     return sweep, _recall_by_size(seen.hits, iou, float(np.mean(seen.proposals)))
 
 
@@ -191,16 +185,17 @@ def _model_pass(model, batches, grid, cap: int, iou: float, max_images: int | No
     return seen
 
 
-def _evaluate_grid(gt: dict, found: dict, nms_v, score_v, caps, current: Postprocess | None) -> dict:
+def evaluate_grid(gt: dict, found: dict, nms_v, score_v, caps, current: Postprocess | None) -> Sweep:
+    """The sweep's grids from ``found`` {(nms, score): Detections at the largest cap, sorted by score
+    per image as torchvision keeps them}: each cap is the top-k of every image, scored at the headline maxDets."""
     ap = np.zeros((len(nms_v), len(score_v), len(caps)))
     ap50 = np.zeros_like(ap)
     for (i, n), (j, s) in itertools.product(enumerate(nms_v), enumerate(score_v)):
         for k, cap in enumerate(caps):
-            r = evaluate_coco(gt, cap_per_image(found[(n, s)], cap), max_dets=(caps[-1],))
-            ap[i, j, k] = points(r.ap(max_dets=caps[-1])) or 0.0
-            ap50[i, j, k] = points(r.ap(iou=0.5, max_dets=caps[-1])) or 0.0
+            r = evaluate_coco(gt, cap_per_image(found[(n, s)], cap), max_dets=(HEADLINE_MAX_DETS,))
+            ap[i, j, k] = points(r.ap(max_dets=HEADLINE_MAX_DETS)) or 0.0
+            ap50[i, j, k] = points(r.ap(iou=0.5, max_dets=HEADLINE_MAX_DETS)) or 0.0
     i, j, k = np.unravel_index(int(np.argmax(ap)), ap.shape)
-    best = {"nms_thresh": nms_v[i], "score_thresh": score_v[j], "detections_per_img": caps[k], "ap": float(ap[i, j, k])}
     cur = None
     if current is not None:
         at = (
@@ -209,16 +204,17 @@ def _evaluate_grid(gt: dict, found: dict, nms_v, score_v, caps, current: Postpro
             caps.index(current.detections_per_img),
         )
         cur = float(ap[at])
-    return {
-        "nms_thresh": nms_v,
-        "score_thresh": score_v,
-        "detections_per_img": caps,
-        "ap": ap.tolist(),
-        "ap50": ap50.tolist(),
-        "best": best,
-        "current_ap": cur,
-        "current": None if current is None else current._asdict(),
-    }
+    return Sweep(
+        nms_thresh=list(nms_v),
+        score_thresh=list(score_v),
+        detections_per_img=list(caps),
+        ap=ap.tolist(),
+        ap50=ap50.tolist(),
+        best=SweepBest(nms_v[i], score_v[j], caps[k], float(ap[i, j, k])),
+        current_ap=cur,
+        current=current,
+        num_images=len(gt["images"]),
+    )
 
 
 def proposal_hits(out: HeadOutputs, targets: list[dict], iou: float) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +232,7 @@ def proposal_hits(out: HeadOutputs, targets: list[dict], iou: float) -> tuple[np
     return (np.concatenate(hits) if hits else np.zeros(0, bool)), (np.concatenate(areas) if areas else np.zeros(0))
 
 
-def _recall_by_size(parts, iou: float, proposals_per_image: float) -> dict:
+def _recall_by_size(parts, iou: float, proposals_per_image: float) -> ProposalRecall:
     """Recall by COCO size from the ``proposal_hits`` of every batch."""
     hits = np.concatenate([hit for hit, _ in parts]) if parts else np.zeros(0, bool)
     area = np.concatenate([a for _, a in parts]) if parts else np.zeros(0)
@@ -246,9 +242,9 @@ def _recall_by_size(parts, iou: float, proposals_per_image: float) -> dict:
         "medium": (area >= SMALL) & (area < MEDIUM),
         "large": area >= MEDIUM,
     }
-    return {
-        "iou": iou,
-        "proposals_per_image": proposals_per_image,
-        "recall": {k: (float(hits[m].mean()) if m.any() else None) for k, m in ranges.items()},
-        "num_gt": {k: int(m.sum()) for k, m in ranges.items()},
-    }
+    return ProposalRecall(
+        iou,
+        proposals_per_image,
+        {k: (float(hits[m].mean()) if m.any() else None) for k, m in ranges.items()},
+        {k: int(m.sum()) for k, m in ranges.items()},
+    )

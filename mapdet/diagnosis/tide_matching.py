@@ -28,7 +28,8 @@ class ImageTruth:
 
     ``boxes`` (G, 4) xyxy, ``labels`` (G,) category ids, ``crowd`` (G,) bool, ``area`` (G,) (the
     json's area, used for COCO size ranges), ``image`` (G,) index into ``image_ids``; ``offsets``
-    (N+1,) so that image i owns rows ``offsets[i]:offsets[i+1]``.
+    (N+1,) so that image i owns rows ``offsets[i]:offsets[i+1]``; ``ann`` (G,) position of each row
+    in the json's ``annotations`` (``mapdet.diagnosis.fixes`` removes ground truth by it).
     """
 
     image_ids: np.ndarray
@@ -38,6 +39,8 @@ class ImageTruth:
     area: np.ndarray
     image: np.ndarray
     offsets: np.ndarray
+    ann: np.ndarray
+    ann: np.ndarray
 
     @classmethod
     def from_coco(cls, gt: dict) -> ImageTruth:
@@ -59,6 +62,7 @@ class ImageTruth:
             area=found.area[order],
             image=index[order],
             offsets=np.searchsorted(index[order], np.arange(len(truth.listed) + 1)),
+            ann=order,  # truth.boxes() lists every annotation in file order
         )
 
     def image_index(self, query: np.ndarray) -> np.ndarray:
@@ -88,7 +92,8 @@ class Matching:
     Detections (D kept after the per-image cap, in image order then descending score):
     ``label``, ``score``, ``image``, ``kind`` (TP/CLS/LOC/BOTH/DUPE/BKG/IGNORED), ``target``
     (ground-truth row of a cls/loc error whose box is still unmatched, else -1), ``best``
-    (this error is the highest-scoring one on its target, so a fix turns it into a TP).
+    (this error is the highest-scoring one on its target, so a fix turns it into a TP),
+    ``taken`` (ground-truth row a TP matched, else -1), ``index`` (position in the detections given).
     Ground truth (G rows of ``ImageTruth``): ``matched``, ``miss`` (bool), ``gt`` itself.
     ``dets_per_image`` (N,) counts kept detections; ``dropped_by_cap`` and ``outside_gt`` count
     detections beyond ``max_dets`` and on images absent from the ground truth.
@@ -101,6 +106,8 @@ class Matching:
     kind: np.ndarray
     target: np.ndarray
     best: np.ndarray
+    taken: np.ndarray
+    index: np.ndarray
     matched: np.ndarray
     miss: np.ndarray
     dets_per_image: np.ndarray
@@ -127,18 +134,20 @@ def match(
 
     kind = np.full(len(kept), TP, dtype=np.int8)
     target = np.full(len(kept), -1, dtype=np.int64)
+    taken = np.full(len(kept), -1, dtype=np.int64)
     matched = np.zeros(len(gt.labels), dtype=bool)
     usable = np.zeros(len(gt.labels), dtype=bool)
     for i in tqdm(range(len(gt.image_ids)), desc="TIDE matching", unit="img", disable=not progress):
         ds, gs = slice(d_off[i], d_off[i + 1]), slice(gt.offsets[i], gt.offsets[i + 1])
         if ds.start == ds.stop:
             continue
-        k, t = _match_image(
+        k, t, took = _match_image(
             d_boxes[ds], d_labels[ds], gt.boxes[gs], gt.labels[gs], gt.crowd[gs], matched[gs], pos_thr, bkg_thr
         )
         kind[ds] = k
         has = t >= 0
         target[ds] = np.where(has, t + gs.start, -1)
+        taken[ds] = np.where(took >= 0, took + gs.start, -1)
         usable[t[has] + gs.start] = True
     miss = ~matched & ~usable & ~gt.crowd
     return Matching(
@@ -149,6 +158,8 @@ def match(
         kind=kind,
         target=target,
         best=_best_per_target(target, scores[kept]),
+        taken=taken,
+        index=kept,
         matched=matched,
         miss=miss,
         dets_per_image=np.diff(d_off),
@@ -158,16 +169,19 @@ def match(
 
 
 def _match_image(boxes, labels, gboxes, glabels, gcrowd, gmatched, pos_thr, bkg_thr):
-    """One image: kinds (D,) and cls/loc targets (D,) as local GT rows; fills ``gmatched`` in place."""
+    """One image: kinds (D,), cls/loc targets (D,) and the box each TP took (D,), as local GT rows
+    (-1: none); fills ``gmatched`` in place."""
     real = np.flatnonzero(~gcrowd)
     kind = np.full(len(boxes), BKG, dtype=np.int8)
     target = np.full(len(boxes), -1, dtype=np.int64)
+    took = np.full(len(boxes), -1, dtype=np.int64)
     if len(real) > 0:
         iou = box_iou(boxes, gboxes[real])
         same = labels[:, None] == glabels[real][None, :]
-        tp, used = _greedy(iou * same, pos_thr)
+        tp, used, col = _greedy(iou * same, pos_thr)
         gmatched[real] = used
         kind[tp] = TP
+        took[tp] = real[col[tp]]
         tgt = _classify(kind, tp, iou, same, used, pos_thr, bkg_thr)
         # a cls/loc error on an already-matched box cannot become a TP: it has no usable target
         ok = tgt >= 0
@@ -175,22 +189,23 @@ def _match_image(boxes, labels, gboxes, glabels, gcrowd, gmatched, pos_thr, bkg_
         target[ok] = real[tgt[ok]]
     absorbed = _absorb_by_crowd(kind, boxes, labels, gboxes[gcrowd], glabels[gcrowd], pos_thr)
     target[absorbed] = -1
-    return kind, target
+    return kind, target, took
 
 
-def _greedy(same_iou: np.ndarray, pos_thr: float) -> tuple[np.ndarray, np.ndarray]:
-    """Detections (in score order) that match, and the ground truth they take: each takes the
-    unmatched box of its class with the highest IoU >= ``pos_thr``."""
+def _greedy(same_iou: np.ndarray, pos_thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Detections (in score order) that match, the ground truth taken, and the column each TP took:
+    each takes the unmatched box of its class with the highest IoU >= ``pos_thr``."""
     tp = np.zeros(len(same_iou), dtype=bool)
     used = np.zeros(same_iou.shape[1], dtype=bool)
+    col = np.full(len(same_iou), -1, dtype=np.int64)
     # only detections with some same-class IoU >= t_f can match; the loop is over those alone
     buf = same_iou.copy()
     for j in np.flatnonzero(same_iou.max(axis=1) >= pos_thr):
         g = int(buf[j].argmax())
         if buf[j, g] >= pos_thr:
-            tp[j], used[g] = True, True
+            tp[j], used[g], col[j] = True, True, g
             buf[:, g] = 0.0
-    return tp, used
+    return tp, used, col
 
 
 def _classify(kind, tp, iou, same, used, pos_thr: float, bkg_thr: float) -> np.ndarray:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -88,6 +89,10 @@ ARCH_DEFAULTS = {
         aspect_ratios=[0.5, 1.0, 2.0],
     ),
 }
+# Feature maps (FPN levels) per arch: model.anchor_sizes takes one size per map (_set_anchors checks
+# it against the built backbone); torchvision's own anchors when the config leaves them None.
+FEATURE_MAPS = {"resnet50_fpn_v2": 5, "mobilenet_v3_large_fpn": 3, "small": 4}
+STOCK_ANCHOR_SIZES = {"resnet50_fpn_v2": [32, 64, 128, 256, 512], "mobilenet_v3_large_fpn": [32, 64, 128, 256, 512]}
 _STOCK_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 # The small trunk's channels at strides 2, 4, 8, 16, 32; the FPN reads the last three stages.
 _SMALL_WIDTHS = (16, 32, 64, 96, 128)
@@ -128,6 +133,8 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] 
     cfg = resolve_config(cfg)
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}: need background + at least one class")
+    if not math.isfinite(cfg.box_loss_weight) or cfg.box_loss_weight < 0:
+        raise ValueError(f"model.box_loss_weight={cfg.box_loss_weight}: must be finite and >= 0 (1: torchvision's)")
     _check_named_weights(cfg)
     kwargs = dict(
         min_size=cfg.min_size,
@@ -147,7 +154,7 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] 
     else:
         model = _STOCK_BUILDERS[cfg.arch](weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
     _set_anchors(model, cfg)
-    model = _with_mapdet_parts(model, class_weights(cfg, num_classes, class_counts))
+    model = _with_mapdet_parts(model, class_weights(cfg, num_classes, class_counts), cfg.box_loss_weight)
     if cfg.backbone_weights:
         key = "model.backbone_weights"
         if pretrained.is_name(cfg.backbone_weights):
@@ -169,14 +176,16 @@ def build_model(cfg: ModelConfig, num_classes: int, class_counts: Sequence[int] 
     return model
 
 
-def _with_mapdet_parts(model: FasterRCNN, weights: Tensor | None) -> Detector:
+def _with_mapdet_parts(model: FasterRCNN, weights: Tensor | None, box_loss_weight: float) -> Detector:
     """torchvision's detector with mapdet's RPN, RoI heads and forward: the same weights and results,
     a small fraction of the host syncs (proposals.py, roi_heads.py, rcnn.py)."""
     model.rpn = rpn_like(model.rpn)
     if weights is not None:
-        model.roi_heads = heads_like(model.roi_heads, ClassWeightedRoIHeads, weight=weights)
+        model.roi_heads = heads_like(
+            model.roi_heads, ClassWeightedRoIHeads, weight=weights, box_loss_weight=box_loss_weight
+        )
     else:
-        model.roi_heads = heads_like(model.roi_heads)
+        model.roi_heads = heads_like(model.roi_heads, box_loss_weight=box_loss_weight)
     return Detector.of(model)
 
 

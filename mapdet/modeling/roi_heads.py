@@ -1,9 +1,12 @@
 """The RoI box heads: RoI sampling with one host sync per batch, the classification loss
-class-weighted for the long tail, and the one unweighted loss that every validation loss uses.
+class-weighted for the long tail, the box-regression loss weighted, and the one unweighted loss
+that every validation loss uses.
 
 ``SampledRoIHeads`` is torchvision's ``RoIHeads`` whose ``subsample`` uses
 ``mapdet.modeling.sampling.BatchedSampler``: the same sampled RoIs (same random draws), found with
-one read-back per batch instead of three ``nonzero`` per image. Every detector uses it.
+one read-back per batch instead of three ``nonzero`` per image; in training its ``loss_box_reg``
+is multiplied by ``box_loss_weight`` (``model.box_loss_weight``, 1 = torchvision's). Every
+detector uses it.
 ``ClassWeightedRoIHeads`` is torchvision's ``RoIHeads`` with ``loss_classifier`` computed as a
 weighted cross-entropy over the sampled RoIs: logits (R, K+1), labels (R,) in 0..K (0 background),
 weights (K+1,) from ``class_weights``. Box regression and inference are torchvision's, unchanged.
@@ -72,15 +75,28 @@ def weighted_classification_loss(class_logits: Tensor, labels: Tensor, weight: T
 
 
 class SampledRoIHeads(RoIHeads):
-    """torchvision's ``RoIHeads`` (same arguments) with the sampler described above."""
+    """torchvision's ``RoIHeads`` (same arguments, plus ``box_loss_weight``) with the sampler and
+    the box-loss weight described above."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, box_loss_weight: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         if self.has_mask() or self.has_keypoint():
             raise ValueError("mapdet's RoI heads support box detection only (no masks/keypoints)")
         self.fg_bg_sampler = BatchedSampler(
             self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction
         )
+        self.box_loss_weight = float(box_loss_weight)
+        self.weighted = True  # off inside ``unweighted_loss``
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        result, losses = super().forward(features, proposals, image_shapes, targets)
+        return result, self.weigh_box_loss(losses)
+
+    def weigh_box_loss(self, losses: dict) -> dict:
+        """``losses`` with ``loss_box_reg`` times ``box_loss_weight`` (training, weighted, weight != 1)."""
+        if self.training and self.weighted and self.box_loss_weight != 1.0 and "loss_box_reg" in losses:
+            losses = {**losses, "loss_box_reg": losses["loss_box_reg"] * self.box_loss_weight}
+        return losses
 
     def subsample(self, labels: list[Tensor]) -> list[Tensor]:
         """Per image the indices of its sampled RoIs (positives and negatives), ascending."""
@@ -91,7 +107,10 @@ class SampledRoIHeads(RoIHeads):
 def heads_like(heads: RoIHeads, cls: type[RoIHeads] = SampledRoIHeads, **kwargs) -> RoIHeads:
     """A ``cls`` with ``heads``' pooler, box head and predictor (so the same weights), settings and
     mode: ``SampledRoIHeads``/``ClassWeightedRoIHeads`` for training, ``RoIHeads`` for torchvision's
-    own (tests and benchmarks compare them). ``kwargs`` go to ``cls`` (``weight=``)."""
+    own (tests and benchmarks compare them). ``kwargs`` go to ``cls`` (``weight=``,
+    ``box_loss_weight=``; a ``SampledRoIHeads`` keeps the box-loss weight of ``heads`` otherwise)."""
+    if issubclass(cls, SampledRoIHeads):
+        kwargs.setdefault("box_loss_weight", getattr(heads, "box_loss_weight", 1.0))
     new = cls(
         heads.box_roi_pool,
         heads.box_head,
@@ -121,7 +140,6 @@ class ClassWeightedRoIHeads(SampledRoIHeads):
     def __init__(self, *args, weight: Tensor, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("class_weight", weight.float(), persistent=False)
-        self.weighted = True  # off inside ``unweighted_loss``
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training or not self.weighted:
@@ -134,18 +152,19 @@ class ClassWeightedRoIHeads(SampledRoIHeads):
         class_logits, box_regression = self.box_predictor(box_features)
         _, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
         loss_classifier = weighted_classification_loss(class_logits, torch.cat(labels), self.class_weight)
-        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+        return [], self.weigh_box_loss({"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg})
 
 
 @contextlib.contextmanager
 def unweighted_loss(model: nn.Module):
-    """Inside the block every ``ClassWeightedRoIHeads`` computes torchvision's plain loss.
+    """Inside the block every ``SampledRoIHeads`` computes torchvision's plain loss (no class
+    weights, box-loss weight 1).
 
     The validation loss has one definition everywhere (training's validation, ``mapdet evaluate``,
     TensorBoard, metrics.json): torchvision's four losses, unweighted. ``evaluate`` has no training
     manifest to weight with, and a weighted number would change whenever the weights do.
     """
-    heads = [m for m in model.modules() if isinstance(m, ClassWeightedRoIHeads)]
+    heads = [m for m in model.modules() if isinstance(m, SampledRoIHeads)]
     for h in heads:
         h.weighted = False
     try:

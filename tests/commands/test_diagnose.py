@@ -30,8 +30,8 @@ def test_cli_writes_report_json_and_tensorboard(inputs, capsys):
 
     run = inputs / "run"
     w = SummaryWriter(str(run / "tensorboard" / "train"))
-    for step, (tl, vl, ap) in enumerate([(2.0, 2.1, 0.05), (1.0, 1.2, 0.1)]):
-        for tag, v in (("train/loss", tl), ("val/loss", vl), ("val/AP", ap), ("val/AP50", 2 * ap)):
+    for step, (tl, vl, ap) in enumerate([(2.0, 2.1, 0.05), (1.0, 1.2, 0.1), (0.8, 1.0, 0.12)]):
+        for tag, v in (("train/loss", tl), ("val/loss", vl), ("val/AP", ap), ("val/AP50", 2 * ap), ("train/lr", 0.01)):
             w.add_scalar(tag, v, step * 100)
     w.close()
     config = inputs / "cfg.yaml"
@@ -55,13 +55,20 @@ def test_cli_writes_report_json_and_tensorboard(inputs, capsys):
         == 0
     )
     d = json.loads((out / "diagnosis.json").read_text())
-    assert d["causes"][0]["cause"] == "class_imbalance"
+    top = d["causes"][0]
+    assert top["cause"] == "class_imbalance" and top["impact"] == pytest.approx(25.0)  # class 4 of 4 never found
+    assert top["set"] == ["data.repeat_threshold=0.1", "model.class_weights=inv_sqrt"]  # both off in the config
+    under = next(c for c in d["causes"] if c["cause"] == "under_training")
+    assert under["impact"] == pytest.approx(2.0) and under["set"] == ["train.max_steps=180000"]  # 10 -> 12 AP
+    assert d["impact_unit"]["metric"] == "COCO AP" and all(c["impact"] >= 0 for c in d["causes"])
     assert d["max_dets"]["model_cap"] == 100 and d["size"]["anchor_sizes"] == [8, 16, 32, 64, 128]
     assert d["size"]["anchors_from"] == "config" and d["size"]["model_input"]["min_size"] == 1024  # arch default
     assert d["training_curves"]["missing"] == []
     assert len((out / "report.md").read_text()) > 1000 and (out / "loss_vs_map.png").stat().st_size > 0
     assert list((run / "tensorboard" / "diagnose").glob("events.out.tfevents.*"))
-    assert "class_imbalance" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "class_imbalance" in printed and "--set data.repeat_threshold=0.1 model.class_weights=inv_sqrt" in printed
+    assert "Try: `--set data.repeat_threshold=0.1 model.class_weights=inv_sqrt`" in (out / "report.md").read_text()
 
 
 def test_cli_infers_the_cap_the_results_show_and_reports_a_given_one_that_disagrees(tmp_path, capsys):

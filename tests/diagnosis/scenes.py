@@ -51,6 +51,16 @@ def manifest(freq_images: dict[int, int], num_samples: int) -> dict:
     }
 
 
+def small_scene():
+    """4 images of 12 objects, every other one shrunk to 10 x 10 (small) and never found; the rest found."""
+    gt, objs = scene(4, lambda i: [1, 2] * 6)
+    for a in gt["annotations"][::2]:
+        a["bbox"][2:] = [10, 10]
+        a["area"] = 100
+    small = {(a["image_id"], a["bbox"][0], a["bbox"][1]) for a in gt["annotations"] if a["area"] == 100}
+    return gt, detect([o for o in objs if (o[0], o[1][0], o[1][1]) not in small])
+
+
 def capped_scene(n_img: int = 5, objects: int = 150, cap: int = 100):
     """``n_img`` images of ``objects`` objects each, every one detected, results kept to ``cap`` per image."""
     gt, objs = scene(n_img, lambda i: ([1, 2, 3] * objects)[:objects])

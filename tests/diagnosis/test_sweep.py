@@ -77,18 +77,18 @@ def test_sweep_runs_the_network_once_per_image(model):
     finally:
         hook.remove()
     assert sum(calls) == 4  # 4 images, one backbone pass each, for a 3 x 3 x 2 grid
-    ap = np.array(sw["ap"])
-    assert ap.shape == (3, 3, 2) and sw["nms_thresh"] == [0.3, 0.5, 0.6] and sw["score_thresh"] == [0.0, 0.05, 0.3]
-    assert ((ap >= 0) & (ap <= 100)).all() and sw["num_images"] == 4
-    assert sw["best"]["ap"] == pytest.approx(ap.max()) and sw["current_ap"] == pytest.approx(ap[1, 1, 1])
-    assert pr["num_gt"] == {"all": 8, "small": 0, "medium": 4, "large": 4}  # the crowd box is left out
-    assert all(0.0 <= v <= 1.0 for k, v in pr["recall"].items() if v is not None) and pr["recall"]["small"] is None
-    assert pr["proposals_per_image"] <= 40
+    ap = np.array(sw.ap)
+    assert ap.shape == (3, 3, 2) and sw.nms_thresh == [0.3, 0.5, 0.6] and sw.score_thresh == [0.0, 0.05, 0.3]
+    assert ((ap >= 0) & (ap <= 100)).all() and sw.num_images == 4 and sw.max_dets == 100
+    assert sw.best.ap == pytest.approx(ap.max()) and sw.current_ap == pytest.approx(ap[1, 1, 1])
+    assert pr.num_gt == {"all": 8, "small": 0, "medium": 4, "large": 4}  # the crowd box is left out
+    assert all(0.0 <= v <= 1.0 for k, v in pr.recall.items() if v is not None) and pr.recall["small"] is None
+    assert pr.proposals_per_image <= 40
 
 
 def test_max_images_and_empty_loader(model):
     sw, _ = sweep.run_model_checks(model, batches(), [1, 2, 3], (0.5,), (0.05,), (10,), max_images=3)
-    assert sw["num_images"] == 3
+    assert sw.num_images == 3
     with pytest.raises(ValueError, match="saw no image"):
         sweep.run_model_checks(model, [], [1, 2, 3])
 
@@ -99,3 +99,34 @@ def test_proposal_recall_is_one_when_proposals_are_the_boxes(model):
     out.proposals = [out.targets[0]["boxes"].clone()]
     hits, areas = sweep.proposal_hits(out, targets, 0.5)
     assert hits.tolist() == [True, True] and areas.tolist() == pytest.approx([110 * 100, 25 * 60])
+
+
+def test_lever_reads_one_setting_with_the_others_in_force_and_prefers_the_nearest_of_equals():
+    from mapdet.diagnosis.postprocess import Postprocess, Sweep, SweepBest
+
+    ap = np.zeros((3, 2, 3))  # nms (0.3, 0.5, 0.9) x score (0.05, 0.6) x dets (2, 100, 300)
+    ap[:, 1, 0] = [10.0, 12.0, 8.0]  # in force: nms 0.9, score 0.6, dets 2
+    ap[2, 1, 1] = ap[2, 1, 2] = 30.0  # more detections per image: 100 and 300 tie
+    ap[2, 0, 0] = 20.0
+    sw = Sweep(
+        [0.3, 0.5, 0.9],
+        [0.05, 0.6],
+        [2, 100, 300],
+        ap.tolist(),
+        ap.tolist(),
+        SweepBest(0.9, 0.6, 100, 30.0),
+        8.0,
+        Postprocess(0.9, 0.6, 2),
+        4,
+    )
+    cap = sw.lever("detections_per_img")
+    assert (cap.key, cap.value, cap.current, cap.ap, cap.current_ap) == ("model.detections_per_img", 100, 2, 30.0, 8.0)
+    nms = sw.lever("nms_thresh")
+    assert (nms.value, nms.ap) == (0.5, 12.0)
+    score = sw.lever("score_thresh")
+    assert (score.value, score.ap) == (0.05, 20.0)
+    ap[:, 1, 0] = 8.0  # every NMS value as good as the one in force: the lever stays where it is
+    sw.ap = ap.tolist()
+    assert sw.lever("nms_thresh").value == 0.9
+    sw.current = None
+    assert sw.lever("nms_thresh") is None

@@ -147,6 +147,25 @@ def test_unweighted_loss_gives_torchvision_loss_inside_and_weights_after():
         assert torch.equal(losses_with_seed(plain, images, targets)["loss_classifier"], ref["loss_classifier"])
 
 
+@pytest.mark.parametrize("class_weights", ["none", "explicit"])
+def test_box_loss_weight_scales_the_box_regression_loss_in_training_only(class_weights):
+    torch.manual_seed(0)
+    extra = {"class_weights_list": [1.0, 5.0, 0.2, 1.0]} if class_weights == "explicit" else {}
+    plain = build_model(small_cfg(class_weights=class_weights, **extra), K1)
+    loose = build_model(small_cfg(class_weights=class_weights, box_loss_weight=0.25, **extra), K1)
+    loose.load_state_dict(plain.state_dict())
+    assert loose.roi_heads.box_loss_weight == 0.25 and plain.roi_heads.box_loss_weight == 1.0
+    images, targets = rectangles(2)
+    ref, got = losses_with_seed(plain, images, targets), losses_with_seed(loose, images, targets)
+    assert torch.allclose(got["loss_box_reg"], 0.25 * ref["loss_box_reg"]) and ref["loss_box_reg"] > 0
+    for key in ("loss_classifier", "loss_objectness", "loss_rpn_box_reg"):
+        assert torch.equal(got[key], ref[key]), key
+    with unweighted_loss(loose):  # the validation loss is torchvision's, whatever the weight
+        assert torch.equal(losses_with_seed(loose, images, targets)["loss_box_reg"], ref["loss_box_reg"])
+    with pytest.raises(ValueError, match=r"model.box_loss_weight=-1.0: must be finite and >= 0"):
+        build_model(small_cfg(box_loss_weight=-1.0), K1)
+
+
 def test_weighted_loss_moves_in_the_expected_direction():
     logits = torch.tensor([[4.0, 0.0, 0.0]] * 4)  # confident background everywhere
     labels = torch.tensor([0, 0, 1, 2])  # two RoIs of real classes are misclassified
