@@ -31,7 +31,7 @@ def make_accelerator(cpu: bool = False, **kwargs):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available(), **kwargs)
-    launched = int(os.environ.get("WORLD_SIZE", 1))
+    launched = launched_processes()
     if launched != accelerator.num_processes:
         raise RuntimeError(
             f"the launcher started {launched} processes but accelerate joined "
@@ -39,6 +39,12 @@ def make_accelerator(cpu: bool = False, **kwargs):
             "`accelerate launch --config_file launch/accelerate/cpu2.yaml`."
         )
     return accelerator
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (accelerate launch, torchrun: WORLD_SIZE), known
+    before any process group exists; 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _dist():

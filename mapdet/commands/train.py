@@ -11,6 +11,7 @@ Faults: corrupt training samples are skipped and counted for the whole job, per 
 read, training stops with a checkpoint and exit 1. Boxes the decoder had to clip or drop are
 counted as ``train/sanitized_boxes``. A rank that dies or stops answering makes the others fail
 their next collective (at once, or after train.timeout_s) with a one-line message and exit 1.
+Settings out of range stop before anything runs (exit 2; README, Configuration reference).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from mapdet import comm, tracking
+from mapdet.cli import add_config_arguments
 from mapdet.config import load_config, per_rank_batch, to_dict, to_yaml
 from mapdet.data.augment import BatchAugment
 from mapdet.data.loaders import TrainStream
@@ -39,15 +41,12 @@ from mapdet.shards.manifest import class_instance_counts, class_names, classes_m
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="experiment YAML (launch/configs/*.yaml); default: built-in defaults")
-    p.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.lr=0.01 train.max_steps=500"
-    )
+    add_config_arguments(p)
     p.add_argument("--resume", default="none", help="auto (latest checkpoint of train.out, if any) | none | PATH")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, processes=comm.launched_processes())
     run_dir = Path(cfg.train.out)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))  # a dead rank ends the rest
     accelerator = comm.make_accelerator(

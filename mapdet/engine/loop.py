@@ -104,7 +104,8 @@ def train_loop(
             # ranks (the skip flag and the counts are summed over ranks, the bad entries gathered,
             # the counters restored from rank 0's checkpoint), so no rank can decide otherwise.
             stop, preempted = stop_reason(cfg, state), preempt_flags > 0
-            if state.step % train.ckpt_every == 0 or state.step == train.max_steps or preempted or stop:
+            periodic = train.ckpt_every and state.step % train.ckpt_every == 0  # 0 = off
+            if periodic or state.step == train.max_steps or preempted or stop:
                 checkpoint.save(
                     run_dir,
                     state.step,
@@ -173,7 +174,7 @@ def _count_samples(res: StepResult, sanitized: float, counters: Counters) -> lis
 
 def _log(parts: TrainParts, res: StepResult, state: LoopState, cfg: Config, names: dict[int, str], bar) -> None:
     acc, step = parts.accelerator, state.step
-    if step % cfg.train.log_every == 0 or step == 1:
+    if cfg.train.log_every and (step % cfg.train.log_every == 0 or step == 1):  # 0 = off
         tracking.scalars(
             acc, _step_scalars(res, parts.scheduler.get_last_lr()[0], state.counters, acc.num_processes), step
         )

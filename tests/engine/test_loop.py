@@ -1,13 +1,25 @@
-"""mapdet.engine.loop: the decisions every rank must take alike (stop, peer lost) and the state
-written to checkpoints."""
+"""mapdet.engine.loop: the decisions every rank must take alike (stop, peer lost), the state
+written to checkpoints, and 0 = off for checkpoints and logs."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from mapdet import tracking
 from mapdet.config import Config
-from mapdet.engine.loop import Counters, LoopState, rank_failure, stop_reason
+from mapdet.engine import checkpoint
+from mapdet.engine.loop import (
+    Counters,
+    LoopState,
+    SanitizedTally,
+    rank_failure,
+    stop_reason,
+    train_loop,
+)
+from tests.engine.toy import toy_batches, toy_parts
 
 
 @pytest.mark.parametrize(
@@ -45,3 +57,27 @@ def test_stop_reasons():
     assert stop_reason(cfg, few) == ""
     many = LoopState(counters=Counters(bad_samples=11, samples=89, bad_by_shard={"s.tar": 11}))
     assert "11 of 100 training samples were corrupt" in stop_reason(cfg, many) and "s.tar 11" in stop_reason(cfg, many)
+
+
+def _loop_config(**train) -> Config:
+    cfg = Config()
+    cfg.train.max_steps, cfg.train.image_log_every, cfg.train.keep_last = 4, 0, 10
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def _steps_saved(run: Path) -> list[int]:
+    return [int(p.name.split("_")[1]) for p in checkpoint.list_checkpoints(run)]
+
+
+@pytest.mark.parametrize("ckpt_every, saved", [(0, [4]), (1, [1, 2, 3, 4]), (3, [3, 4])])
+@pytest.mark.parametrize("log_every, logged", [(0, []), (2, [1, 2, 4])])
+def test_zero_means_off_for_checkpoints_and_logs(
+    accelerator, tmp_path, monkeypatch, ckpt_every, saved, log_every, logged
+):
+    steps = []
+    monkeypatch.setattr(tracking, "scalars", lambda acc, values, step: steps.append(step))
+    cfg = _loop_config(ckpt_every=ckpt_every, log_every=log_every)
+    code = train_loop(toy_parts(accelerator), SanitizedTally(toy_batches()), cfg, LoopState(), tmp_path, {}, None)
+    assert code == 0 and _steps_saved(tmp_path) == saved and steps == logged
