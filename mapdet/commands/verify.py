@@ -3,7 +3,8 @@
 Checks each shard's presence, byte size, sha256 and sample count, that keys appear in manifest
 order, and that every image and record decodes with boxes inside the image and labels in 1..K,
 and that the splits checked together have the same classes (the same class set).
-Also flags tar files in OUT that no manifest lists. Exits 1 listing every problem, 0 when clean.
+Also flags tar files in OUT that no manifest lists. Exits 1 listing every problem, 0 when clean,
+2 when OUT holds no manifest (not a pack output folder).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     splits = args.split or sorted(p.name[: -len(".manifest.json")] for p in out.glob("*.manifest.json"))
     if not splits:
         print(f"mapdet verify: error: no *.manifest.json in {out} (run `mapdet pack` first)", file=sys.stderr)
-        return 1
+        return 2
     problems, listed, loaded = [], set(), []
     for split in splits:
         try:

@@ -60,8 +60,10 @@ def load_manifest(out: str | Path, split: str) -> dict:
         raise ManifestError(f"no manifest {path}{hint}")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: a JSON {type(manifest).__name__}, not a manifest written by `mapdet pack`")
     if manifest.get("format") != FORMAT:
         raise ManifestError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
