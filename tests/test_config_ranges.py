@@ -27,7 +27,7 @@ from mapdet.config import (
     load_config,
     reference_row,
 )
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, accelerate_launch, run_cli
 
 DEMO = REPO / "launch" / "configs" / "demo.yaml"
 
@@ -229,3 +229,11 @@ def test_a_bad_key_exits_2_end_to_end_before_torch_is_imported(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.stdout.strip() == "no torch" and "'eval.batch_size'" in r.stderr, r.stderr[-2000:]
+
+
+def test_under_accelerate_launch_each_processs_line_comes_before_the_launchers_report():
+    r = accelerate_launch("train", "--config", str(DEMO), "--set", "model.nms_thresh=1.5", timeout=300)
+    lines = r.stderr.splitlines()
+    line = "mapdet train: error: config key 'model.nms_thresh': 1.5 is not allowed: a number in [0, 1]"
+    assert r.returncode == 1 and lines[0].startswith(line) and lines[1].startswith(line), r.stderr[-3000:]
+    assert "ChildFailedError" in r.stderr and "exitcode  : 2" in r.stderr  # what the README tells to read past
