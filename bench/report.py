@@ -8,7 +8,19 @@ import sys
 from datetime import date
 from pathlib import Path
 
-ORDER = ["data", "train", "train_gpu", "profile", "eval", "command", "eval_scale", "diagnose", "demo", "planted"]
+ORDER = [
+    "data",
+    "train",
+    "train_gpu",
+    "profile",
+    "eval",
+    "command",
+    "bad_config",
+    "eval_scale",
+    "diagnose",
+    "demo",
+    "planted",
+]
 
 
 def flatten(obj, prefix=""):

@@ -1,9 +1,12 @@
 """The ``mapdet`` command line: one sub-command per wiring module.
 
 Each wiring module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).
-A ValueError or FileNotFoundError escaping a command is printed as one line and exits 2.
+A user's mistake escaping a command (``USER_ERRORS``: a ValueError, such as a ``ConfigError``, or a
+path that is missing, a folder, or not readable) is printed as one line and exits 2.
 Modules are imported only when their command runs, so ``mapdet --help`` stays fast and a
-command never pays for another's imports.
+command never pays for another's imports. The ``--config``/``--set`` of ``train`` and ``evaluate``
+are checked before their module is imported (``CONFIG_FIRST``): it imports torch, accelerate and
+torchvision (about 5 s), and a mistyped setting should be told at once.
 """
 
 from __future__ import annotations
@@ -31,6 +34,60 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "weights": ("mapdet.commands.weights", "fetch torchvision's pretrained weights into torch's cache; list them"),
     "demo": ("mapdet.commands.demo", "run the whole system end to end on synthetic data"),
 }
+
+
+# Exceptions that mean the user must fix an argument, a setting or a file: one line, exit 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+# Commands whose config is checked before their module is imported -> whether data.global_batch
+# must split over the processes the launcher started.
+CONFIG_FIRST = {"train": True, "evaluate": False}
+
+
+def add_config_arguments(p: argparse.ArgumentParser, example: str = "optim.lr=0.01 train.max_steps=500") -> None:
+    """The ``--config FILE`` and ``--set KEY=VALUE ...`` of a command that reads an experiment config."""
+    p.add_argument("--config", default=None, help="experiment YAML (launch/configs/*.yaml); default: built-in defaults")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"overrides, e.g. {example} (every key and its range: README, Configuration)",
+    )
+
+
+def _check_config_first(name: str, rest: list[str]) -> None:
+    """Load the config that ``rest`` names (ConfigError: exit 2) without importing the command."""
+    if name not in CONFIG_FIRST or "-h" in rest or "--help" in rest:
+        return
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    add_config_arguments(pre)
+    try:
+        known, _ = pre.parse_known_args(rest)
+    except argparse.ArgumentError:
+        return  # the command's own parser says what is wrong
+    from mapdet import comm
+    from mapdet.config import load_config
+
+    load_config(known.config, known.set, processes=comm.launched_processes() if CONFIG_FIRST[name] else None)
+
+
+def number(kind: type = int, lo: float | None = None, hi: float | None = None, open: str = ""):
+    """An argparse type: a ``kind`` (int or float) within ``lo``..``hi``, a bound strict where
+    ``open`` says ("lo", "hi", "both"), as ``mapdet.config.Range``; outside, argparse's error (exit 2)."""
+
+    def parse(text: str):
+        from mapdet.config import Range  # imported when a number is parsed: cocoeval never pays for it
+
+        rule = Range(lo, hi, open)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {rule.describe(kind)}, got {text!r}") from None
+        if not rule.admits(value):
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: {rule.describe(kind)}")
+        return value
+
+    return parse
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -65,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         sys.exit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
+    try:
+        _check_config_first(name, rest)
+    except USER_ERRORS as e:
+        sys.exit(_user_error(name, e))
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(
         prog=f"mapdet {name}",
@@ -75,10 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(rest)
     try:
         code = module.run(args)
-    except (ValueError, FileNotFoundError) as e:
-        # Our own errors say what to fix; a traceback would bury that. MAPDET_DEBUG=1 shows it.
-        if os.environ.get("MAPDET_DEBUG"):
-            raise
-        print(f"mapdet {name}: error: {e}", file=sys.stderr)
-        code = 2
+    except USER_ERRORS as e:
+        code = _user_error(name, e)
     sys.exit(code or 0)
+
+
+def _user_error(name: str, e: Exception) -> int:
+    """Print ``e`` as the one line a user reads (our errors say what to fix; a traceback would bury
+    that: MAPDET_DEBUG=1 shows it); the exit code 2."""
+    if os.environ.get("MAPDET_DEBUG"):
+        raise e
+    print(f"mapdet {name}: error: {e}", file=sys.stderr)
+    return 2

@@ -79,7 +79,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_command(args) -> list[str]:
+def _launch_command(args, script: Path | None = None) -> list[str]:
     return [
         ACCELERATE,
         "launch",
@@ -87,16 +87,18 @@ def _launch_command(args) -> list[str]:
         str(REPO / "launch/accelerate/cpu2.yaml"),
         "--main_process_port",
         str(free_port()),
-        "-m",
-        "mapdet",
+        *([str(script)] if script else ["-m", "mapdet"]),
         *args,
     ]
 
 
-def accelerate_launch(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``accelerate launch`` with the 2-CPU-process topology, running ``-m mapdet ARGS``."""
+def accelerate_launch(
+    *args: str, env: dict | None = None, timeout: float = 600, script: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with the 2-CPU-process topology, running ``-m mapdet ARGS`` (or
+    ``script ARGS``: a test's stand-in for ``mapdet`` that injects a fault)."""
     return subprocess.run(
-        _launch_command(args),
+        _launch_command(args, script),
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
@@ -105,10 +107,15 @@ def accelerate_launch(*args: str, env: dict | None = None, timeout: float = 600)
     )
 
 
-def launch_background(args, log: Path) -> subprocess.Popen:
+def launch_background(args, log: Path, script: Path | None = None, env: dict | None = None) -> subprocess.Popen:
     """``accelerate_launch`` without waiting, output to ``log``, in a session of its own."""
     return subprocess.Popen(
-        _launch_command(args), stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        _launch_command(args, script),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -115,13 +115,21 @@ def test_arch_choices_are_the_archs_model_py_builds():
     assert tuple(ARCH_DEFAULTS) == CHOICES["model.arch"]
 
 
+# what a choice needs beside it (the checks across keys)
+COMPANIONS = {("model.class_weights", "explicit"): ("model.class_weights_list", "[1, 1]")}
+
+
 @pytest.mark.parametrize("key", sorted(CHOICES))
 def test_every_choice_loads_and_a_bad_one_is_a_config_error_naming_key_and_choices(tmp_path, key):
     section, name = key.split(".")
     for choice in CHOICES[key]:
-        assert getattr(getattr(load_config(None, [f"{key}={choice}"]), section), name) == choice
+        other = COMPANIONS.get((key, choice))
+        extra = [f"{other[0]}={other[1]}"] if other else []
+        assert getattr(getattr(load_config(None, [f"{key}={choice}", *extra]), section), name) == choice
         path = tmp_path / "x.yaml"
-        path.write_text(f"{section}:\n  {name}: {choice}\n")
+        path.write_text(
+            f"{section}:\n  {name}: {choice}\n" + (f"  {other[0].split('.')[1]}: {other[1]}\n" if other else "")
+        )
         assert getattr(getattr(load_config(path), section), name) == choice
     for bad in ["off", "bogus"]:
         with pytest.raises(ConfigError) as e:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from mapdet.cli import number
 from mapdet.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]  # mapdet/commands/demo.py -> the checkout
@@ -37,16 +38,18 @@ CONFIG = REPO / "launch" / "configs" / "demo.yaml"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo", help="run folder (default: ./demo; reused stages are redone)")
-    p.add_argument("--train", type=int, default=240, help="synthetic training images (default 240)")
-    p.add_argument("--val", type=int, default=60, help="synthetic validation images (default 60)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    p.add_argument("--train", type=number(int, 1), default=240, help="synthetic training images (default 240)")
+    p.add_argument("--val", type=number(int, 1), default=60, help="synthetic validation images (default 60)")
+    p.add_argument("--steps", type=number(int, 1), default=None, help="training steps (default: the demo config's)")
     p.add_argument(
         "--processes",
-        type=int,
+        type=number(int, 1),
         default=None,
         help="training processes (default: one per GPU, 2 on a CPU machine); the global batch stays 8",
     )
-    p.add_argument("--seed", type=int, default=0, help="training seed, train.seed (the synthetic data stays the same)")
+    p.add_argument(
+        "--seed", type=number(int, 0), default=0, help="training seed, train.seed (the synthetic data stays the same)"
+    )
     p.add_argument("--quick", action="store_true", help="a few images and steps: checks the plumbing, learns little")
     p.add_argument(
         "--set",

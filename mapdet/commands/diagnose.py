@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mapdet.cli import number
 from mapdet.fileio import read_json
 
 
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--detections-per-img",
-        type=int,
+        type=number(int, 1),
         help="the model's per-image cap that produced the "
         "results (default: the config's model.detections_per_img; without --config, the cap the "
         "results show: many images holding exactly the same largest number of detections). A cap "
@@ -52,20 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--repeat-threshold",
-        type=float,
+        type=number(float, 0, 1, open="lo"),
         help="t for repeat factors and the 'rare' cut-off (default: the config's data.repeat_threshold, else 0.1)",
     )
     parser.add_argument(
         "--loc-reference-iou",
-        type=float,
+        type=number(float, 0, 1),
         default=None,
         help="IoU a better-localizing model is credited with (default 0.75; less for tiny boxes): localization "
         "counts only the AP below it",
     )
-    parser.add_argument("--sweep-images", type=int, default=200, help="validation images for the model checks")
-    parser.add_argument("--sweep-nms", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
-    parser.add_argument("--sweep-score", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.3])
-    parser.add_argument("--sweep-dets", type=int, nargs="+", default=[100, 300, 1000])
+    parser.add_argument(
+        "--sweep-images", type=number(int, 1), default=200, help="validation images for the model checks"
+    )
+    parser.add_argument("--sweep-nms", type=number(float, 0, 1), nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    parser.add_argument("--sweep-score", type=number(float, 0, 1), nargs="+", default=[0.0, 0.05, 0.1, 0.3])
+    parser.add_argument("--sweep-dets", type=number(int, 1), nargs="+", default=[100, 300, 1000])
 
 
 def run(args) -> int:
@@ -79,6 +82,8 @@ def run(args) -> int:
         return _fail(str(e))
     if args.checkpoint and not args.config:
         return _fail("--checkpoint needs --config (the model's architecture and the validation shards)")
+    if args.run and not Path(args.run).is_dir():
+        return _fail(f"--run {args.run}: no such run folder (the train.out of a training run)")
     inputs = _read_inputs(args)
     if inputs is None:
         return 2

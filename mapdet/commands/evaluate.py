@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mapdet import comm, tracking
+from mapdet.cli import add_config_arguments
 from mapdet.config import load_config, to_dict, to_yaml
 from mapdet.data.loaders import eval_loader
 from mapdet.engine import checkpoint
@@ -35,10 +36,7 @@ from mapdet.structures import Detections
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="the experiment YAML used for training")
-    p.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. eval.max_dets=[100,300,1000]"
-    )
+    add_config_arguments(p, example="eval.max_dets=[100,300,1000]")
     p.add_argument(
         "--checkpoint",
         default="latest",

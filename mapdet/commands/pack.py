@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from mapdet.cli import number
 from mapdet.datasets.layout import detect_version
 from mapdet.shards.manifest import describe
 from mapdet.shards.merge import merge
@@ -43,17 +44,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-side",
-        type=int,
+        type=number(int, 1),
         default=None,
         metavar="PX",
         help="resize so the longest side is at most PX (boxes scaled exactly); default: keep full size",
     )
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality for resized images (default 95)")
-    p.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="packing processes (default 1)")
-    p.add_argument("--job-index", type=int, default=0, metavar="I", help="this job's index in [0, --num-jobs)")
     p.add_argument(
-        "--num-jobs", type=int, default=1, metavar="N", help="independent jobs sharing the split (default 1)"
+        "--quality", type=number(int, 1, 100), default=95, help="JPEG quality for resized images (default 95)"
+    )
+    p.add_argument(
+        "--samples-per-shard", type=number(int, 1), default=1000, metavar="N", help="images per shard (default 1000)"
+    )
+    p.add_argument("--workers", type=number(int, 1), default=1, metavar="N", help="packing processes (default 1)")
+    p.add_argument(
+        "--job-index", type=number(int, 0), default=0, metavar="I", help="this job's index in [0, --num-jobs)"
+    )
+    p.add_argument(
+        "--num-jobs", type=number(int, 1), default=1, metavar="N", help="independent jobs sharing the split (default 1)"
     )
 
 

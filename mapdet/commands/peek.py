@@ -11,6 +11,7 @@ import argparse
 import itertools
 import time
 
+from mapdet.cli import number
 from mapdet.config import DataConfig
 from mapdet.data.loaders import TrainStream, eval_loader
 from mapdet.shards.manifest import class_names, load_manifest
@@ -20,10 +21,15 @@ from mapdet.shards.source import SOURCE_HELP
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help=SOURCE_HELP)
     p.add_argument("--split", default="training")
-    p.add_argument("--batches", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--repeat-threshold", type=float, default=None, help="repeat-factor sampling t (default off)")
+    p.add_argument("--batches", type=number(int, 1), default=3)
+    p.add_argument("--batch-size", type=number(int, 1), default=4)
+    p.add_argument("--workers", type=number(int, 0), default=1)
+    p.add_argument(
+        "--repeat-threshold",
+        type=number(float, 0, 1, open="lo"),
+        default=None,
+        help="repeat-factor sampling t (default off)",
+    )
     p.add_argument("--eval", action="store_true", help="the exactly-once evaluation stream instead")
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mapdet import comm
+from mapdet.cli import number
 from mapdet.data.imagefolder import image_loader, shared_listing
 from mapdet.data.loaders import eval_keys, eval_loader
 from mapdet.drawing import FORMATS, DrawnImages, output_names
@@ -61,13 +62,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="validation", help="split of --shards (default: validation)")
     p.add_argument("--out", required=True, help="COCO results JSON to write")
     p.add_argument(
-        "--score-thresh", type=float, default=0.0, help="keep detections scoring at least this (default: all)"
+        "--score-thresh",
+        type=number(float, 0, 1),
+        default=0.0,
+        help="keep detections scoring at least this (default: all)",
     )
     p.add_argument("--draw", default=None, metavar="DIR", help="also write each image with its labelled boxes here")
-    p.add_argument("--draw-thresh", type=float, default=0.5, help="score threshold of the drawn boxes (default 0.5)")
+    p.add_argument(
+        "--draw-thresh", type=number(float, 0, 1), default=0.5, help="score threshold of the drawn boxes (default 0.5)"
+    )
     p.add_argument("--draw-format", choices=FORMATS, default="jpg", help="drawn image format (default jpg)")
-    p.add_argument("--batch-size", type=int, default=2, help="images per batch per process (default 2)")
-    p.add_argument("--workers", type=int, default=2, help="image-reading processes per process (default 2)")
+    p.add_argument("--batch-size", type=number(int, 1), default=2, help="images per batch per process (default 2)")
+    p.add_argument("--workers", type=number(int, 0), default=2, help="image-reading processes per process (default 2)")
     p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -77,8 +83,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--batch-size must be >= 1 and --workers >= 0")
     accelerator = comm.make_accelerator(cpu=args.device == "cpu")
     device = accelerator.device
     if args.device == "cuda" and device.type != "cuda":

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from mapdet.cli import image_size
+from mapdet.cli import image_size, number
 from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
 
 
@@ -27,10 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Vistas release layout to imitate (default: %(default)s)",
     )
     parser.add_argument(
-        "--train", type=int, default=100, metavar="N", help="images in training/ (default: %(default)s)"
+        "--train", type=number(int, 0), default=100, metavar="N", help="images in training/ (default: %(default)s)"
     )
-    parser.add_argument("--val", type=int, default=20, metavar="M", help="images in validation/ (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default: %(default)s)")
+    parser.add_argument(
+        "--val", type=number(int, 0), default=20, metavar="M", help="images in validation/ (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=number(int, 0), default=0, help="same seed, byte-identical files (default: %(default)s)"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -45,14 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--object-scale",
-        type=float,
+        type=number(float, 0, open="lo"),
         default=SynthConfig.object_scale,
         metavar="F",
         help="multiply every object's size by F (default: %(default)s)",
     )
     parser.add_argument(
         "--max-objects",
-        type=int,
+        type=number(int, 1),
         default=SynthConfig.max_objects,
         metavar="N",
         help="cap on objects in an ordinary image; dense images hold more (default: %(default)s)",
@@ -67,8 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.train < 0 or args.val < 0:
-        raise SystemExit("mapdet synth: --train and --val must be >= 0")
     cfg = SynthConfig(size=args.size, object_scale=args.object_scale, max_objects=args.max_objects)
     start = time.perf_counter()
     try:

@@ -10,7 +10,10 @@ Faults: corrupt training samples are skipped and counted for the whole job, per 
 (TensorBoard ``train/bad_samples/<shard>``, and the log); past train.max_bad_samples of the samples
 read, training stops with a checkpoint and exit 1. Boxes the decoder had to clip or drop are
 counted as ``train/sanitized_boxes``. A rank that dies or stops answering makes the others fail
-their next collective (at once, or after train.timeout_s) with a one-line message and exit 1.
+their next collective (at once, or after train.timeout_s) with a one-line message and exit 1. A rank
+that runs out of CUDA memory prints one line naming the settings to lower, leaves the process group
+and exits 1 (no checkpoint: the last one stays as it was); the others fail their collective at once.
+Settings out of range stop before anything runs (exit 2; README, Configuration reference).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from pathlib import Path
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from mapdet import comm, tracking
+from mapdet.cli import add_config_arguments
 from mapdet.config import load_config, per_rank_batch, to_dict, to_yaml
 from mapdet.data.augment import BatchAugment
 from mapdet.data.loaders import TrainStream
 from mapdet.engine import checkpoint, preemption
-from mapdet.engine.loop import LoopState, RankFailure, SanitizedTally, check_replicas, train_loop
+from mapdet.engine.loop import LoopState, OutOfMemory, RankFailure, SanitizedTally, check_replicas, train_loop
 from mapdet.engine.optim import make_optimizer, make_scheduler
 from mapdet.engine.step import TrainParts, cuda_speedups
 from mapdet.evaluation.validation import metrics_dict, validate
@@ -47,15 +51,12 @@ from mapdet.shards.source import shard_source
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="experiment YAML (launch/configs/*.yaml); default: built-in defaults")
-    p.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.lr=0.01 train.max_steps=500"
-    )
+    add_config_arguments(p)
     p.add_argument("--resume", default="none", help="auto (latest checkpoint of train.out, if any) | none | PATH")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, processes=comm.launched_processes())
     run_dir = Path(cfg.train.out)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))  # a dead rank ends the rest
     accelerator = comm.make_accelerator(
@@ -114,8 +115,11 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         exit_code = train_loop(parts, SanitizedTally(iter(stream)), cfg, state, run_dir, names, validate_at)
-    except RankFailure as e:
-        print(e, file=sys.stderr)
+    except (RankFailure, OutOfMemory) as e:  # one line; no checkpoint can be written together any more
+        print(e, file=sys.stderr, flush=True)
+        if isinstance(e, OutOfMemory):
+            comm.leave()  # the other ranks wait for this one in a collective: let it fail now
+        preemption.uninstall()  # the launcher's SIGTERM, once a rank has exited, ends this one at once
         return 1
     check_replicas(accelerator, parts.raw_model)
     if exit_code == 0 and accelerator.is_main_process:

@@ -7,7 +7,8 @@ and that the splits checked together have the same classes (the same class set).
 read once (hashed while it is decoded), so a remote shard is downloaded once.
 Without --split: every *.manifest.json of a folder; at a URL or command, which cannot be listed,
 the training and validation splits (those present). A folder's tar files that no manifest lists
-are flagged too. Exits 1 listing every problem, 0 when clean.
+are flagged too. Exits 1 listing every problem, 0 when clean,
+2 when a folder holds no manifest (not a pack output folder).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
         splits = sorted(p.name[: -len(".manifest.json")] for p in local.glob("*.manifest.json"))
     else:  # nothing can be listed remotely: the splits training and evaluation read by default
         splits = [DataConfig.train_split, DataConfig.val_split]
+    if not splits:
+        print(f"mapdet verify: error: no *.manifest.json in {local} (run `mapdet pack` first)", file=sys.stderr)
+        return 2
     problems, listed, loaded = [], set(), []
     for split in splits:
         try:

@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"training reads {cache_dir()}; set TORCH_HOME so that $TORCH_HOME/hub/checkpoints is {args.dir}")
         return 0
     target = cache_dir(args.dir)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--dir {target} is a file, not a folder")
     print(f"cache: {target}")
     known = set()
     for spec in NAMES:

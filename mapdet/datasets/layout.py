@@ -19,9 +19,10 @@ category that is not evaluated would ignore nothing, and training drops crowd re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from mapdet.fileio import read_json
 
 VERSIONS = ("v2.0", "v1.2")  # preference order when both are present
 PANOPTIC_JSON = {"v2.0": "panoptic_2020.json", "v1.2": "panoptic_2018.json"}
@@ -72,7 +73,7 @@ def load_classes(config_file: Path, class_set: str = "evaluated") -> tuple[list[
         raise ValueError(f"class_set must be one of {CLASS_SETS}, got {class_set!r}")
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: the reader needs the release's config file")
-    labels = json.loads(config_file.read_text())["labels"]
+    labels = _labels(config_file)
     things = [(i, lab) for i, lab in enumerate(labels) if lab.get("instances")]
     if not things:
         raise ValueError(f'{config_file}: no label has "instances": true, so there are no object classes')
@@ -90,7 +91,15 @@ def load_classes(config_file: Path, class_set: str = "evaluated") -> tuple[list[
     return classes, [lab["name"] for lab in labels]
 
 
+def _labels(config_file: Path) -> list[dict]:
+    """The ``labels`` of a release's config file; ValueError (one line, naming it) when it is no such file."""
+    config = read_json(config_file, "Vistas config")
+    if not isinstance(config, dict) or not isinstance(config.get("labels"), list):
+        raise ValueError(f"{config_file}: no list 'labels' (not a Mapillary Vistas config file)")
+    return config["labels"]
+
+
 def not_evaluated_classes(config_file: Path) -> list[tuple[int, str]]:
     """(config index, name) of the labels with ``"instances": true`` and ``"evaluate": false``."""
-    labels = json.loads(Path(config_file).read_text())["labels"]
+    labels = _labels(Path(config_file))
     return [(i, lab["name"]) for i, lab in enumerate(labels) if lab.get("instances") and not lab.get("evaluate", True)]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mapdet.config import Config
+from mapdet.config import ARCH_LAYOUT, Config
 from mapdet.diagnosis.curves import EXTEND
 from mapdet.diagnosis.records import Diagnosis
 
@@ -278,11 +278,11 @@ def _more_proposals(c: _Context) -> Move | Limit:
 
 
 def _anchor_levels(c: _Context) -> list[float]:
-    from mapdet.modeling.detector import FEATURE_MAPS, STOCK_ANCHOR_SIZES
+    from mapdet.modeling.detector import STOCK_ANCHOR_SIZES
 
     if c.model.anchor_sizes is not None:
         return list(c.model.anchor_sizes)
-    return STOCK_ANCHOR_SIZES[c.model.arch][: FEATURE_MAPS[c.model.arch]]
+    return STOCK_ANCHOR_SIZES[c.model.arch][: ARCH_LAYOUT[c.model.arch][0]]
 
 
 def _smaller_anchors(c: _Context) -> Move | Limit:

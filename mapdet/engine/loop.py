@@ -59,6 +59,34 @@ class RankFailure(RuntimeError):
     """Another rank died or stopped answering: this rank can only exit (no collective will return)."""
 
 
+class OutOfMemory(Exception):
+    """This rank ran out of CUDA memory; the message names the settings to lower (not a
+    RuntimeError, so that nothing mistakes it for a lost peer)."""
+
+
+def out_of_memory(parts: TrainParts, cfg: Config, state: LoopState, run_dir: Path, validating: bool) -> str:
+    """The one line for a CUDA out-of-memory error: where, the settings to lower with their values."""
+    data, accum, world = cfg.data, cfg.optim.grad_accum, parts.accelerator.num_processes
+    transform = getattr(parts.raw_model, "transform", None)  # the resolved size, also the arch's default
+    max_size = getattr(transform, "max_size", cfg.model.max_size)
+    where = f"validation after step {state.step}" if validating else f"training step {state.step + 1}"
+    if validating:
+        per_gpu, lower = f"eval.batch_size={cfg.eval.batch_size}", "lower eval.batch_size"
+    elif data.global_batch is not None:
+        split = f"{world} process(es) x optim.grad_accum={accum}"
+        per_gpu = f"{data.batch_size} (data.global_batch={data.global_batch} / ({split}))"
+        lower = "lower data.global_batch, raise optim.grad_accum (the same global batch, fewer images per GPU)"
+    else:
+        per_gpu = f"data.batch_size={data.batch_size}"
+        lower = "lower data.batch_size (raise optim.grad_accum to keep the global batch)"
+    last = checkpoint.latest(run_dir)
+    kept = f"the last checkpoint ({last.name}) is intact" if last else "no checkpoint was written yet"
+    return (
+        f"[rank {parts.accelerator.process_index}] CUDA out of memory in {where} with {per_gpu} images per GPU "
+        f"of up to model.max_size={max_size} px: {lower}, or lower model.max_size; {kept}: rerun with --resume auto"
+    )
+
+
 class SanitizedTally:
     """Passes training batches through, counting the boxes the decoder clipped or dropped (outside
     the image, without area, label outside 1..K) until ``take()``."""
@@ -87,10 +115,12 @@ def train_loop(
 ) -> int:
     """Train from ``state`` to ``cfg.train.max_steps``; returns the exit code (0 done, 1 stopped,
     preemption.EXIT_PREEMPTED). ``validate(step)`` runs at ``train.eval_every`` and at the end.
-    Raises ``RankFailure`` when a collective fails because another rank is gone."""
+    Raises ``RankFailure`` when a collective fails because another rank is gone, ``OutOfMemory``
+    when this rank ran out of CUDA memory."""
     acc, world, train = parts.accelerator, parts.accelerator.num_processes, cfg.train
     global_batch = world * cfg.data.batch_size * cfg.optim.grad_accum
     bar = tqdm(total=train.max_steps, initial=state.step, desc="train", unit="step", disable=not acc.is_main_process)
+    validating = False
     try:
         while state.step < train.max_steps:
             # The step's one all-reduce also carries the sanitised-box tally and the preemption flag
@@ -104,7 +134,8 @@ def train_loop(
             # ranks (the skip flag and the counts are summed over ranks, the bad entries gathered,
             # the counters restored from rank 0's checkpoint), so no rank can decide otherwise.
             stop, preempted = stop_reason(cfg, state), preempt_flags > 0
-            if state.step % train.ckpt_every == 0 or state.step == train.max_steps or preempted or stop:
+            periodic = train.ckpt_every and state.step % train.ckpt_every == 0  # 0 = off
+            if periodic or state.step == train.max_steps or preempted or stop:
                 checkpoint.save(
                     run_dir,
                     state.step,
@@ -123,7 +154,13 @@ def train_loop(
             if validate and (
                 state.step == train.max_steps or (train.eval_every and state.step % train.eval_every == 0)
             ):
+                validating = True
                 validate(state.step)
+                validating = False
+    except torch.cuda.OutOfMemoryError as e:  # before RuntimeError: it is one
+        # No checkpoint now (it is collective, and this rank's step is half done): the last one
+        # stays as it was. This rank leaves; its peers fail their next collective at once.
+        raise OutOfMemory(out_of_memory(parts, cfg, state, run_dir, validating)) from e
     except RuntimeError as e:
         if not rank_failure(e):
             raise
@@ -173,7 +210,7 @@ def _count_samples(res: StepResult, sanitized: float, counters: Counters) -> lis
 
 def _log(parts: TrainParts, res: StepResult, state: LoopState, cfg: Config, names: dict[int, str], bar) -> None:
     acc, step = parts.accelerator, state.step
-    if step % cfg.train.log_every == 0 or step == 1:
+    if cfg.train.log_every and (step % cfg.train.log_every == 0 or step == 1):  # 0 = off
         tracking.scalars(
             acc, _step_scalars(res, parts.scheduler.get_last_lr()[0], state.counters, acc.num_processes), step
         )

@@ -42,7 +42,5 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
-    for m in cfg.milestones:
-        if not 0 < m <= 1:
-            raise ValueError(f"optim.milestones are shares of train.max_steps in (0, 1], got {m}")
+    """``cfg.milestones`` are shares of ``max_steps`` (in (0, 1): ``config.RANGES``)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))

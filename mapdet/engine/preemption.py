@@ -25,6 +25,13 @@ def install(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
         signal.signal(sig, _on_signal)
 
 
+def uninstall(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+    """The default handlers back (a signal ends the process), for a rank that stops after a failure:
+    the launcher's SIGTERM to the ranks still exiting must not wait for its kill timeout (30 s)."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _on_signal(signum, frame) -> None:
     _received.append(signal.Signals(signum).name)
 

@@ -19,7 +19,12 @@ its results file carries, so routing float32 loses nothing.
 Checks that differ from pycocotools, all loud: detections on images or categories missing from
 the GT raise ``ValueError`` naming them (pycocotools asserts on images and silently drops
 categories); GT annotation ids must be unique and >= 1 (pycocotools' matching treats id 0 as
-"unmatched"); a missing ``iscrowd`` means 0 (pycocotools raises KeyError).
+"unmatched"); a missing ``iscrowd`` means 0 (pycocotools raises KeyError). Every id, in the GT and
+in the results, must be a JSON integer: ``integer_ids`` refuses the first that is not, naming it.
+pycocotools compares ids by Python equality, so a string "3" or 1.5 matches nothing (an image id:
+"Results do not correspond to current coco set"; a category id: the detection is silently
+dropped), while 1.0 and true happen to equal 1; a cast to int64 would turn "3" into 3 and 1.5 into
+1 and score what pycocotools refuses, so none of them is taken.
 """
 
 from __future__ import annotations
@@ -59,10 +64,11 @@ class GroundTruth:
         cat_ids, _ = _unique_ids([c.get("id") for c in gt["categories"]], "category")
         anns = gt["annotations"]
         try:
-            ann_ids = np.array([a["id"] for a in anns], np.int64)
-            img = np.array([a["image_id"] for a in anns], np.int64)
-            cat = np.array([a["category_id"] for a in anns], np.int64)
-        except (KeyError, TypeError, ValueError) as e:
+            ann_ids, img, cat = (
+                integer_ids([a[key] for a in anns], "ground-truth annotation", key)
+                for key in ("id", "image_id", "category_id")
+            )
+        except (KeyError, TypeError) as e:
             raise _malformed_gt(e) from e
         if len(ann_ids) and (ann_ids.min() < 1 or len(np.unique(ann_ids)) != len(ann_ids)):
             raise ValueError(
@@ -102,12 +108,27 @@ def _malformed_gt(e: Exception) -> ValueError:
     )
 
 
+# What a parsed JSON integer can be: int (orjson, json), or a numpy integer in dicts built in code.
+_INTEGER_TYPES = frozenset({int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64})
+
+
+def integer_ids(values: list, who: str, key: str) -> np.ndarray:
+    """``values`` as int64; ``ValueError`` naming the first that is not an integer (see the module
+    docstring): ``"detection 4: image_id '3' is not an integer"``. ``who`` names an item, ``key`` the id."""
+    if not set(map(type, values)) <= _INTEGER_TYPES:  # one pass in C; 1M ids: ~30 ms
+        i, v = next((i, v) for i, v in enumerate(values) if type(v) not in _INTEGER_TYPES)
+        raise ValueError(
+            f"{who} {i}: {key} {v!r} is not an integer (ids must be JSON integers, as pycocotools matches them)"
+        )
+    try:
+        return np.fromiter(values, np.int64, len(values))
+    except OverflowError:
+        raise ValueError(f"{who}: a {key} does not fit in 64 bits") from None
+
+
 def _unique_ids(ids: list, what: str) -> tuple[np.ndarray, np.ndarray]:
     """The sorted ids, and the index into them of each id as listed."""
-    try:
-        arr = np.array(ids, np.int64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"every {what} needs an integer 'id'") from e
+    arr = integer_ids(ids, f"ground-truth {what}", "id")
     uniq, listed = np.unique(arr, return_inverse=True)
     if len(uniq) != len(arr):
         raise ValueError(f"duplicate {what} ids in the ground truth")
@@ -134,13 +155,11 @@ def _malformed(e: Exception) -> ValueError:
 
 
 def _ids(dets: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    n = len(dets)
     try:
-        return (
-            np.fromiter(map(itemgetter("image_id"), dets), np.int64, n),
-            np.fromiter(map(itemgetter("category_id"), dets), np.int64, n),
+        return tuple(
+            integer_ids(list(map(itemgetter(key), dets)), "detection", key) for key in ("image_id", "category_id")
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError) as e:
         raise _malformed(e) from e
 
 

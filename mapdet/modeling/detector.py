@@ -89,9 +89,8 @@ ARCH_DEFAULTS = {
         aspect_ratios=[0.5, 1.0, 2.0],
     ),
 }
-# Feature maps (FPN levels) per arch: model.anchor_sizes takes one size per map (_set_anchors checks
-# it against the built backbone); torchvision's own anchors when the config leaves them None.
-FEATURE_MAPS = {"resnet50_fpn_v2": 5, "mobilenet_v3_large_fpn": 3, "small": 4}
+# torchvision's own anchor sizes, used when the config leaves model.anchor_sizes None (one per FPN
+# level: config.ARCH_LAYOUT holds each arch's level count).
 STOCK_ANCHOR_SIZES = {"resnet50_fpn_v2": [32, 64, 128, 256, 512], "mobilenet_v3_large_fpn": [32, 64, 128, 256, 512]}
 _STOCK_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 # The small trunk's channels at strides 2, 4, 8, 16, 32; the FPN reads the last three stages.

@@ -14,7 +14,7 @@ about 12 per image per forward:
 On CUDA ``ProposalNetwork.filter_proposals`` removes nothing before NMS: a small or low-scoring
 (or NaN) box gets the score -inf, so it ranks below every real box and NMS, which lets a box
 suppress only lower-ranked ones, never lets it suppress one. Each image gets ONE ``nms`` over all
-its levels (the coordinate trick: each level's boxes are shifted by ``level x (largest coordinate
+its levels (the coordinate trick: each level's boxes are shifted by ``level x (largest finite coordinate
 + 1)`` so that boxes of different levels never overlap). How many real boxes each image kept is
 read back once per batch, and the -inf boxes are cut off the end of each list. Elsewhere it takes
 torchvision's own steps (on the CPU there is no sync to save, and five small NMS are cheaper than
@@ -132,7 +132,10 @@ class ProposalNetwork(RegionProposalNetwork):
         # pixels is tens of pixels; in float32 a whole-number shift moves a box by exactly that (up to
         # ~1e-3 px for coordinates below 1), so the IoUs are the unshifted ones.
         boxes = boxes.float()
-        shift = levels.to(boxes) * (boxes.max().ceil() + 1)  # levels apart: no box overlaps another level's
+        # Levels apart: no box overlaps another level's. From the finite coordinates only: one NaN
+        # box (never ok, so ranked last) would make every shift NaN, every IoU NaN, and suppress nothing.
+        largest = torch.where(boxes.isfinite(), boxes, 0.0).max()
+        shift = levels.to(boxes) * (largest.ceil() + 1)
         ranked = torch.where(ok, scores, float("-inf")).float()  # not-ok boxes last: they suppress nothing
         keep = torchvision.ops.nms(boxes + shift[:, None], ranked, self.nms_thresh)
         return keep, ok[keep].sum()

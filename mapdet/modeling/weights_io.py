@@ -114,7 +114,10 @@ def refuse_pickled_objects(path):
     try:
         yield
     except pickle.UnpicklingError as e:
-        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln] or str(e).splitlines()[:1]
+        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln]
+        if not lines:  # not a pickle at all (truncated, another format, random bytes)
+            first = (str(e).splitlines() or ["no detail"])[0]
+            raise ValueError(f"{path}: not a weights file torch can read ({first})") from None
         raise ValueError(
             f"{path}: refused to load: it holds pickled objects, not only tensors "
             f"({lines[0].strip() if lines else 'no detail'}); use a .safetensors file or a plain state dict"

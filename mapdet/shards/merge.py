@@ -7,13 +7,12 @@ and refuses parts packed with different class sets, whose label ids would not ag
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from mapdet import boxes as box_ops
-from mapdet.fileio import write_json_atomic
+from mapdet.fileio import read_json, write_json_atomic
 from mapdet.shards.manifest import shard_name
 from mapdet.shards.writer import LEGACY_CLASS_SET, part_path, plan_path
 
@@ -26,12 +25,12 @@ def merge(out: str | Path, split: str, root: str | None = None) -> dict:
     out = Path(out)
     if not plan_path(out, split).exists():
         raise ValueError(f"{out} has no {split} pack in progress ({plan_path(out, split)} missing)")
-    plan = json.loads(plan_path(out, split).read_text())
+    plan = read_json(plan_path(out, split), "pack plan")
     parts, missing = [], []
     for i in range(plan["num_shards"]):
         p = part_path(out, split, i)
         if p.exists():
-            parts.append(json.loads(p.read_text()))
+            parts.append(read_json(p, "pack part"))
         else:
             missing.append(shard_name(split, i))
     if missing:

@@ -40,7 +40,7 @@ from mapdet import boxes as box_ops
 from mapdet.datasets.layout import CLASS_SETS
 from mapdet.datasets.sample_files import BadSample
 from mapdet.datasets.vistas import RawSample, VistasReader
-from mapdet.fileio import atomic_open, write_json_atomic
+from mapdet.fileio import atomic_open, read_json, write_json_atomic
 from mapdet.shards.manifest import sha256_file, shard_name
 
 LEGACY_CLASS_SET = "all-instances"  # what a plan or part file written before class sets were recorded used
@@ -84,11 +84,11 @@ def pack(root: str | Path, out: str | Path, split: str, opts: PackOptions) -> li
     if opts.class_set not in CLASS_SETS:
         raise ValueError(f"class_set must be one of {CLASS_SETS}, got {opts.class_set!r}")
     out = Path(out)
-    parts_dir(out).mkdir(parents=True, exist_ok=True)
     reader = VistasReader(root, split, version=opts.version, source=opts.source, class_set=opts.class_set)
     stems = reader.stems()
     if not stems:
         raise ValueError(f"{Path(root) / split / 'images'} holds no .jpg images: nothing to pack")
+    parts_dir(out).mkdir(parents=True, exist_ok=True)  # only once the input reads: a bad one leaves nothing
     chunks = [stems[i : i + opts.samples_per_shard] for i in range(0, len(stems), opts.samples_per_shard)]
     _write_plan(out, split, reader, opts, len(stems), len(chunks))
     mine = [i for i in range(len(chunks)) if i % opts.num_jobs == opts.job_index]
@@ -125,7 +125,7 @@ def _write_plan(out: Path, split: str, reader: VistasReader, opts: PackOptions, 
     }
     path = plan_path(out, split)
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_json(path, "pack plan")
         if old != plan:
             diff = sorted(k for k in plan if plan[k] != old.get(k))
             raise ValueError(

@@ -1,13 +1,26 @@
-"""mapdet.engine.loop: the decisions every rank must take alike (stop, peer lost) and the state
-written to checkpoints."""
+"""mapdet.engine.loop: the decisions every rank must take alike (stop, peer lost), the state
+written to checkpoints, 0 = off for checkpoints and logs, and running out of CUDA memory."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from mapdet import tracking
 from mapdet.config import Config
-from mapdet.engine.loop import Counters, LoopState, rank_failure, stop_reason
+from mapdet.engine import checkpoint
+from mapdet.engine.loop import (
+    Counters,
+    LoopState,
+    OutOfMemory,
+    SanitizedTally,
+    rank_failure,
+    stop_reason,
+    train_loop,
+)
+from tests.engine.toy import Toy, toy_batches, toy_parts
 
 
 @pytest.mark.parametrize(
@@ -45,3 +58,74 @@ def test_stop_reasons():
     assert stop_reason(cfg, few) == ""
     many = LoopState(counters=Counters(bad_samples=11, samples=89, bad_by_shard={"s.tar": 11}))
     assert "11 of 100 training samples were corrupt" in stop_reason(cfg, many) and "s.tar 11" in stop_reason(cfg, many)
+
+
+def _loop_config(**train) -> Config:
+    cfg = Config()
+    cfg.train.max_steps, cfg.train.image_log_every, cfg.train.keep_last = 4, 0, 10
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def _steps_saved(run: Path) -> list[int]:
+    return [int(p.name.split("_")[1]) for p in checkpoint.list_checkpoints(run)]
+
+
+@pytest.mark.parametrize("ckpt_every, saved", [(0, [4]), (1, [1, 2, 3, 4]), (3, [3, 4])])
+@pytest.mark.parametrize("log_every, logged", [(0, []), (2, [1, 2, 4])])
+def test_zero_means_off_for_checkpoints_and_logs(
+    accelerator, tmp_path, monkeypatch, ckpt_every, saved, log_every, logged
+):
+    steps = []
+    monkeypatch.setattr(tracking, "scalars", lambda acc, values, step: steps.append(step))
+    cfg = _loop_config(ckpt_every=ckpt_every, log_every=log_every)
+    code = train_loop(toy_parts(accelerator), SanitizedTally(toy_batches()), cfg, LoopState(), tmp_path, {}, None)
+    assert code == 0 and _steps_saved(tmp_path) == saved and steps == logged
+
+
+class _OutOfMemoryAt(Toy):
+    """A ``Toy`` whose ``n``-th forward runs out of CUDA memory (as torch raises it, on any device)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, images, targets):
+        self.calls += 1
+        if self.calls == self.n:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(images, targets)
+
+
+@pytest.mark.parametrize("global_batch", [None, 4])
+def test_out_of_memory_names_the_settings_to_lower_and_keeps_the_last_checkpoint(accelerator, tmp_path, global_batch):
+    cfg = _loop_config(ckpt_every=2, max_steps=8)
+    cfg.data.global_batch, cfg.model.max_size = global_batch, 800
+    parts = toy_parts(accelerator, _OutOfMemoryAt(5))
+    with pytest.raises(OutOfMemory) as e:
+        train_loop(parts, SanitizedTally(toy_batches()), cfg, LoopState(), tmp_path, {}, None)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith("[rank 0] CUDA out of memory in training step 5 with ")
+    assert (
+        ("data.global_batch=4" in line and "optim.grad_accum=1" in line)
+        if global_batch
+        else "data.batch_size=2" in line
+    )
+    assert "model.max_size=800" in line and "the last checkpoint (step_0000004) is intact" in line
+    assert _steps_saved(tmp_path) == [2, 4] and not list(checkpoint.checkpoints_dir(tmp_path).glob("*.tmp"))
+    meta = checkpoint.load(checkpoint.latest(tmp_path), Toy())  # whole and loadable
+    assert meta["step"] == 4 and meta["batches"] == 4
+
+
+def test_out_of_memory_in_validation_names_the_eval_batch(accelerator, tmp_path):
+    def validate(step):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    cfg = _loop_config(eval_every=2, ckpt_every=2)
+    with pytest.raises(
+        OutOfMemory,
+        match=r"in validation after step 2 with eval.batch_size=2 images per GPU.*: lower eval.batch_size"
+        r".*the last checkpoint \(step_0000002\) is intact",
+    ):
+        train_loop(toy_parts(accelerator), SanitizedTally(toy_batches()), cfg, LoopState(), tmp_path, {}, validate)

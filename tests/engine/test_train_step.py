@@ -7,63 +7,17 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
-from mapdet import comm
 from mapdet.config import OptimConfig
-from mapdet.engine.step import PHASES, TrainParts, train_step
-from mapdet.structures import Batch
-
-
-class Toy(torch.nn.Module):
-    """Stands for a detector: a dict of two losses; ``poison`` makes the second one NaN."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-        self.poison = False
-
-    def forward(self, images, targets):
-        x = torch.stack([im.mean() for im in images]).mean()
-        b = self.w[1] * x * (float("nan") if self.poison else 1.0)
-        return {"loss_a": self.w[0] * x, "loss_b": b}
-
-
-@pytest.fixture
-def accelerator():
-    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one state per process
-    yield comm.make_accelerator(mixed_precision="no")
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _batches(bad_every: int = 0):
-    i = 0
-    while True:
-        i += 1
-        bad = (
-            [{"shard": "s.tar", "key": f"k{i}", "reason": "test", "samples": 1}]
-            if bad_every and i % bad_every == 0
-            else []
-        )
-        images = [torch.full((3, 4, 4), 0.5), torch.full((3, 4, 4), 0.25)]
-        yield Batch(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 2, bad)
-
-
-def _setup(accelerator) -> TrainParts:
-    model = Toy()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return TrainParts(
-        accelerator, model, model, optimizer, scheduler, augment=lambda images, targets: (images, targets)
-    )
+from mapdet.engine.step import PHASES, train_step
+from tests.engine.toy import toy_batches, toy_parts
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_a_non_finite_loss_skips_the_update_and_still_counts_the_images(accelerator, grad_accum):
-    parts = _setup(accelerator)
+    parts = toy_parts(accelerator)
     model, scheduler = parts.model, parts.scheduler
-    batches = _batches()
+    batches = toy_batches()
     res = train_step(parts, batches, OptimConfig(grad_accum=grad_accum, clip_norm=1.0))
     assert not res.skipped and math.isfinite(res.grad_norm) and res.images == 2 * grad_accum
     weights, lr = model.w.detach().clone(), scheduler.get_last_lr()
@@ -80,8 +34,8 @@ def test_a_non_finite_loss_skips_the_update_and_still_counts_the_images(accelera
 
 
 def test_losses_counts_and_shared_values_come_back_from_the_one_reduction(accelerator):
-    parts = _setup(accelerator)
-    batches = _batches(bad_every=2)
+    parts = toy_parts(accelerator)
+    batches = toy_batches(bad_every=2)
     calls = []
 
     def shared():
@@ -102,9 +56,9 @@ def test_losses_counts_and_shared_values_come_back_from_the_one_reduction(accele
 def test_a_profiled_step_splits_into_its_phases_in_order(accelerator):
     """bench/profile_step.py reads these ranges: every phase once per micro-batch (data, augment,
     forward, backward) or per step (sync, optimizer), in the order they run."""
-    parts = _setup(accelerator)
+    parts = toy_parts(accelerator)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        train_step(parts, _batches(), OptimConfig(grad_accum=2, clip_norm=1.0))
+        train_step(parts, toy_batches(), OptimConfig(grad_accum=2, clip_norm=1.0))
     ranges = sorted((e.time_range.start, e.name) for e in prof.events() if e.name in PHASES)
     data, augment, forward, backward, sync, optimizer = PHASES
     assert [name for _, name in ranges] == [data, augment, forward, backward] * 2 + [sync, optimizer]

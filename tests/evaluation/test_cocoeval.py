@@ -12,7 +12,7 @@ import pytest
 
 from mapdet.cli import main
 from mapdet.evaluation.coco import evaluate_coco
-from tests.evaluation.cocodata import STATS, random_coco
+from tests.evaluation.cocodata import STATS, pycocotools_eval, random_coco
 from tests.helpers import accelerate_launch
 
 
@@ -128,3 +128,74 @@ def test_one_process_never_imports_torch(files):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("no torch"), r.stdout[-500:]
+
+
+def _cocoeval_files(tmp, gt, dets, capsys) -> tuple[int, str]:
+    (tmp / "gt.json").write_text(json.dumps(gt))
+    (tmp / "dt.json").write_text(json.dumps(dets))
+    code = cocoeval("--gt", str(tmp / "gt.json"), "--results", str(tmp / "dt.json"), "--out", str(tmp / "m.json"))
+    return code, capsys.readouterr().err
+
+
+def _pycocotools(gt, dets):
+    """pycocotools' 12 summary numbers, or the type of the exception it refuses the input with."""
+    try:
+        return list(pycocotools_eval(gt, dets).stats)
+    except Exception as e:  # noqa: BLE001 - what it raises is what is compared
+        return type(e)
+
+
+K = 5  # the detection made wrong
+
+
+@pytest.mark.parametrize(
+    "key, bad, pycocotools_does",
+    [
+        ("image_id", str, "refuse"),  # "107": "Results do not correspond to current coco set"
+        ("image_id", lambda v: v + 0.5, "refuse"),
+        ("image_id", float, "score as the integer"),  # 107.0 == 107 for a Python set
+        ("category_id", str, "drop it"),  # "1" is no category of the GT: silently left out
+        ("category_id", lambda v: v + 0.5, "drop it"),
+        ("category_id", lambda v: True, "score as the integer"),  # True == 1
+    ],
+)
+def test_ids_that_are_not_integers_are_refused_naming_the_first(tmp_path, capsys, key, bad, pycocotools_does):
+    gt, dets = random_coco(0)
+    wrong = [dict(d) for d in dets]
+    wrong[K][key] = bad(wrong[K][key])
+    if key == "category_id" and wrong[K][key] is True:
+        dets[K] = {**dets[K], key: 1}  # what pycocotools takes True for
+    without = dets[:K] + dets[K + 1 :]
+    expected = {
+        "refuse": AssertionError,
+        "score as the integer": _pycocotools(gt, dets),
+        "drop it": _pycocotools(gt, without),
+    }
+    assert _pycocotools(gt, wrong) == expected[pycocotools_does]
+
+    wrong[K + 3] = {**wrong[K + 3], key: "later"}  # only the first offender is named
+    code, err = _cocoeval_files(tmp_path, gt, wrong, capsys)
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "m.json").exists()
+    assert f"detection {K}: {key} {wrong[K][key]!r} is not an integer" in err, err
+
+
+@pytest.mark.parametrize(
+    "part, index, key, bad",
+    [
+        ("images", 3, "id", "107"),
+        ("categories", 1, "id", 2.0),
+        ("annotations", 4, "id", True),
+        ("annotations", 6, "image_id", 114.5),
+        ("annotations", 2, "category_id", "1"),
+    ],
+)
+def test_ground_truth_ids_that_are_not_integers_are_refused(tmp_path, capsys, part, index, key, bad):
+    gt, dets = random_coco(0)
+    gt[part][index] = {**gt[part][index], key: bad}
+    code, err = _cocoeval_files(tmp_path, gt, dets, capsys)
+    who = {
+        "images": "ground-truth image",
+        "categories": "ground-truth category",
+        "annotations": "ground-truth annotation",
+    }
+    assert code == 2 and f"{who[part]} {index}: {key} {bad!r} is not an integer" in err, err

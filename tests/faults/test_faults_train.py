@@ -1,6 +1,8 @@
 """Fault injection, processes: kill -9 of one rank or of the whole job at random steps, a stuck
-rank (SIGSTOP), a kill while a checkpoint is written. The survivors stop within train.timeout_s,
-the launcher exits non-zero, and ``--resume auto`` ends at the weights of an uninterrupted run.
+rank (SIGSTOP), a kill while a checkpoint is written, CUDA out of memory on one rank. The survivors
+stop within train.timeout_s (at once where the failed rank is gone), the launcher exits non-zero,
+and ``--resume auto`` ends at the weights of an uninterrupted run (or goes on from the last
+checkpoint, which nothing touched).
 
 Random steps come from MAPDET_FAULT_SEED (printed with every failure; set it to replay a run).
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +23,7 @@ import pytest
 import torch
 
 from mapdet.engine import checkpoint
-from tests.helpers import accelerate_launch, exported_weights, launch_background, train_args
+from tests.helpers import REPO, accelerate_launch, exported_weights, launch_background, run_cli, train_args
 
 TIMEOUT_S = 20
 STEPS = ["train.max_steps=16", "train.ckpt_every=2", f"train.timeout_s={TIMEOUT_S}", "train.image_log_every=0"]
@@ -226,3 +229,47 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_in_use(tmp
     assert meta["step"] == 1 and all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
     checkpoint.save(tmp_path, 2, model, opt, sched, None, {"batches": 2, "counters": {}}, keep_last=3)
     assert sorted(p.name for p in root.iterdir()) == ["step_0000001", "step_0000002"]
+
+
+def test_out_of_memory_on_one_rank_stops_every_rank_at_once_and_keeps_the_last_checkpoint(shards, tmp_path):
+    """torch.cuda.OutOfMemoryError in rank 1's forward of step 3 (tests/faults/inject_oom.py), with
+    train.timeout_s at its default of 600 s: rank 1 says what to lower in one line and leaves the
+    group, rank 0 (waiting for it in DDP's gradient all-reduce) fails at once, the launcher exits."""
+    run, log = tmp_path / "run", tmp_path / "oom.log"
+    args = train_args(shards, run, "train.max_steps=8", "train.ckpt_every=2", "train.image_log_every=0")
+    env = {"MAPDET_OOM_STEP": "3", "MAPDET_OOM_RANK": "1"}
+    proc = launch_background(args, log, script=REPO / "tests" / "faults" / "inject_oom.py", env=env)
+    seen: dict[str, float] = {}
+    try:
+        start = time.time()
+        while proc.poll() is None and time.time() - start < 600:
+            text = log.read_text(errors="replace")
+            for name, needle in (("oom", "CUDA out of memory"), ("survivor", "[rank 0] stopping at step")):
+                if name not in seen and needle in text:
+                    seen[name] = time.time()
+            time.sleep(0.05)
+        seen["exit"] = time.time()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    lines = re.findall(r"\[rank \d\] CUDA out of memory[^\r\n]*", text)  # after a progress bar, maybe
+    assert len(lines) == 1 and lines[0].startswith(
+        "[rank 1] CUDA out of memory in training step 3 with data.batch_size=2 "
+    ), text[-3000:]
+    assert "optim.grad_accum" in lines[0] and "model.max_size=160" in lines[0]
+    assert "the last checkpoint (step_0000002) is intact" in lines[0]
+    assert "OutOfMemoryError" not in text and "[rank1]:" not in text  # no traceback from the rank
+    survivor = re.search(r"\[rank 0\] stopping at step 2[^\r\n]*", text).group()
+    assert "a collective failed" in survivor and "timed out" not in survivor.lower(), survivor
+    told, ended = seen["survivor"] - seen["oom"], seen["exit"] - seen["oom"]
+    assert proc.returncode not in (0, None) and told < 60, (proc.returncode, told)  # not the 600 s timeout
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_0000002"]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    print(
+        f"\nafter the out-of-memory line: the other rank failed {told:.1f} s later, the launcher exited {ended:.1f} s"
+    )
+
+    r = run_cli(*train_args(shards, run, "train.max_steps=4", "train.image_log_every=0"), "--resume", "auto")
+    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
+    assert [p.name for p in checkpoint.list_checkpoints(run)][-1] == "step_0000004"

@@ -146,3 +146,21 @@ def test_above_a_thousand_boxes_torchvision_pays_two_syncs_per_level():
     # an NMS for an image left with more than 1000 boxes (the CPU's threshold; CUDA's is 5000)
     assert counts[0] == 2
     assert counts[1] >= 2 * 2 + 2 * len(LEVELS)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_one_nms_per_image_still_suppresses_with_a_nan_box(training):
+    """A NaN coordinate (a diverging regression) must cost that box only: CUDA's one-NMS path
+    shifted every level by the largest coordinate of ALL boxes, NaN then, which made every IoU NaN
+    and switched suppression off for the whole image. Forced onto that path here, on the CPU."""
+    ours, stock = rpn_pair(training, one_nms=True)
+    ours._post_nms_top_n = stock._post_nms_top_n = {"training": 2000, "testing": 2000}  # every box NMS keeps
+    shapes = [(80, 100), (100, 60)]
+    for seed in range(3):
+        boxes, logits = candidates(seed)
+        boxes[0, 7, 2] = float("nan")  # one coordinate of one box of the first image
+        boxes[1, 5:9] = float("nan")  # a few whole boxes of the second
+        got_boxes, got_scores = ours.filter_proposals(boxes, logits, shapes, LEVELS)
+        want_boxes, want_scores = stock.filter_proposals(boxes, logits, shapes, LEVELS)
+        for gb, gs, wb, ws in zip(got_boxes, got_scores, want_boxes, want_scores):
+            assert torch.isfinite(gb).all() and torch.equal(gb, wb) and torch.equal(gs, ws)

@@ -45,7 +45,7 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, synth_root):
     r = run_cli("pack", str(tmp_path / "nowhere"), str(tmp_path / "o"), "--split", "training")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "nowhere" in r.stderr
     r = run_cli("verify", str(tmp_path))
-    assert r.returncode == 1 and "no *.manifest.json" in r.stderr
+    assert r.returncode == 2 and "no *.manifest.json" in r.stderr
 
 
 def _copy(shards, tmp_path):
