@@ -18,7 +18,7 @@ from mapdet.config import load_config, to_yaml
 from mapdet.drawing import output_names
 from mapdet.modeling import trained
 from mapdet.modeling.detector import build_inference_model
-from mapdet.shards.manifest import class_names, load_manifest
+from mapdet.shards.manifest import load_manifest
 from tests.helpers import accelerate_launch
 
 # Random weights: scores near 1 / (K + 1); a low model threshold keeps detections to compare.
@@ -44,15 +44,15 @@ def run(tmp_path_factory, shards) -> Path:
     """A run folder as `mapdet train` leaves it (config.yaml, checkpoints/step_N, export/), random weights."""
     run = tmp_path_factory.mktemp("predict") / "run"
     cfg = load_config(None, [f"data.shards={shards}", f"train.out={run}", *MODEL])
-    names = class_names(load_manifest(shards, "training"))
+    classes = load_manifest(shards, "training")["classes"]
     torch.manual_seed(0)
-    model = build_inference_model(cfg.model, len(names) + 1)
+    model = build_inference_model(cfg.model, len(classes) + 1)
     step = run / "checkpoints" / "step_0000007"
     step.mkdir(parents=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(step / "model.safetensors"))
     (step / "meta.json").write_text(json.dumps({"step": 7}))
-    trained.write_export(run / "export", model, cfg.model, names)
+    trained.write_export(run / "export", model, cfg.model, classes)
     return run
 
 
