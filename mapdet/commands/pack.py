@@ -23,6 +23,7 @@ COCO detection JSON exits 2. Name the splits training and validation to use the 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from mapdet.datasets.coco import CocoReader
 from mapdet.datasets.layout import detect_version
@@ -102,10 +103,9 @@ def run(args: argparse.Namespace) -> int:
         categories = args.categories.split(",") if args.categories is not None else None
         done = pack_from(CocoReader(args.coco, args.images, categories), out, args.split, opts)
     else:
-        opts.version = args.version or detect_version(root)
-        opts.source = args.source
-        opts.class_set = "all-instances" if args.all_instance_classes else "evaluated"
-        done = pack(root, out, args.split, opts)
+        class_set = "all-instances" if args.all_instance_classes else "evaluated"
+        vistas = replace(opts, version=args.version or detect_version(root), source=args.source, class_set=class_set)
+        done = pack(root, out, args.split, vistas)
     print(f"packed {len(done)} shard(s) of {args.split} into {out} (job {opts.job_index + 1}/{opts.num_jobs})")
     if opts.num_jobs > 1:
         print(f"when all {opts.num_jobs} jobs are done: mapdet merge {out} --split {args.split}")

@@ -66,10 +66,11 @@ def _check_class_sets(out: Path, split: str, plan: dict, parts: list[dict]) -> N
         found = "; ".join(
             f"{cs}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for cs, names in sorted(sets.items())
         )
+        option = "--categories" if is_coco_pack(plan) else "--all-instance-classes"
         raise ValueError(
             f"{out}: the {split} shards were packed with different class sets ({found}; the plan "
             f"says {want}); their label ids do not agree, so they cannot be merged. Repack the "
-            f"split into a fresh folder with the same --all-instance-classes setting for every job"
+            f"split into a fresh folder with the same {option} setting for every job"
         )
 
 
