@@ -35,12 +35,16 @@ VISTAS_SPLITS = ("training", "validation")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = (
+        "%(prog)s ROOT OUT --split training|validation [options]\n"
+        "       %(prog)s --coco JSON --images DIR OUT --split NAME [options]"
+    )
     p.add_argument(
         "paths",
         nargs="+",
-        metavar="[ROOT] OUT",
-        help="the Vistas download (holds config_v*.json, training/, validation/; not with --coco), then the "
-        "output folder for shards, manifest and COCO ground truth",
+        metavar="PATH",
+        help="ROOT OUT, one after the other: the Vistas download (holds config_v*.json, training/, "
+        "validation/), then the output folder for shards, manifest and COCO ground truth; with --coco, OUT alone",
     )
     p.add_argument(
         "--split",
