@@ -8,7 +8,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-ORDER = ["data", "train", "train_gpu", "profile", "eval", "command", "eval_scale", "diagnose", "demo"]
+ORDER = ["data", "coco_read", "train", "train_gpu", "profile", "eval", "command", "eval_scale", "diagnose", "demo"]
 
 
 def flatten(obj, prefix=""):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mapdet.datasets import coco
 from mapdet.datasets.coco import CocoReader
 from mapdet.datasets.sample_files import BadSample
 
@@ -60,6 +61,27 @@ def test_classes_keys_boxes_areas_and_crowd(tmp_path):
     b = reader.read("3")
     assert b.boxes.shape == (0, 4) and b.labels.shape == (0,) and b.file_name == "b.png"
     assert reader.bad_annotations == [] and reader.plan()["classes"][0] == {"id": 1, "name": "person", "category_id": 4}
+
+
+@pytest.mark.parametrize(
+    "ann",
+    [
+        {"image_id": 7, "category_id": 50, "bbox": [1.5, 2, 10, 5], "area": 20.5, "iscrowd": 0},
+        {"image_id": 7, "category_id": 4, "bbox": [0.1, 0.2, 0.3, 0.7], "iscrowd": True},
+        {"image_id": 7, "category_id": 4, "bbox": [2**60, 1, 1, 1], "area": 0},
+        {"image_id": 7, "category_id": 4, "bbox": [1e308, 1e308, 1e308, 1e308]},  # sum overflows: checked slowly
+    ],
+)
+def test_the_fast_path_gives_what_the_checks_one_by_one_give(ann):
+    label_of = {50: 2, 4: 1}
+    slow = [*coco._box(ann), label_of[ann["category_id"]], coco._crowd(ann), coco._area(ann)]
+    fast = coco._plain(ann, {7: {}}, label_of)
+    if fast is None:
+        assert not math.isfinite(sum(ann["bbox"]))
+        return
+    assert fast[0] == 7
+    np.testing.assert_array_equal(fast[1], slow)  # NaN (no area) equal to NaN
+    assert [type(v) for v in fast[1]] == [type(v) for v in slow]
 
 
 def test_categories_keep_a_subset_and_count_the_rest(tmp_path):
