@@ -131,8 +131,9 @@ class CocoReader:
 
     def _annotations(self, annotations: list, every: list[CocoClass]):
         """Objects per image id, float64 (N, 7) ``[x1, y1, x2, y2, label, iscrowd, area]`` rows in
-        file order (arrays: a tenth of the memory of lists, and untouched by refcounting in forked
-        workers), left-out counts per image id ``{name: n}``, and the bad annotations."""
+        file order (arrays: a quarter of the memory of lists of floats, 63 vs 264 MB at COCO
+        train2017's size, and untouched by refcounting in forked workers), left-out counts per image
+        id ``{name: n}``, and the bad annotations."""
         label_of = {c.category_id: c.id for c in self.classes}
         name_of = {c.category_id: c.name for c in every}
         objects: dict[int, list] = {}
