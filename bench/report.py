@@ -10,6 +10,7 @@ from pathlib import Path
 
 ORDER = [
     "data",
+    "coco_read",
     "train",
     "train_gpu",
     "profile",

@@ -7,8 +7,9 @@
 - ``images``: list of uint8 tensors (3, H, W), RGB, at stored size (sizes may differ in a batch);
 - ``targets``: list of dicts: ``boxes`` float32 (N, 4) xyxy pixel-edge in the stored image (a
   one-pixel object at column c spans [c, c+1]), ``labels`` int64 (N,) in 1..K, ``iscrowd`` int64
-  (N,), ``image_id`` int, ``key`` str, ``shard`` str. An image without objects has boxes (0, 4)
-  and labels (0,);
+  (N,), ``image_id`` int, ``key`` str, ``shard`` str, ``orig_size`` (width, height) of the image
+  the pack read (shards; equal to the stored size unless packed with ``--max-side``). An image
+  without objects has boxes (0, 4) and labels (0,);
 - ``bad``: inputs that failed to read since the previous batch, ``{"shard", "key", "reason",
   "samples"}``, so that they are counted, never silently dropped.
 
@@ -45,7 +46,8 @@ class Detections:
     """Packed detections of many images (what ranks exchange; never per-box dicts).
 
     image_id: int64 (M,); boxes: float32 (M, 4) xyxy pixel-edge, stored-image coordinates;
-    scores: float32 (M,); labels: int64 (M,) category ids (1..K).
+    scores: float32 (M,); labels: int64 (M,): the model's labels 1..K as inference gives them, COCO
+    category ids once ``relabel``-ed (what evaluation and every written COCO file use).
     """
 
     image_id: np.ndarray
@@ -83,6 +85,11 @@ class Detections:
         """From COCO results dicts (bbox xywh -> xyxy, rounded to float32)."""
         img, cat, xywh, score = parse_results(results)
         return Detections(img, xywh_to_xyxy(xywh), score, cat)
+
+    def relabel(self, lut: np.ndarray) -> Detections:
+        """The same detections with labels ``lut[labels]`` (model labels 1..K -> COCO category ids,
+        ``mapdet.shards.manifest.category_ids``)."""
+        return Detections(self.image_id, self.boxes, self.scores, np.asarray(lut, np.int64)[self.labels])
 
     def take(self, idx) -> Detections:
         """The detections selected by ``idx`` (indices or a boolean mask)."""

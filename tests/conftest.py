@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic Vistas download and its packed shards, made once per session."""
+"""Shared fixtures: a tiny synthetic Vistas download, the same as COCO detection JSON, and both
+packed into shards, made once per session."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mapdet.datasets.synthetic.writer import SynthConfig, synthesize
-from tests.helpers import pack_all
+from tests.datasets.coco_files import vistas_as_coco
+from tests.helpers import pack_all, pack_coco
 
 TINY = SynthConfig(size=(160, 120))
 
@@ -25,6 +27,24 @@ def shards(tmp_path_factory, synth_root) -> Path:
     out = tmp_path_factory.mktemp("shards")
     pack_all(synth_root, out, "training")
     pack_all(synth_root, out, "validation")
+    return out
+
+
+@pytest.fixture(scope="session")
+def coco_files(tmp_path_factory, synth_root) -> Path:
+    """Both splits of ``synth_root`` as COCO detection JSON, ``{split}.json``: sparse, shuffled ids."""
+    out = tmp_path_factory.mktemp("coco")
+    for seed, split in enumerate(("training", "validation")):
+        vistas_as_coco(synth_root, split, out / f"{split}.json", seed=seed)
+    return out
+
+
+@pytest.fixture(scope="session")
+def coco_shards(tmp_path_factory, synth_root, coco_files) -> Path:
+    """``coco_files`` packed like ``shards`` (`mapdet pack --coco`, 4 samples per shard)."""
+    out = tmp_path_factory.mktemp("coco_shards")
+    for split in ("training", "validation"):
+        pack_coco(coco_files / f"{split}.json", synth_root / split / "images", out, split)
     return out
 
 

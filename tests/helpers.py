@@ -1,5 +1,6 @@
 """What many tests share: running mapdet in subprocesses (one process, or 2 CPU processes through
-``accelerate launch``), packing the tiny synthetic set, and a tiny training experiment."""
+``accelerate launch``), packing the tiny synthetic set (from its Vistas layout or as COCO JSON), a
+tiny training experiment, and a run folder with random weights."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
+from mapdet.datasets.coco import CocoReader
 from mapdet.shards.merge import merge
-from mapdet.shards.writer import PackOptions, pack
+from mapdet.shards.writer import PackOptions, pack, pack_from
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -47,6 +50,49 @@ def pack_all(root: Path, out: Path, split: str, **kw) -> dict:
     return merge(out, split) if opts.num_jobs == 1 else None
 
 
+def pack_coco(annotations: Path, images: Path, out: Path, split: str, categories=None, **kw) -> dict:
+    """``mapdet pack --coco annotations --images images out --split split`` in process, 4 per shard."""
+    opts = PackOptions(**{"samples_per_shard": 4, **kw})
+    pack_from(CocoReader(annotations, images, categories), out, split, opts)
+    return merge(out, split, root=str(annotations)) if opts.num_jobs == 1 else None
+
+
+# Random weights: scores near 1 / (K + 1); a low model threshold keeps detections to compare.
+RANDOM_MODEL = [
+    "model.arch=small",
+    "model.min_size=128",
+    "model.max_size=160",
+    "model.score_thresh=0.01",
+    "model.detections_per_img=20",
+]
+
+
+def random_run(run: Path, shards: Path, *settings: str) -> Path:
+    """A run folder as `mapdet train` leaves it (config.yaml, checkpoints/step_0000007, export/) for
+    the training split of ``shards``, with seeded random weights, ``RANDOM_MODEL`` and ``settings``."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from mapdet.config import load_config, to_yaml
+    from mapdet.modeling import trained
+    from mapdet.modeling.detector import build_inference_model
+    from mapdet.shards.manifest import load_manifest
+
+    cfg = load_config(None, [f"data.shards={shards}", f"train.out={run}", *RANDOM_MODEL, *settings])
+    classes = load_manifest(shards, "training")["classes"]
+    torch.manual_seed(0)
+    model = build_inference_model(cfg.model, len(classes) + 1)
+    step = run / "checkpoints" / "step_0000007"
+    step.mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(step / "model.safetensors"))
+    (step / "meta.json").write_text(json.dumps({"step": 7}))
+    trained.write_export(run / "export", model, cfg.model, classes)
+    return run
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m mapdet ARGS`` in a subprocess; returns the completed process (never raises)."""
     return subprocess.run(
@@ -62,8 +108,6 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
 def mapdet(capsys, *argv) -> tuple[int, str, str]:
     """``mapdet ARGV`` in this process: (exit code, stdout, stderr). Any exception other than the
     CLI's own exit is a stack trace a user would see, and fails the test."""
-    import pytest
-
     from mapdet import cli
 
     with pytest.raises(SystemExit) as e:

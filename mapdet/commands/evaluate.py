@@ -6,8 +6,9 @@ loss in the same pass. Run on every GPU you have:
 
 Writes DIR/metrics.json (COCO summary on pycocotools' 0-1 scale, AP at each maxDets, per-class
 AP with GT and training counts, val loss, images left out) and DIR/detections.json (COCO results
-format), prints the per-class table, and logs scalars and a few images with predictions (red)
-and ground truth (green) to the run's TensorBoard. Default DIR: RUN/eval/step_N.
+format, in the numbering and pixels of {split}.coco.json: a COCO pack's own category and image
+ids, boxes in stored-image pixels), prints the per-class table, and logs scalars and a few images
+with predictions (red) and ground truth (green) to the run's TensorBoard. Default DIR: RUN/eval/step_N.
 
 Memory: scoring never puts all detections on one rank (``validation``). detections.json is
 written by the main process from every rank's detections streamed one rank at a time, in the
@@ -30,7 +31,7 @@ from mapdet.engine import checkpoint
 from mapdet.evaluation.coco import format_summary, format_table
 from mapdet.evaluation.validation import metrics_dict, stream_detections, validate
 from mapdet.modeling.detector import build_inference_model
-from mapdet.shards.manifest import class_names, classes_mismatch, load_coco, load_manifest
+from mapdet.shards.manifest import by_category_id, class_names, classes_mismatch, load_coco, load_manifest
 from mapdet.shards.source import shard_source
 from mapdet.structures import Detections
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     train_manifest = _optional_manifest(shards, cfg.data.train_split)
     if train_manifest is not None and (why := classes_mismatch(train_manifest, manifest)):
         raise ValueError(f"{cfg.data.shards}: {why}; the model's classes are the training split's")
-    names = class_names(manifest)
+    names = class_names(by_category_id(manifest))  # detections carry COCO category ids (validation)
     gt = load_coco(shards, split)
 
     model = build_inference_model(cfg.model, len(names) + 1).to(accelerator.device)

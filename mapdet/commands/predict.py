@@ -7,18 +7,22 @@ recursively) or on packed shards (a folder, an http(s):// URL or a ``pipe:`` com
 
     [{"image_id": 3, "file_name": "a/b.jpg", "category_id": 7, "bbox": [x, y, w, h], "score": 0.93}, ...]
 
-``bbox`` is xywh in the image's own pixels as stored (for a folder the original file, for shards
-the packed image, like ``{split}.coco.json``); the model resizes internally and maps boxes back.
-``category_id`` is the class id of classes.json / the shard manifest (1..K, the model's label).
-Folder: ``image_id`` is the file's position in the sorted list of relative paths plus one, and
-``file_name`` that path. Shards: ``image_id`` is the sample's (``{split}.coco.json``), no file_name;
-the list then holds the same detections as ``mapdet evaluate``'s detections.json for the same
-weights. Results are sorted by image id (within an image, highest score first), whatever the number
-of processes. ``--score-thresh`` filters the file (default 0: every detection the model keeps, as
-evaluate). Images of different sizes batched together are padded to one size, which moves scores
-slightly (near-ties may swap): ``--batch-size 1`` gives exactly one model call per image. ``--draw
-DIR`` writes every image with its boxes scoring >= ``--draw-thresh`` labelled "class score", as
-``DIR/<relative path or key>.png|jpg``.
+``bbox`` is xywh in the image's own pixels: for a folder the original file; for shards the packed
+image, like ``{split}.coco.json``, except a pack made from COCO JSON (``mapdet pack --coco``), whose
+results are in the pixels of the original images, so the file scores against the user's own
+annotations with any COCO tool (the same numbers unless packed with ``--max-side``); the model
+resizes internally and maps boxes back. ``category_id`` is the COCO category id of the class: the
+original file's for a model trained on a COCO pack (classes.json / manifest ``category_id``), else
+the class id 1..K. Folder: ``image_id`` is the file's position in the sorted list of relative
+paths plus one, and ``file_name`` that path. Shards: ``image_id`` is the sample's (``{split}.coco.json``;
+a COCO pack's own ids), no file_name; the list then holds the same detections as ``mapdet
+evaluate``'s detections.json for the same weights (the same boxes too unless a COCO pack was
+resized). Results are sorted by image id (within an image, highest score first), whatever the
+number of processes. ``--score-thresh`` filters the file (default 0: every detection the model
+keeps, as evaluate). Images of different sizes batched together are padded to one size, which
+moves scores slightly (near-ties may swap): ``--batch-size 1`` gives exactly one model call per
+image. ``--draw DIR`` writes every image with its boxes scoring >= ``--draw-thresh`` labelled
+"class score", as ``DIR/<relative path or key>.png|jpg``.
 
 Weights: ``--weights`` with the classes.json beside them (or ``--classes``) is enough: it records
 the classes and the model settings (``mapdet.modeling.trained``); ``--checkpoint`` reads the run's
@@ -46,7 +50,7 @@ from mapdet.data.loaders import eval_keys, eval_loader
 from mapdet.drawing import FORMATS, DrawnImages, output_names
 from mapdet.engine.inference import describe_bad, predict_gathered, write_results
 from mapdet.modeling import trained
-from mapdet.shards.manifest import load_manifest
+from mapdet.shards.manifest import category_id, category_ids, is_coco_pack, load_manifest
 from mapdet.shards.source import SOURCE_HELP
 
 
@@ -91,18 +95,21 @@ def run(args: argparse.Namespace) -> int:
         detector = trained.from_export(args.weights, args.classes, args.config)
     else:
         detector = trained.from_checkpoint(args.checkpoint, args.classes, args.config)
-    loader, keys, mine, file_names = _folder(args) if args.images else _shards(args, detector)
+    loader, keys, mine, file_names, to_original = _folder(args) if args.images else _shards(args, detector)
     drawer = None
     if args.draw:
         names = output_names(keys, args.draw_format, strip_suffix=bool(args.images))
         drawer = DrawnImages(args.draw, names, detector.names, args.draw_thresh)
 
     bar = tqdm(total=mine, desc="predict", unit="img", disable=not comm.is_main_process())
-    found = predict_gathered(detector.model.to(device), loader, device, keys, progress=bar, on_batch=drawer)
+    found = predict_gathered(
+        detector.model.to(device), loader, device, keys, progress=bar, on_batch=drawer, to_original=to_original
+    )
     bar.close()
     if comm.is_main_process():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        written = write_results(args.out, found.detections, args.score_thresh, file_names)
+        detections = found.detections.relabel(category_ids(detector.classes))
+        written = write_results(args.out, detections, args.score_thresh, file_names)
         print(
             f"{detector.source}: {found.images} image(s) on {comm.get_world_size()} process(es), {written} "
             f"detection(s){f' scoring >= {args.score_thresh}' if args.score_thresh > 0 else ''}; wrote {args.out}"
@@ -120,29 +127,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _folder(args):
-    """(loader, every image's key, how many this rank reads, image id -> file name) of ``--images``."""
+    """(loader, every image's key, how many this rank reads, image id -> file name, whether to scale
+    boxes to the original images: no, they are the originals) of ``--images``."""
     rank, world = comm.get_rank(), comm.get_world_size()
     files = shared_listing(args.images, exclude=args.draw)
     lo, hi = comm.share(len(files), rank, world)
     loader = image_loader(args.images, files, args.batch_size, args.workers, rank, world)
-    return loader, files, hi - lo, {i + 1: f for i, f in enumerate(files)}
+    return loader, files, hi - lo, {i + 1: f for i, f in enumerate(files)}, False
 
 
 def _shards(args, detector: trained.Trained):
-    """The same for ``--shards``: image ids are the samples' own, so no file names."""
+    """The same for ``--shards``: image ids are the samples' own, so no file names; a COCO pack's
+    boxes go back to its original images' pixels."""
     rank, world = comm.get_rank(), comm.get_world_size()
     manifest = load_manifest(args.shards, args.split)
     _check_classes(manifest, detector, args)
     # Corrupt samples are left out and reported like unreadable files (exit 1), not fatal.
     loader = eval_loader(args.shards, manifest, args.batch_size, args.workers, rank, world, skip_corrupt=True)
     keys = [k for s in manifest["shards"] for k in s["keys"]]
-    return loader, keys, len(eval_keys(manifest, rank, world)), None
+    return loader, keys, len(eval_keys(manifest, rank, world)), None, is_coco_pack(manifest)
 
 
 def _check_classes(manifest: dict, detector: trained.Trained, args) -> None:
-    """Shard labels and the model's labels must mean the same classes (label = position in the list)."""
-    theirs = [(c["id"], c["name"]) for c in manifest["classes"]]
-    mine = [(c["id"], c["name"]) for c in detector.classes]
+    """Shard labels and the model's labels must mean the same classes (label = position in the list)
+    with the same COCO category ids."""
+    theirs = [(c["id"], c["name"], category_id(c)) for c in manifest["classes"]]
+    mine = [(c["id"], c["name"], category_id(c)) for c in detector.classes]
     if theirs != mine:
         first = next((f"{a} here, {b} there" for a, b in zip(mine, theirs) if a != b), "another class count")
         raise ValueError(

@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if state.step >= cfg.train.max_steps:
         accelerator.print(f"{run_dir} already finished {state.step} steps (train.max_steps={cfg.train.max_steps})")
         if accelerator.is_main_process and not (run_dir / "export" / "model.safetensors").exists():
-            _export(parts.raw_model, run_dir, cfg, names)  # killed after its last checkpoint, before the export
+            # killed after its last checkpoint, before the export
+            _export(parts.raw_model, run_dir, cfg, train_manifest["classes"])
         tracking.finish(accelerator)
         return 0
     stream = TrainStream(shards, train_manifest, cfg.data, rank, world, cfg.train.seed, state.batches)
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     check_replicas(accelerator, parts.raw_model)
     if exit_code == 0 and accelerator.is_main_process:
-        _export(parts.raw_model, run_dir, cfg, names)
+        _export(parts.raw_model, run_dir, cfg, train_manifest["classes"])
     tracking.finish(accelerator)
     return exit_code
 
@@ -167,6 +168,6 @@ def _validate(accelerator, raw_model, cfg, shards, val, train_manifest, run_dir:
     )
 
 
-def _export(raw_model, run_dir: Path, cfg, names: dict[int, str]) -> None:
+def _export(raw_model, run_dir: Path, cfg, classes: list[dict]) -> None:
     """Plain weights + classes.json with the model settings: enough for `mapdet predict --weights`."""
-    trained.write_export(run_dir / "export", raw_model, cfg.model, names)
+    trained.write_export(run_dir / "export", raw_model, cfg.model, classes)

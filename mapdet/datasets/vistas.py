@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,22 +39,17 @@ from mapdet.datasets.layout import (
     not_evaluated_classes,
     panoptic_json_path,
 )
-from mapdet.datasets.sample_files import BadSample, check_mask_header, image_size, read_instance_png, value_boxes
+from mapdet.datasets.sample_files import (
+    BadSample,
+    RawSample,
+    check_mask_header,
+    image_size,
+    read_instance_png,
+    value_boxes,
+)
 
 SOURCES = ("auto", "panoptic", "instances")
 _CHECK_IMAGES = 2  # images with objects compared when checking the JSON bbox convention
-
-
-@dataclass
-class RawSample:
-    stem: str
-    image_path: Path
-    width: int  # of the original image
-    height: int
-    boxes: np.ndarray  # float64 (N, 4) xyxy pixel-edge, original image pixels
-    labels: np.ndarray  # int64 (N,) in 1..K
-    iscrowd: np.ndarray  # uint8 (N,)
-    left_out: dict | None = None  # name -> objects (crowd included) of instance classes outside the class set
 
 
 def _canonical(boxes, labels, iscrowd=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -103,9 +97,22 @@ class VistasReader:
         self._segments, self._category_index = self._load_panoptic() if self.json_path.exists() else ({}, {})
         self._wh_offset = 0  # added to the JSON's w and h when it uses w = max_col - min_col
         self.source = self._choose_source(source)
+        self.nothing_to_pack = f"{self.image_dir} holds no .jpg images: nothing to pack"
 
     def stems(self) -> list[str]:
         return sorted(p.stem for p in self.image_dir.glob("*.jpg"))
+
+    keys = stems  # the packer's name: sample keys are the image stems, in this order
+
+    def plan(self) -> dict:
+        """What the pack plan records about this input (a resume must find the same)."""
+        return {
+            "version": self.version,
+            "source": self.source,
+            "class_set": self.class_set,
+            "classes": [{"id": c.id, "name": c.name} for c in self.classes],
+            "not_evaluated": self.not_evaluated,  # instance classes Vistas does not evaluate
+        }
 
     def read(self, stem: str) -> RawSample:
         image_path = self.image_dir / f"{stem}.jpg"

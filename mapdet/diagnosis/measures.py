@@ -42,7 +42,7 @@ from mapdet.diagnosis.stats import points, spearman
 from mapdet.diagnosis.tide_matching import ImageTruth, Matching
 from mapdet.evaluation.coco import evaluate_coco
 from mapdet.evaluation.matching import SMALL
-from mapdet.shards.manifest import class_image_fractions, class_instance_counts
+from mapdet.shards.manifest import by_category_id, class_image_fractions, class_instance_counts
 from mapdet.structures import Detections
 
 ZERO_AP = 1.0  # AP50 below this many points counts as "never detected"
@@ -138,8 +138,9 @@ def rebalancing(manifest: dict, t: float) -> tuple[dict[int, float], dict[int, f
 
 
 def per_class(gt: dict, result, train_manifest: dict | None, t: float) -> PerClass:
-    """Per-class AP/AP50 with training frequency, repeat factor and weight; rank correlation."""
-    m = train_manifest if train_manifest is not None else manifest_from_coco(gt)
+    """Per-class AP/AP50 with training frequency, repeat factor and weight; rank correlation. Classes
+    are the ground truth's categories; the training manifest's are matched by COCO category id."""
+    m = by_category_id(train_manifest) if train_manifest is not None else manifest_from_coco(gt)
     freq, inst = class_image_fractions(m), dict(zip([int(c["id"]) for c in m["classes"]], class_instance_counts(m)))
     r, w = rebalancing(m, t)
     names = {int(c["id"]): c.get("name", str(c["id"])) for c in gt.get("categories", [])}

@@ -21,7 +21,8 @@ to the main process only, one rank's packed rows at a time (``comm.stream_to_mai
 box there, nothing gathered on the other ranks.
 
 Detections are ``evaluator.Detections``: boxes float32 (M, 4) xyxy pixel-edge in the frame of the
-image as read (the model resizes internally and maps its boxes back), labels = category ids 1..K,
+image as read (the model resizes internally and maps its boxes back; ``to_original``: scaled to the
+image the pack read), labels = the model's 1..K (callers ``relabel`` them to COCO category ids),
 sorted by image id (stable: within an image, the model's order, highest score first). So the output
 does not depend on the number of processes or loader workers.
 
@@ -58,11 +59,15 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model, loader, device, with_loss: bool, progress=None, on_batch=None) -> Predictions:
+def predict(
+    model, loader, device, with_loss: bool, progress=None, on_batch=None, to_original: bool = False
+) -> Predictions:
     """Run ``model`` (unwrapped) over one rank's evaluation loader.
 
     ``on_batch(batch, detections)``, when given, is called after each batch with the batch (its
-    images still at hand, e.g. to draw on) and one ``Detections`` per image.
+    images still at hand, e.g. to draw on) and one ``Detections`` per image, in stored-image
+    coordinates. With ``to_original`` the detections returned are then scaled to the image the
+    pack read (``target["orig_size"]``), the frame of a COCO pack's own annotations.
     """
     parts, keys, loss_sum, skipped = [], [], {}, []
     was_training = model.training
@@ -79,6 +84,8 @@ def predict(model, loader, device, with_loss: bool, progress=None, on_batch=None
             parts.append(_pack(t["image_id"], out))
         if on_batch is not None:
             on_batch(batch, parts[-len(outputs) :])
+        if to_original:
+            parts[-len(outputs) :] = map(_in_original, parts[-len(outputs) :], batch.targets, batch.images)
         if with_loss:
             for k, v in validation_loss(model, floats, targets).items():
                 loss_sum[k] = loss_sum.get(k, 0.0) + v * len(images)
@@ -116,6 +123,14 @@ def _pack(image_id: int, out: dict) -> Detections:
         scores=out["scores"].float().cpu().numpy(),
         labels=out["labels"].cpu().numpy().astype(np.int64),
     )
+
+
+def _in_original(dets: Detections, target: dict, image: torch.Tensor) -> Detections:
+    """``dets`` of a stored image scaled to the original it was resized from (the packer's scaling undone)."""
+    h, w = image.shape[-2:]
+    ow, oh = target.get("orig_size", (w, h))
+    boxes = dets.boxes.astype(np.float64) * np.array([ow / w, oh / h, ow / w, oh / h])
+    return Detections(dets.image_id, boxes, dets.scores, dets.labels)
 
 
 class CoverageError(RuntimeError):
@@ -171,6 +186,7 @@ def predict_everywhere(
     with_loss: bool = False,
     progress=None,
     on_batch=None,
+    to_original: bool = False,
     catch: type[BaseException] = Exception,
     describe: Callable[[BaseException], str] = _rank_and_type,
     raise_as: Callable[[str], BaseException] = RuntimeError,
@@ -178,16 +194,17 @@ def predict_everywhere(
     """Collective: every rank calls it, and each makes exactly one collective call
     (``comm.all_gather_object``) after its ``predict``, whether that succeeded or raised ``catch``.
 
-    ``predict`` runs over this rank's ``loader``. An exception of type ``catch`` there is turned
-    into ``describe(e)`` and gathered; then every rank raises ``raise_as`` of the first rank's
-    message (default: any exception, as ``RuntimeError("rank R: Type: message")``). An exception
-    of another type propagates on its rank alone, before the gather (the other ranks then wait in
-    it until the process group's timeout). Otherwise every rank checks the gathered keys with
-    ``check_exactly_once(expected, ..., what)`` (a ``CoverageError`` on every rank alike) and
-    returns the same ``Everywhere`` but for its own detections.
+    ``predict`` runs over this rank's ``loader`` (``progress``, ``on_batch``, ``to_original``: its).
+    An exception of type ``catch`` there is turned into ``describe(e)`` and gathered; then every
+    rank raises ``raise_as`` of the first rank's message (default: any exception, as
+    ``RuntimeError("rank R: Type: message")``). An exception of another type propagates on its rank
+    alone, before the gather (the other ranks then wait in it until the process group's timeout).
+    Otherwise every rank checks the gathered keys with ``check_exactly_once(expected, ..., what)``
+    (a ``CoverageError`` on every rank alike) and returns the same ``Everywhere`` but for its own
+    detections.
     """
     try:
-        preds, error = predict(model, loader, device, with_loss, progress, on_batch), None
+        preds, error = predict(model, loader, device, with_loss, progress, on_batch, to_original), None
     except catch as e:  # raised on every rank below, so none waits in the gather
         preds, error = Predictions(Detections.empty(), [], {}, []), describe(e)
     seen = comm.all_gather_object(_Seen(preds.keys, preds.skipped, preds.loss_sum, error))
@@ -210,9 +227,21 @@ class Gathered:
     bad: list[dict]  # unreadable images, all ranks: {"shard", "key", "reason", "samples"}
 
 
-def predict_gathered(model, loader, device, expected: list[str], progress=None, on_batch=None) -> Gathered:
-    """Collective: ``model`` (unwrapped, eval) over this rank's ``loader``; see the module docstring."""
-    seen = predict_everywhere(model, loader, device, expected, "prediction", progress=progress, on_batch=on_batch)
+def predict_gathered(
+    model, loader, device, expected: list[str], progress=None, on_batch=None, to_original: bool = False
+) -> Gathered:
+    """Collective: ``model`` (unwrapped, eval) over this rank's ``loader``; see the module docstring
+    (``to_original``: ``predict``'s)."""
+    seen = predict_everywhere(
+        model,
+        loader,
+        device,
+        expected,
+        "prediction",
+        progress=progress,
+        on_batch=on_batch,
+        to_original=to_original,
+    )
     # The main process alone receives the detections, one rank's packed rows at a time.
     received: list[Detections] = []
     main = comm.is_main_process()

@@ -6,10 +6,13 @@ checked against the manifest (a missing or duplicated image is an error naming t
 ``mapdet.engine.inference.predict_everywhere``; the COCO scoring is split across ranks by category
 (``mapdet.evaluation.coco.evaluate_coco``): each rank's detections (packed arrays, stored-image
 coordinates, xyxy pixel-edge) go to the ranks that score their categories, so no rank holds every
-detection. A rank keeps its own detections (``Validation.detections``); ``stream_detections``
-hands every rank's, one rank at a time, to the main process for writing detections.json, so the
-main process never holds them all either (the price: the other ranks wait while it writes). Ranks
-with uneven shares never wait inside the loop: the only collectives come after it.
+detection. Detections are relabelled from the model's labels 1..K to the pack's COCO category ids
+(``mapdet.shards.manifest.category_ids``) before scoring, so they match ``{split}.coco.json`` and
+detections.json carries the ids of a COCO pack's own file. A rank keeps its own detections
+(``Validation.detections``); ``stream_detections`` hands every rank's, one rank at a time, to the
+main process for writing detections.json, so the main process never holds them all either (the
+price: the other ranks wait while it writes). Ranks with uneven shares never wait inside the loop:
+the only collectives come after it.
 
 A corrupt sample or shard on any rank raises ``CorruptSample`` (naming shard and key) on every
 rank. Images left out because ``eval.skip_corrupt`` is on are removed from the ground truth too
@@ -27,7 +30,7 @@ from mapdet.config import EvalConfig
 from mapdet.data.loaders import eval_keys, eval_loader
 from mapdet.engine.inference import predict_everywhere
 from mapdet.evaluation.coco import CocoResult, evaluate_coco
-from mapdet.shards.manifest import class_names
+from mapdet.shards.manifest import by_category_id, category_ids, class_names, sample_key
 from mapdet.shards.reader import CorruptSample
 from mapdet.structures import Detections
 
@@ -35,7 +38,7 @@ from mapdet.structures import Detections
 @dataclass
 class Validation:
     result: CocoResult
-    detections: Detections  # this rank's (all of them in one process); see stream_detections
+    detections: Detections  # this rank's (all of them in one process), COCO category ids; see stream_detections
     loss: dict[str, float]  # mean per image ({} without eval.val_loss)
     images: int
     left_out: list[dict]  # corrupt samples skipped (eval.skip_corrupt)
@@ -69,10 +72,11 @@ def validate(model, device, cfg: EvalConfig, shards, manifest: dict, gt: dict) -
             raise_as=CorruptSample,
         )
     if seen.skipped:
-        gt = _without_images(gt, {sample["key"] for sample in seen.skipped})
-    result = evaluate_coco(gt, seen.detections, max_dets=sorted({1, 10, 100, *cfg.max_dets}))
+        gt = _without_images(gt, manifest, {sample["key"] for sample in seen.skipped})
+    dets = seen.detections.relabel(category_ids(manifest["classes"]))
+    result = evaluate_coco(gt, dets, max_dets=sorted({1, 10, 100, *cfg.max_dets}))
     mean_loss = {k: v / max(len(seen.keys), 1) for k, v in seen.loss_sum.items()}
-    return Validation(result, seen.detections, mean_loss, len(seen.keys), seen.skipped)
+    return Validation(result, dets, mean_loss, len(seen.keys), seen.skipped)
 
 
 def stream_detections(v: Validation, consume) -> None:
@@ -85,8 +89,8 @@ def stream_detections(v: Validation, consume) -> None:
     comm.stream_to_main(v.detections.to_bytes(), unpack if comm.is_main_process() else None)
 
 
-def _without_images(gt: dict, keys: set[str]) -> dict:
-    drop = {im["id"] for im in gt["images"] if im["file_name"].rsplit(".", 1)[0] in keys}
+def _without_images(gt: dict, manifest: dict, keys: set[str]) -> dict:
+    drop = {im["id"] for im in gt["images"] if sample_key(manifest, im) in keys}
     return {
         **gt,
         "images": [im for im in gt["images"] if im["id"] not in drop],
@@ -95,11 +99,13 @@ def _without_images(gt: dict, keys: set[str]) -> dict:
 
 
 def metrics_dict(v: Validation, manifest: dict, train_manifest: dict | None = None) -> dict:
-    """metrics.json content: COCO summary, AP at each maxDets, per-class rows, val loss, coverage."""
+    """metrics.json content: COCO summary, AP at each maxDets, per-class rows (by COCO category id),
+    val loss, coverage."""
     num_train = None
     if train_manifest is not None:
-        num_train = {int(c): s["instances"] for c, s in train_manifest["class_stats"].items()}
-    bbox = {**v.result.summary(), "per_class": v.result.per_class(class_names(manifest), num_train)}
+        num_train = {int(c): s["instances"] for c, s in by_category_id(train_manifest)["class_stats"].items()}
+    names = class_names(by_category_id(manifest))
+    bbox = {**v.result.summary(), "per_class": v.result.per_class(names, num_train)}
     return {
         "bbox": bbox,
         "val_loss": v.loss,

@@ -6,6 +6,7 @@ Export (``mapdet train`` writes it when training ends: ``write_export``)::
                                    ``model.build_inference_model(<"model" below>, K + 1)``
     RUN/export/classes.json        {"arch": "small", "num_classes": K + 1,
                                     "classes": [{"id": 1, "name": "object--vehicle--car"}, ...],
+                                                # + "category_id" for a COCO pack's classes
                                     "model": {ModelConfig keys, resolved: min_size, max_size,
                                               anchor_sizes, aspect_ratios, detections_per_img,
                                               score_thresh, nms_thresh, rpn_post_nms_top_n_test, ...}}
@@ -16,9 +17,11 @@ settings and are left at their defaults). Exports written before it existed carr
 only: ``config`` (the training YAML) supplies the model settings then, and without it loading stops
 with a message saying so.
 
-Labels: the model predicts labels 1..K and class ids are 1..K in order (as in the shard manifest and
-``{split}.coco.json``), so a predicted label IS the COCO ``category_id``; any other numbering is
-refused when the classes are read.
+Labels: the model predicts labels 1..K and class ids are 1..K in order (as in the shard manifest), so
+a predicted label is a position in the class list; any other numbering is refused when the classes
+are read. A class packed from COCO JSON also carries its file's own ``category_id`` (kept here, so
+``mapdet predict`` writes the file's ids: ``mapdet.shards.manifest.category_ids``); for a Vistas
+pack the category id is the class id.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ _TRAINING_ONLY = dict(
 @dataclass
 class Trained:
     model: object  # modeling.rcnn.Detector (torchvision Faster R-CNN) on the CPU, eval mode, weights loaded
-    classes: list[dict]  # [{"id": 1..K, "name"}]
+    classes: list[dict]  # [{"id": 1..K, "name"}, + "category_id" (COCO packs)]
     model_cfg: ModelConfig
     step: int  # training step of the checkpoint (0 for an export)
     source: str  # the file or folder loaded, for messages
@@ -54,20 +57,21 @@ class Trained:
         return class_names({"classes": self.classes})
 
 
-def export_record(model_cfg: ModelConfig, names: dict[int, str]) -> dict:
-    """classes.json content for a model trained with ``model_cfg`` on classes ``names`` (id -> name)."""
+def export_record(model_cfg: ModelConfig, classes: list[dict]) -> dict:
+    """classes.json content for a model trained with ``model_cfg`` on ``classes`` (the training
+    manifest's: ``{"id", "name"}``, + ``"category_id"`` for a COCO pack)."""
     from mapdet.modeling.detector import resolve_config  # torchvision: only when a model is really involved
 
     settings = dataclasses.replace(resolve_config(model_cfg), **_TRAINING_ONLY)
     return {
         "arch": settings.arch,
-        "num_classes": len(names) + 1,
-        "classes": [{"id": k, "name": n} for k, n in names.items()],
+        "num_classes": len(classes) + 1,
+        "classes": _checked(classes, "the training classes"),
         "model": dataclasses.asdict(settings),
     }
 
 
-def write_export(out: Path, raw_model, model_cfg: ModelConfig, names: dict[int, str]) -> None:
+def write_export(out: Path, raw_model, model_cfg: ModelConfig, classes: list[dict]) -> None:
     """``out/model.safetensors`` (plain weights) + ``out/classes.json`` (classes and model settings)."""
     from safetensors.torch import save_file
 
@@ -75,7 +79,7 @@ def write_export(out: Path, raw_model, model_cfg: ModelConfig, names: dict[int, 
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in export_weights(raw_model).items()}, str(out / "model.safetensors"))
-    write_json_atomic(out / "classes.json", export_record(model_cfg, names))
+    write_json_atomic(out / "classes.json", export_record(model_cfg, classes))
 
 
 def from_export(weights: str | Path, classes: str | Path | None = None, config: str | None = None) -> Trained:
@@ -158,12 +162,18 @@ def _classes_of(record, path: Path) -> list[dict]:
 
 
 def _checked(classes: list, where: str) -> list[dict]:
-    out = [{"id": c.get("id"), "name": c.get("name")} for c in classes if isinstance(c, dict)]
-    if not out or len(out) != len(classes) or [c["id"] for c in out] != list(range(1, len(out) + 1)):
+    """``{"id", "name"}`` (+ ``"category_id"`` where given) of each class; ids 1..K in order and
+    category ids distinct integers, else ValueError."""
+    keys = ("id", "name", "category_id")
+    out = [{k: c[k] for k in keys if k in c} for c in classes if isinstance(c, dict)]
+    if not out or len(out) != len(classes) or [c.get("id") for c in out] != list(range(1, len(out) + 1)):
         raise ValueError(
             f"{where}: class ids must be 1..K in order (a label is a position in the list), "
             f"got {[c.get('id') for c in out][:10]}"
         )
+    cats = [c.get("category_id", c["id"]) for c in out]
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in cats) or len(set(cats)) != len(cats):
+        raise ValueError(f"{where}: category ids must be distinct integers, got {cats[:10]}")
     return out
 
 

@@ -16,6 +16,16 @@
      "coco": "training.coco.json"}
 
 Read through ``mapdet.shards.source``: the folder may also be a URL or a ``pipe:`` command.
+
+A pack from COCO detection JSON (``mapdet pack --coco``) has ``"version": "coco"``, ``"source":
+"coco"``, ``"annotations"`` (the JSON's file name), ``"class_set": "all-categories"`` (or
+``"chosen-categories"``), classes ``{"id": k, "name", "category_id": the file's own id,
+"supercategory"}``, ``"left_out": {"classes": [names], "objects": {name: n}}`` (categories not
+kept by ``--categories``) and ``"bad_annotations": [{"index", "id", "reason"}]`` in place of
+``not_evaluated``; its sample keys are the image ids. Labels 1..K are positions in ``classes``
+everywhere inside mapdet; every COCO file mapdet writes numbers categories by ``category_id``
+(``category_ids``, ``by_category_id``), which a Vistas pack's classes lack (it is then the id).
+
 Files are written atomically (temporary name, then ``os.replace``) so a killed job never leaves a
 half-written manifest that looks complete.
 """
@@ -24,11 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
+
+import numpy as np
 
 from mapdet.shards.source import ShardSource, check_name, shard_source
 
 FORMAT = "mapdet-shards/1"
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def manifest_name(split: str) -> str:
@@ -45,6 +59,13 @@ def manifest_path(out: str | Path, split: str) -> Path:
 
 def coco_path(out: str | Path, split: str) -> Path:
     return Path(out) / coco_name(split)
+
+
+def check_split_name(split: str) -> str:
+    """``split``, refused (ValueError) unless letters, digits, ``_`` and ``-``: it names files and URLs."""
+    if not _SPLIT_NAME.fullmatch(split):
+        raise ValueError(f"--split {split!r}: use letters, digits, '_' and '-' only (e.g. training, val2017)")
+    return split
 
 
 def shard_name(split: str, index: int) -> str:
@@ -121,6 +142,49 @@ def class_names(manifest: dict) -> dict[int, str]:
     return {int(c["id"]): c["name"] for c in manifest["classes"]}
 
 
+def is_coco_pack(manifest: dict) -> bool:
+    """Packed from COCO detection JSON (a manifest or a pack plan): keys are image ids, and the
+    user's own annotations file is the ground truth their results are scored against."""
+    return manifest.get("source") == "coco"
+
+
+def category_id(c: dict) -> int:
+    """The COCO category id of a manifest class: the input's own, else the class id."""
+    return int(c.get("category_id", c["id"]))
+
+
+def category_ids(classes: list[dict]) -> np.ndarray:
+    """int64 (K + 1,): the COCO category id of each label 0..K (0, background, stays 0)."""
+    lut = np.zeros(len(classes) + 1, np.int64)
+    for c in classes:
+        lut[int(c["id"])] = category_id(c)
+    return lut
+
+
+def coco_category(c: dict) -> dict:
+    """A manifest class as a COCO ``categories`` entry (Vistas: supercategory = the name's first part)."""
+    return {"id": category_id(c), "name": c["name"], "supercategory": c.get("supercategory", c["name"].split("--")[0])}
+
+
+def by_category_id(manifest: dict) -> dict:
+    """The manifest with classes and ``class_stats`` numbered by COCO category id, as the COCO files
+    are (per-class tables of evaluation and diagnosis); the manifest itself for a Vistas pack."""
+    ids = {str(c["id"]): category_id(c) for c in manifest["classes"]}
+    if all(str(v) == k for k, v in ids.items()):
+        return manifest
+    stats = manifest.get("class_stats", {})
+    return {
+        **manifest,
+        "classes": [{**c, "id": category_id(c)} for c in manifest["classes"]],
+        "class_stats": {str(ids[k]): v for k, v in stats.items()},
+    }
+
+
+def sample_key(manifest: dict, image: dict) -> str:
+    """The sample key of an image of the split's COCO file: its id (COCO pack), its file stem (Vistas)."""
+    return str(image["id"]) if is_coco_pack(manifest) else image["file_name"].rsplit(".", 1)[0]
+
+
 def class_instance_counts(manifest: dict) -> list[int]:
     """Training instances per class, index k-1 for class id k (length K), for class weights."""
     stats = manifest.get("class_stats", {})
@@ -142,11 +206,12 @@ def classes_mismatch(a: dict, b: dict) -> str | None:
     if a["classes"] == b["classes"]:
         return None
     set_a, set_b = a.get("class_set", "all-instances"), b.get("class_set", "all-instances")
-    fix = (
-        "pack both with the same --all-instance-classes setting"
-        if set_a != set_b
-        else "pack both from the same Vistas config and version"
-    )
+    if is_coco_pack(a) or is_coco_pack(b):
+        fix = "pack both from COCO JSON with the same categories (the same --categories)"
+    elif set_a != set_b:
+        fix = "pack both with the same --all-instance-classes setting"
+    else:
+        fix = "pack both from the same Vistas config and version"
     return (
         f"{a['split']} ({len(a['classes'])} classes, class set {set_a}) and {b['split']} "
         f"({len(b['classes'])} classes, class set {set_b}) have different classes: {fix}"
@@ -155,11 +220,26 @@ def classes_mismatch(a: dict, b: dict) -> str | None:
 
 def describe(manifest: dict) -> str:
     """A few lines for the terminal: size, classes, and every fault the packer counted."""
+    origin = (
+        f"COCO JSON {manifest['annotations']}"
+        if is_coco_pack(manifest)
+        else f"{manifest['version']}, boxes from {manifest['source']}"
+    )
     lines = [
         f"{manifest['split']}: {manifest['num_samples']} images, {manifest['num_instances']} objects, "
-        f"{len(manifest['shards'])} shards, {len(manifest['classes'])} classes "
-        f"({manifest['version']}, boxes from {manifest['source']})"
+        f"{len(manifest['shards'])} shards, {len(manifest['classes'])} classes ({origin})"
     ]
+    lo = manifest.get("left_out")
+    if lo and lo["classes"]:
+        names, more = ", ".join(lo["classes"][:10]), " ..." if len(lo["classes"]) > 10 else ""
+        lines.append(
+            f"{len(lo['classes'])} categor{'y' if len(lo['classes']) == 1 else 'ies'} not kept by --categories "
+            f"({names}{more}): {sum(lo['objects'].values())} object(s) left out"
+        )
+    bad = manifest.get("bad_annotations")
+    if bad:
+        lines.append(f"left out {len(bad)} bad annotation(s) (listed in the manifest's 'bad_annotations'):")
+        lines += [f"  annotation {b['id']} (#{b['index']}): {b['reason']}" for b in bad[:10]]
     ne = manifest.get("not_evaluated")
     if ne and ne["classes"]:
         n = sum(ne["objects"].values())

@@ -1,8 +1,13 @@
 """Merge a finished pack: the part files of every shard become ``{split}.manifest.json`` and
-``{split}.coco.json`` (the COCO ground truth of the evaluated classes), written atomically.
+``{split}.coco.json`` (the COCO ground truth of the classes), written atomically.
 
 A merge runs once every pack job has finished (``merge`` names the unfinished shards otherwise)
 and refuses parts packed with different class sets, whose label ids would not agree.
+
+The COCO file uses the input's own numbering: a pack from COCO JSON keeps its category ids (the
+manifest's ``category_id`` of each class), image ids, file names and each annotation's own
+``area`` (scaled with the image); a Vistas pack's category ids are the class ids 1..K, its image
+ids 1..n, and ``area`` is the box's. Boxes are in stored-image pixels either way.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import numpy as np
 
 from mapdet import boxes as box_ops
 from mapdet.fileio import read_json, write_json_atomic
-from mapdet.shards.manifest import shard_name
+from mapdet.shards.manifest import category_ids, coco_category, is_coco_pack, shard_name
 from mapdet.shards.writer import LEGACY_CLASS_SET, part_path, plan_path
 
 
@@ -60,10 +65,11 @@ def _check_class_sets(out: Path, split: str, plan: dict, parts: list[dict]) -> N
         found = "; ".join(
             f"{cs}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for cs, names in sorted(sets.items())
         )
+        option = "--categories" if is_coco_pack(plan) else "--all-instance-classes"
         raise ValueError(
             f"{out}: the {split} shards were packed with different class sets ({found}; the plan "
             f"says {want}); their label ids do not agree, so they cannot be merged. Repack the "
-            f"split into a fresh folder with the same --all-instance-classes setting for every job"
+            f"split into a fresh folder with the same {option} setting for every job"
         )
 
 
@@ -77,6 +83,24 @@ def _not_evaluated(plan: dict, parts: list[dict], stats: dict) -> dict:
     ids = {c["name"]: str(c["id"]) for c in plan["classes"]}
     objects = {name: stats[ids[name]]["instances"] + stats[ids[name]]["crowd"] for name in names if name in ids}
     return {"classes": names, "objects": objects, "handling": "kept"}
+
+
+def _left_out(plan: dict, parts: list[dict]) -> dict:
+    """A COCO pack's account of the categories ``--categories`` left out and their objects."""
+    names = plan["left_out"]
+    objects = {name: sum(p.get("left_out", {}).get(name, 0) for p in parts) for name in names}
+    return {"classes": names, "objects": objects}
+
+
+def _source_fields(plan: dict, parts: list[dict], stats: dict) -> dict:
+    """What the manifest says about classes outside the class set, and faults of the input's JSON."""
+    if is_coco_pack(plan):
+        return {
+            "annotations": plan["annotations"],
+            "left_out": _left_out(plan, parts),
+            "bad_annotations": plan["bad_annotations"],
+        }
+    return {"not_evaluated": _not_evaluated(plan, parts, stats)}
 
 
 def _manifest(plan: dict, parts: list[dict], split: str, root: str | None) -> dict:
@@ -100,7 +124,7 @@ def _manifest(plan: dict, parts: list[dict], split: str, root: str | None) -> di
         "source": plan["source"],
         "class_set": plan.get("class_set", LEGACY_CLASS_SET),
         "classes": plan["classes"],
-        "not_evaluated": _not_evaluated(plan, parts, stats),
+        **_source_fields(plan, parts, stats),
         "num_samples": sum(s["num_samples"] for s in shards),
         "num_instances": sum(v["instances"] for v in stats.values()),
         "num_inputs": plan["num_inputs"],
@@ -115,26 +139,28 @@ def _manifest(plan: dict, parts: list[dict], split: str, root: str | None) -> di
 
 def _coco(plan: dict, parts: list[dict]) -> dict:
     images, annotations = [], []
+    category_of = category_ids(plan["classes"])
     for part in parts:
-        for key, rec in zip(part["keys"], part["records"]):
+        # parts written before file names were recorded: Vistas' f"{stem}.jpg"
+        file_names = part.get("file_names") or [f"{key}.jpg" for key in part["keys"]]
+        for file_name, rec in zip(file_names, part["records"]):
             images.append(
-                {"id": rec["image_id"], "file_name": f"{key}.jpg", "width": rec["width"], "height": rec["height"]}
+                {"id": rec["image_id"], "file_name": file_name, "width": rec["width"], "height": rec["height"]}
             )
-            xywh = box_ops.xyxy_to_xywh(np.asarray(rec["boxes"], float).reshape(-1, 4))
-            for box, label, crowd in zip(xywh.tolist(), rec["labels"], rec["iscrowd"]):
+            xywh = box_ops.xyxy_to_xywh(np.asarray(rec["boxes"], float).reshape(-1, 4)).tolist()
+            areas = rec.get("area") or [box[2] * box[3] for box in xywh]
+            for box, label, crowd, area in zip(xywh, rec["labels"], rec["iscrowd"], areas):
                 annotations.append(
                     {
                         "id": len(annotations) + 1,  # COCO ids start at 1: 0 breaks pycocotools' matching
                         "image_id": rec["image_id"],
-                        "category_id": int(label),
+                        "category_id": int(category_of[label]),
                         "bbox": box,
-                        "area": box[2] * box[3],
+                        "area": area,
                         "iscrowd": int(crowd),
                     }
                 )
-    categories = [
-        {"id": c["id"], "name": c["name"], "supercategory": c["name"].split("--")[0]} for c in plan["classes"]
-    ]
+    categories = [coco_category(c) for c in plan["classes"]]
     return {
         "info": {"description": f"mapdet {plan['split']}"},
         "images": images,

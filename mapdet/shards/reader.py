@@ -38,9 +38,10 @@ def decode_sample(sample: dict, num_classes: int | None = None) -> tuple[torch.T
     """One raw webdataset sample (``jpg`` and ``json`` bytes) -> (uint8 (3,H,W), target dict).
 
     Target: ``boxes`` float32 (N, 4) xyxy pixel-edge in the stored image, ``labels`` int64 (N,),
-    ``iscrowd`` int64 (N,), ``image_id``, ``key``, ``shard``. Boxes are clipped to the image and
-    boxes without area (or not finite) or with labels outside 1..K are dropped;
-    ``target["sanitized"]`` counts them. Raises ``CorruptSample`` for undecodable data.
+    ``iscrowd`` int64 (N,), ``image_id``, ``key``, ``shard``, ``orig_size`` (width, height of the
+    image before packing resized it). Boxes are clipped to the image and boxes without area (or
+    not finite) or with labels outside 1..K are dropped; ``target["sanitized"]`` counts them.
+    Raises ``CorruptSample`` for undecodable data.
     """
     key, shard = sample.get("__key__", "?"), Path(sample.get("__url__", "?")).name
     try:
@@ -51,6 +52,7 @@ def decode_sample(sample: dict, num_classes: int | None = None) -> tuple[torch.T
         labels = np.asarray(rec["labels"], dtype=np.int64).reshape(-1)
         iscrowd = np.asarray(rec.get("iscrowd", [0] * len(labels)), dtype=np.int64).reshape(-1)
         image_id, size = int(rec["image_id"]), (rec.get("width"), rec.get("height"))
+        orig_size = (rec.get("orig_width", size[0]), rec.get("orig_height", size[1]))
     except Exception as e:  # any decoder or schema failure is the same fault for the caller
         raise CorruptSample(f"{shard}: sample {key!r} does not decode: {type(e).__name__}: {e}") from e
     h, w = image.shape[1:]
@@ -66,6 +68,7 @@ def decode_sample(sample: dict, num_classes: int | None = None) -> tuple[torch.T
         "image_id": image_id,
         "key": key,
         "shard": shard,
+        "orig_size": orig_size,
         "sanitized": counts.clipped + counts.dropped + int((~in_range).sum()),
     }
     return image, target

@@ -11,42 +11,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from mapdet import boxes
-from mapdet.config import load_config, to_yaml
+from mapdet.config import load_config
 from mapdet.drawing import output_names
-from mapdet.modeling import trained
 from mapdet.modeling.detector import build_inference_model
-from mapdet.shards.manifest import class_names, load_manifest
-from tests.helpers import accelerate_launch, mapdet
+from tests.helpers import accelerate_launch, mapdet, random_run
 
-# Random weights: scores near 1 / (K + 1); a low model threshold keeps detections to compare.
-MODEL = [
-    "model.arch=small",
-    "model.min_size=128",
-    "model.max_size=160",
-    "model.score_thresh=0.01",
-    "model.detections_per_img=20",
-]
 SIZES = {"a.png": (160, 120), "sub/b.png": (320, 240), "sub/c.png": (90, 200), "wide.jpg": (400, 100)}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, shards) -> Path:
     """A run folder as `mapdet train` leaves it (config.yaml, checkpoints/step_N, export/), random weights."""
-    run = tmp_path_factory.mktemp("predict") / "run"
-    cfg = load_config(None, [f"data.shards={shards}", f"train.out={run}", *MODEL])
-    names = class_names(load_manifest(shards, "training"))
-    torch.manual_seed(0)
-    model = build_inference_model(cfg.model, len(names) + 1)
-    step = run / "checkpoints" / "step_0000007"
-    step.mkdir(parents=True)
-    (run / "config.yaml").write_text(to_yaml(cfg))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(step / "model.safetensors"))
-    (step / "meta.json").write_text(json.dumps({"step": 7}))
-    trained.write_export(run / "export", model, cfg.model, names)
-    return run
+    return random_run(tmp_path_factory.mktemp("predict") / "run", shards)
 
 
 @pytest.fixture(scope="module")
