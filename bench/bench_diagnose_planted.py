@@ -47,7 +47,7 @@ from bench_demo import run_demo
 
 from mapdet.config import load_config
 from mapdet.diagnosis.report import set_line
-from mapdet.modeling.detector import resolve_config
+from mapdet.modeling.build import resolve_config
 
 RECOVER = 0.9  # post-processing: the advised set recovers this share of the demo's own AP
 # 4x: the smallest anchor 32 px where 10 % of the boxes are under ~14 px at the model's input (IoU < 0.2

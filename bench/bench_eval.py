@@ -185,12 +185,12 @@ def worker(args) -> int:
     from accelerate import PartialState
 
     from mapdet import comm
-    from mapdet.structures import Detections
+    from mapdet.evaluation.inputs import detections_from_results
 
     PartialState(cpu=not torch.cuda.is_available())
     gt, dets = make_dataset(args.images, args.classes, args.dets[0], args.seed)
     if args.packed:
-        dets = Detections.from_coco_results(dets)
+        dets = detections_from_results(dets)
     lo, hi = comm.share(len(dets), comm.get_rank(), comm.get_world_size())
     dets = dets[lo:hi] if isinstance(dets, list) else dets.take(slice(lo, hi))
     max_dets = sorted({1, 10, 100, args.dets[0]})
@@ -264,7 +264,7 @@ def emit(case: dict, engine: str, ranks: int, times, base) -> None:
 
 
 def bench_case(args, dets_per_image: int) -> None:
-    from mapdet.structures import Detections
+    from mapdet.evaluation.inputs import detections_from_results
 
     gt, dets = make_dataset(args.images, args.classes, dets_per_image, args.seed)
     max_dets = sorted({1, 10, 100, dets_per_image})
@@ -281,7 +281,7 @@ def bench_case(args, dets_per_image: int) -> None:
     faster, times = best_time(lambda: run_reference("faster-coco-eval", gt, dets, max_dets), args.repeat)
     check_same(ref, faster, exact=False, what="faster-coco-eval")
     emit(case, "faster-coco-eval", 1, times, base)
-    packed = Detections.from_coco_results(dets)
+    packed = detections_from_results(dets)
     for name, inputs in (("mapdet (COCO dicts)", dets), ("mapdet (packed)", packed)):
         result, times = best_time(lambda inputs=inputs: run_mapdet(gt, inputs, max_dets), args.repeat)
         if inputs is dets:  # packed boxes are float32-rounded: other inputs, other numbers

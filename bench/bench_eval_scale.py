@@ -13,14 +13,12 @@ rank, then one summary line per world size:
   ranks: 4 ranks run 2 at a time).
 
 Every world size must give the same arrays (sha256 of precision/recall/scores, checked).
-``--allgather-from DIR`` runs the same with the code in DIR (an export of an older commit, whose
-``evaluate_coco`` wants every detection on every rank): its ranks all-gather the detections first,
-as ``validate`` did, for the before/after comparison.
+The before/after rows of bench/RESULTS.md (the all-gather path of commit 880f880, whose flat
+``mapdet.evaluator`` no longer exists) were measured with this script as of commit 1121e5e, which
+could import an older tree (``--allgather-from DIR``); that option is gone with the old module.
 
     .venv/bin/python bench/bench_eval_scale.py                             # 20000 x 300, 1,2,4 ranks
     .venv/bin/python bench/bench_eval_scale.py --images 2000 --ranks 1,2   # quick
-    git archive 880f880 mapdet | tar -x -C /tmp/old && \\
-        .venv/bin/python bench/bench_eval_scale.py --allgather-from /tmp/old  # the all-gather path
 
 Data: per block of 250 images (seeded by block, so any split gives the same set): about 30 GT
 per image over --classes classes with Zipf-like frequencies, sizes 6-500 px, 2% crowd; per image
@@ -82,21 +80,10 @@ def make_gt(args) -> dict:
     }
 
 
-def _evaluator(old_tree: str | None):
-    """(Detections, evaluate_coco) of this tree, or of an older one (flat modules, before the layout change)."""
-    if old_tree:
-        from mapdet.evaluator import Detections, evaluate_coco
-    else:
-        from mapdet.evaluation.coco import evaluate_coco
-        from mapdet.structures import Detections
-    return Detections, evaluate_coco
-
-
 def make_detections(block: int, args):
     """One block's detections: exactly min(--dets, made) per image, as Detections arrays."""
     from mapdet.boxes import xywh_to_xyxy
-
-    Detections = _evaluator(args.allgather_from)[0]
+    from mapdet.structures import Detections
 
     ids, img, cls, xywh, _ = _gt_block(block, args)
     rng = np.random.default_rng([args.seed, block, 1])
@@ -139,13 +126,11 @@ def _digest(result) -> str:
 def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
     """One rank: build GT, reset the peak, make this rank's detections, evaluate, report."""
     os.environ["OMP_NUM_THREADS"] = "1"
-    if args.allgather_from:
-        sys.path.insert(0, args.allgather_from)
     import torch.distributed as dist
 
     from mapdet import comm
-
-    Detections, evaluate_coco = _evaluator(args.allgather_from)
+    from mapdet.evaluation.coco import evaluate_coco
+    from mapdet.structures import Detections
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -159,15 +144,13 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
     local, local_mb = len(dets), sum(a.nbytes for a in (dets.image_id, dets.boxes, dets.scores, dets.labels)) / 2**20
     comm.barrier()
     start = time.perf_counter()
-    if args.allgather_from:  # the old path: every rank gathers every detection, then scores
-        dets = Detections.concat(comm.all_gather_object(dets))
     result = evaluate_coco(gt, dets, max_dets=(1, 10, 100, args.dets))
     seconds = time.perf_counter() - start
-    traffic = getattr(result, "traffic", None) or {}  # the old CocoResult has none
+    traffic = result.traffic or {}
     row = {
         "ranks": world,
         "rank": rank,
-        "path": "all-gather (old)" if args.allgather_from else "route by category",
+        "path": "route by category",
         "images": args.images,
         "dets_per_image": args.dets,
         "classes": args.classes,
@@ -205,12 +188,6 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=38)
     parser.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--allgather-from",
-        default=None,
-        metavar="DIR",
-        help="import mapdet from DIR and all-gather the detections first (old path)",
-    )
     args = parser.parse_args(argv)
     peaks, digests = {}, set()
     for world in args.ranks:

@@ -32,8 +32,8 @@ from mapdet.cli import image_size
 from mapdet.config import load_config
 from mapdet.data.augment import BatchAugment
 from mapdet.host_syncs import count_host_syncs
-from mapdet.modeling.detector import build_model
-from mapdet.modeling.rcnn import torchvision_twin
+from mapdet.modeling.build import build_model
+from mapdet.modeling.detector import torchvision_twin
 from mapdet.shards.manifest import class_instance_counts, load_manifest
 from mapdet.shards.reader import decode_sample, read_shard
 

@@ -40,7 +40,7 @@ from mapdet.data.augment import BatchAugment
 from mapdet.data.loaders import TrainStream
 from mapdet.engine.optim import make_optimizer, make_scheduler
 from mapdet.engine.step import TrainParts, train_step
-from mapdet.modeling.detector import build_model
+from mapdet.modeling.build import build_model
 from mapdet.shards.manifest import class_instance_counts
 from mapdet.shards.reader import read_shard
 

@@ -23,8 +23,8 @@ from mapdet.data.augment import BatchAugment
 from mapdet.data.loaders import TrainStream
 from mapdet.engine.optim import make_optimizer, make_scheduler
 from mapdet.engine.step import TrainParts, cuda_speedups, train_step
-from mapdet.modeling.detector import build_model
-from mapdet.modeling.rcnn import torchvision_twin
+from mapdet.modeling.build import build_model
+from mapdet.modeling.detector import torchvision_twin
 from mapdet.shards.manifest import class_instance_counts, load_manifest
 from mapdet.shards.reader import read_shard
 
@@ -36,7 +36,7 @@ from mapdet.shards.reader import read_shard
 #       main before issue 11 (any_rank per micro-batch, float() per loss, 3 all-reduces per step).
 # speedups: "train" = mapdet.engine.step.cuda_speedups, exactly what `mapdet train` applies on CUDA
 #           (channels-last weights + cudnn.benchmark); otherwise the explicit channels_last/benchmark flags.
-# detector: "torchvision" = torchvision's own detector with the same weights (modeling.rcnn.torchvision_twin:
+# detector: "torchvision" = torchvision's own detector with the same weights (modeling.detector.torchvision_twin:
 #      same proposals, samples and losses, about 19 more host syncs per image);
 # workers: DataLoader workers instead of the config's; compile: torch.compile of the backbone + FPN (its
 #          compilation falls in the untimed warm-up steps; the synthetic images share one shape).

@@ -33,7 +33,7 @@ from mapdet.config import load_config
 from mapdet.data.augment import BatchAugment
 from mapdet.data.loaders import TrainStream
 from mapdet.engine.optim import make_optimizer, make_scheduler
-from mapdet.modeling.detector import build_model
+from mapdet.modeling.build import build_model
 from mapdet.shards.manifest import class_instance_counts, class_names, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 OmegaConf structured configs do the merging and type checking: an unknown key or a value of the
 wrong type raises ``ConfigError`` naming the full dotted key. Each section is handed only to the
-code that owns it (``cfg.model`` to ``mapdet.modeling.detector``, ``cfg.augment`` to ``mapdet.data.augment``, ...),
+code that owns it (``cfg.model`` to ``mapdet.modeling.build``, ``cfg.augment`` to ``mapdet.data.augment``, ...),
 so the class a key configures is the dataclass it is written in.
 
 A string key gets the text the user typed (``train.mixed_precision: no`` is ``"no"``, not False).
@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 
 
 # Keys that take one of a fixed set of values, checked by load_config. This is the one home of these
-# lists: mapdet.modeling.detector (ARCH_DEFAULTS is keyed by the archs) and mapdet.engine.optim read them from here.
+# lists: mapdet.modeling.build (ARCH_DEFAULTS is keyed by the archs) and mapdet.engine.optim read them from here.
 # (OmegaConf structured configs do not support typing.Literal, hence a table beside the dataclasses.)
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("resnet50_fpn_v2", "mobilenet_v3_large_fpn", "small"),
@@ -74,7 +74,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # Keys set to None take the arch's default (mapdet.modeling.detector.ARCH_DEFAULTS; "small" is a CPU preset).
+    # Keys set to None take the arch's default (mapdet.modeling.build.ARCH_DEFAULTS; "small" is a CPU preset).
     arch: str = "resnet50_fpn_v2"  # CHOICES: resnet50_fpn_v2 | mobilenet_v3_large_fpn | small
     min_size: Optional[int] = None  # torchvision resizes the shorter side to this...
     max_size: Optional[int] = None  # ...unless the longer side would exceed this
@@ -324,7 +324,7 @@ RANGES: dict[str, Range | Text | Flag] = {
 }
 
 # (FPN feature maps: values of model.anchor_sizes, backbone stages: most model.trainable_backbone_layers)
-# of each arch; tests/test_config_ranges.py measures them on the built models (mapdet.modeling.detector).
+# of each arch; tests/test_config_ranges.py measures them on the built models (mapdet.modeling.build).
 ARCH_LAYOUT: dict[str, tuple[int, int]] = {"resnet50_fpn_v2": (5, 5), "mobilenet_v3_large_fpn": (3, 6), "small": (4, 5)}
 
 

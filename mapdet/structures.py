@@ -14,7 +14,8 @@
   "samples"}``, so that they are counted, never silently dropped.
 
 ``Detections``: packed arrays of many images' detections (never per-box dicts), boxes float32
-xyxy pixel-edge in stored-image coordinates; COCO results carry ``[x, y, w, h]`` with
+xyxy pixel-edge in stored-image coordinates (``mapdet.evaluation.inputs.detections_from_results``
+reads them from a COCO results list); COCO results carry ``[x, y, w, h]`` with
 ``w = x2 - x1`` computed in float64 (``Detections.xywh``), the numbers the evaluator scores.
 """
 
@@ -25,8 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from mapdet.boxes import xywh_to_xyxy, xyxy_to_xywh
-from mapdet.evaluation.inputs import parse_results
+from mapdet.boxes import xyxy_to_xywh
 
 if TYPE_CHECKING:  # torch is not imported where only Detections are used (mapdet cocoeval: 1.3 s saved)
     import torch
@@ -79,12 +79,6 @@ class Detections:
         return Detections(
             *(np.concatenate([getattr(p, f) for p in parts]) for f in ("image_id", "boxes", "scores", "labels"))
         )
-
-    @staticmethod
-    def from_coco_results(results: list[dict]) -> Detections:
-        """From COCO results dicts (bbox xywh -> xyxy, rounded to float32)."""
-        img, cat, xywh, score = parse_results(results)
-        return Detections(img, xywh_to_xyxy(xywh), score, cat)
 
     def relabel(self, lut: np.ndarray) -> Detections:
         """The same detections with labels ``lut[labels]`` (model labels 1..K -> COCO category ids,

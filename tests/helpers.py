@@ -77,7 +77,7 @@ def random_run(run: Path, shards: Path, *settings: str) -> Path:
 
     from mapdet.config import load_config, to_yaml
     from mapdet.modeling import trained
-    from mapdet.modeling.detector import build_inference_model
+    from mapdet.modeling.build import build_inference_model
     from mapdet.shards.manifest import load_manifest
 
     cfg = load_config(None, [f"data.shards={shards}", f"train.out={run}", *RANDOM_MODEL, *settings])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mapdet.config import CHOICES, Config, ConfigError, load_config, to_yaml
-from mapdet.modeling.detector import ARCH_DEFAULTS, build_model
+from mapdet.modeling.build import ARCH_DEFAULTS, build_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.yaml"))
 

@@ -200,7 +200,7 @@ def test_global_batch_splits_over_the_processes_when_known():
 
 def test_arch_layout_is_what_the_builders_make():
     from mapdet.config import ModelConfig
-    from mapdet.modeling.detector import _num_feature_maps, _stage_starts, build_model
+    from mapdet.modeling.build import _num_feature_maps, _stage_starts, build_model
 
     for arch, (maps, stages) in ARCH_LAYOUT.items():
         model = build_model(ModelConfig(arch=arch), 3)

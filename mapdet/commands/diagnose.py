@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from mapdet.config import ConfigError, load_config
     from mapdet.diagnosis import measures, report
-    from mapdet.structures import Detections
+    from mapdet.evaluation.inputs import detections_from_results
 
     try:
         cfg = load_config(args.config, args.set)
@@ -92,7 +92,7 @@ def run(args) -> int:
         return _fail(f"--loc-reference-iou {args.loc_reference_iou}: choose an IoU in [0.5, 1]")
     settings = _settings(args, cfg)
     try:
-        dets = Detections.from_coco_results(results)
+        dets = detections_from_results(results)
         _check_ids(gt, dets)
     except ValueError as e:
         return _fail(f"cannot diagnose {args.results} against {args.gt}: {e}")
@@ -150,10 +150,10 @@ def _check_ids(gt: dict, dets) -> None:
 def _run_evidence(run_dir: str, manifest: dict | None):
     """The run's curves, its last checkpoint's meta.json and the training split's size."""
     from mapdet.diagnosis.curves import RunEvidence, run_meta, training_curves
-    from mapdet.engine import checkpoint
+    from mapdet.modeling import run_weights
 
     return RunEvidence(
-        training_curves(run_dir), run_meta(checkpoint.latest(run_dir)), manifest["num_samples"] if manifest else None
+        training_curves(run_dir), run_meta(run_weights.latest(run_dir)), manifest["num_samples"] if manifest else None
     )
 
 
@@ -163,8 +163,8 @@ def _model_checks(args, cfg):
 
     from mapdet.data.loaders import eval_loader
     from mapdet.diagnosis.sweep import run_model_checks
-    from mapdet.engine import checkpoint
-    from mapdet.modeling.detector import build_inference_model
+    from mapdet.modeling import run_weights
+    from mapdet.modeling.build import build_inference_model
     from mapdet.shards.manifest import load_manifest
     from mapdet.shards.source import shard_source
 
@@ -172,7 +172,7 @@ def _model_checks(args, cfg):
     manifest = load_manifest(shards, cfg.data.val_split)
     cat_ids = [int(c["id"]) for c in manifest["classes"]]
     model = build_inference_model(cfg.model, len(cat_ids) + 1)
-    model.load_state_dict(checkpoint.load_weights(cfg.train.out, args.checkpoint)[0])
+    model.load_state_dict(run_weights.load_weights(cfg.train.out, args.checkpoint)[0])
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     loader = eval_loader(shards, manifest, cfg.eval.batch_size, cfg.eval.workers, rank=0, world=1)
     current = (cfg.model.nms_thresh, cfg.model.score_thresh, cfg.model.detections_per_img)

@@ -27,10 +27,10 @@ from mapdet import comm, tracking
 from mapdet.cli import add_config_arguments
 from mapdet.config import load_config, to_dict, to_yaml
 from mapdet.data.loaders import eval_loader
-from mapdet.engine import checkpoint
 from mapdet.evaluation.coco import format_summary, format_table
 from mapdet.evaluation.validation import metrics_dict, stream_detections, validate
-from mapdet.modeling.detector import build_inference_model
+from mapdet.modeling import run_weights
+from mapdet.modeling.build import build_inference_model
 from mapdet.shards.manifest import by_category_id, class_names, classes_mismatch, load_coco, load_manifest
 from mapdet.shards.source import shard_source
 from mapdet.structures import Detections
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     gt = load_coco(shards, split)
 
     model = build_inference_model(cfg.model, len(names) + 1).to(accelerator.device)
-    state, step = checkpoint.load_weights(run_dir, args.checkpoint)
+    state, step = run_weights.load_weights(run_dir, args.checkpoint)
     model.load_state_dict(state)
     out = Path(args.out) if args.out else run_dir / "eval" / f"step_{step:07d}"
 

@@ -37,8 +37,8 @@ from mapdet.engine.loop import LoopState, OutOfMemory, RankFailure, SanitizedTal
 from mapdet.engine.optim import make_optimizer, make_scheduler
 from mapdet.engine.step import TrainParts, cuda_speedups
 from mapdet.evaluation.validation import metrics_dict, validate
-from mapdet.modeling import trained
-from mapdet.modeling.detector import build_model
+from mapdet.modeling import run_weights, trained
+from mapdet.modeling.build import build_model
 from mapdet.shards.manifest import (
     ManifestError,
     class_instance_counts,
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     state = LoopState()
-    resume_from = checkpoint.resolve(run_dir, args.resume)
+    resume_from = run_weights.resolve(run_dir, args.resume)
     if resume_from is not None:
         state = LoopState.from_meta(
             checkpoint.load(resume_from, parts.raw_model, optimizer, scheduler, accelerator.scaler)

@@ -83,7 +83,7 @@ def advise(cause: str, d: Diagnosis, cfg: Config | None, impact: float) -> Advic
         return Advice([], GENERIC[cause] + " (pass --config for overrides that fit the run)")
     if impact <= 0:
         return Advice([], "nothing measured to fix")
-    from mapdet.modeling.detector import resolve_config
+    from mapdet.modeling.build import resolve_config
 
     ctx = _Context(d, cfg, resolve_config(cfg.model))
     notes: list[str] = []
@@ -278,7 +278,7 @@ def _more_proposals(c: _Context) -> Move | Limit:
 
 
 def _anchor_levels(c: _Context) -> list[float]:
-    from mapdet.modeling.detector import STOCK_ANCHOR_SIZES
+    from mapdet.modeling.build import STOCK_ANCHOR_SIZES
 
     if c.model.anchor_sizes is not None:
         return list(c.model.anchor_sizes)

@@ -27,8 +27,8 @@ class Geometry:
 
 def model_geometry(model: ModelConfig) -> Geometry:
     """Effective ``min_size``, ``max_size`` and flat ``anchor_sizes`` (arch defaults filled in by
-    ``mapdet.modeling.detector.resolve_config``); ``anchors_from`` says whether the config set the anchors."""
-    from mapdet.modeling.detector import STOCK_ANCHOR_SIZES, resolve_config
+    ``mapdet.modeling.build.resolve_config``); ``anchors_from`` says whether the config set the anchors."""
+    from mapdet.modeling.build import STOCK_ANCHOR_SIZES, resolve_config
 
     cfg = resolve_config(model)
     sizes = STOCK_ANCHOR_SIZES[cfg.arch] if cfg.anchor_sizes is None else cfg.anchor_sizes

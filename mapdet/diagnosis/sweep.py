@@ -1,7 +1,7 @@
 """Measurements that need the model: RPN proposal recall by size and a post-processing sweep.
 
 Both run the network once per image (``head_outputs``: transform, backbone, RPN, box head) on a
-torchvision Faster R-CNN (``mapdet.modeling.rcnn.Detector``) in eval mode, over an iterable of
+torchvision Faster R-CNN (``mapdet.modeling.detector.Detector``) in eval mode, over an iterable of
 batches ``(images, targets, ...)``: images uint8 (3, H, W); targets dicts with ``boxes`` float
 (N, 4) xyxy pixel-edge in that image, ``labels`` int64 (N,) category ids 1..K, ``image_id`` int,
 optional ``iscrowd`` (N,).

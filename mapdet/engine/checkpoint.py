@@ -10,16 +10,17 @@ Layout of ``RUN/checkpoints/step_0001000/``::
 
 A checkpoint is written into ``step_N.tmp`` and renamed to ``step_N`` only after every rank has
 written its files and the main process its ``meta.json``. A kill at any moment therefore leaves
-either a complete ``step_N`` or a ``.tmp`` folder that ``latest`` ignores (and the next save
-removes), so the previous checkpoint stays usable. A ``.pt`` file holding pickled objects (code
-that would run on load) is refused with a ``ValueError`` naming it.
+either a complete ``step_N`` or a ``.tmp`` folder that ``mapdet.modeling.run_weights.latest``
+ignores (and the next save removes), so the previous checkpoint stays usable. A ``.pt`` file
+holding pickled objects (code that would run on load) is refused with a ``ValueError`` naming it.
+Finding checkpoints and reading their weights is ``mapdet.modeling.run_weights``'s: evaluation,
+prediction and the diagnosis need it without the training engine.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -29,60 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from mapdet import comm
 from mapdet.fileio import write_json_atomic
-from mapdet.modeling.weights_io import load_weights_file, refuse_pickled_objects
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (folder renamed and meta.json present), oldest first."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "meta.json").exists()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-
-
-def latest(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def resolve(run_dir: str | Path, spec: str | None) -> Path | None:
-    """``--resume``/``--checkpoint`` value -> a checkpoint folder: None/"none", "auto"/"latest", or a path."""
-    if spec in (None, "none", ""):
-        return None
-    if spec in ("auto", "latest"):
-        found = latest(run_dir)
-        if found is None and spec == "latest":
-            raise FileNotFoundError(f"no complete checkpoint under {checkpoints_dir(run_dir)}")
-        return found
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give a checkpoint folder, a weights file or latest")
-    if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete mapdet checkpoint (no meta.json)")
-    return path
-
-
-def load_weights(run_dir, spec: str) -> tuple[dict, int]:
-    """Model state dict and training step for a ``--checkpoint`` value.
-
-    ``spec``: "latest" (of ``run_dir``), a checkpoint folder, or a plain weights file
-    (.safetensors, or .pth read with ``weights_only=True``; step 0).
-    """
-    if Path(spec).is_file():
-        with refuse_pickled_objects(spec):
-            return load_weights_file(spec, "--checkpoint"), 0
-    found = resolve(run_dir, spec)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint under {checkpoints_dir(run_dir)}")
-    meta = json.loads((found / "meta.json").read_text())
-    return load_file(str(found / "model.safetensors")), int(meta["step"])
+from mapdet.modeling.run_weights import checkpoints_dir, list_checkpoints
+from mapdet.modeling.weights_io import refuse_pickled_objects
 
 
 def save(run_dir, step: int, model, optimizer, scheduler, scaler, meta: dict, keep_last: int) -> Path:

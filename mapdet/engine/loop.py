@@ -22,6 +22,7 @@ from mapdet import comm, tracking
 from mapdet.config import Config
 from mapdet.engine import checkpoint, preemption
 from mapdet.engine.step import StepResult, TrainParts, train_step
+from mapdet.modeling import run_weights
 
 
 @dataclass
@@ -79,7 +80,7 @@ def out_of_memory(parts: TrainParts, cfg: Config, state: LoopState, run_dir: Pat
     else:
         per_gpu = f"data.batch_size={data.batch_size}"
         lower = "lower data.batch_size (raise optim.grad_accum to keep the global batch)"
-    last = checkpoint.latest(run_dir)
+    last = run_weights.latest(run_dir)
     kept = f"the last checkpoint ({last.name}) is intact" if last else "no checkpoint was written yet"
     return (
         f"[rank {parts.accelerator.process_index}] CUDA out of memory in {where} with {per_gpu} images per GPU "

@@ -35,8 +35,9 @@ from operator import itemgetter
 
 import numpy as np
 
-from mapdet.boxes import xyxy_to_xywh
+from mapdet.boxes import xywh_to_xyxy, xyxy_to_xywh
 from mapdet.evaluation.matching import BoxSet
+from mapdet.structures import Detections
 
 NARROW = np.dtype([("img", "<i4"), ("cat", "<i4"), ("box", "<f4", (4,)), ("score", "<f4")])
 WIDE = np.dtype([("img", "<i4"), ("cat", "<i4"), ("box", "<f8", (4,)), ("score", "<f8")])
@@ -183,6 +184,12 @@ def parse_results(results: list[dict]):
     if not isinstance(results, list):
         raise ValueError("COCO results must be a list of detection objects")
     return (*_ids(results), *boxes_and_scores(results))
+
+
+def detections_from_results(results: list[dict]) -> Detections:
+    """``Detections`` from COCO results dicts (bbox xywh -> xyxy, rounded to float32)."""
+    img, cat, xywh, score = parse_results(results)
+    return Detections(img, xywh_to_xyxy(xywh), score, cat)
 
 
 def detection_rows(dets, truth: GroundTruth) -> np.ndarray:

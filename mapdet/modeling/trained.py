@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mapdet.config import ModelConfig, load_config
-from mapdet.engine import checkpoint
 from mapdet.fileio import read_json, write_json_atomic
+from mapdet.modeling import run_weights
 from mapdet.shards.manifest import ManifestError, class_names, load_manifest
 from mapdet.shards.source import shard_source
 
@@ -46,7 +46,7 @@ _TRAINING_ONLY = dict(
 
 @dataclass
 class Trained:
-    model: object  # modeling.rcnn.Detector (torchvision Faster R-CNN) on the CPU, eval mode, weights loaded
+    model: object  # modeling.detector.Detector (torchvision Faster R-CNN) on the CPU, eval mode, weights loaded
     classes: list[dict]  # [{"id": 1..K, "name"}, + "category_id" (COCO packs)]
     model_cfg: ModelConfig
     step: int  # training step of the checkpoint (0 for an export)
@@ -60,7 +60,7 @@ class Trained:
 def export_record(model_cfg: ModelConfig, classes: list[dict]) -> dict:
     """classes.json content for a model trained with ``model_cfg`` on ``classes`` (the training
     manifest's: ``{"id", "name"}``, + ``"category_id"`` for a COCO pack)."""
-    from mapdet.modeling.detector import resolve_config  # torchvision: only when a model is really involved
+    from mapdet.modeling.build import resolve_config  # torchvision: only when a model is really involved
 
     settings = dataclasses.replace(resolve_config(model_cfg), **_TRAINING_ONLY)
     return {
@@ -110,10 +110,10 @@ def from_checkpoint(path: str | Path, classes: str | Path | None = None, config:
     if (path / "meta.json").is_file():
         run = path.parent.parent
     elif (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
-        run, path = path, checkpoint.latest(path)
+        run, path = path, run_weights.latest(path)
         if path is None:
             raise FileNotFoundError(
-                f"--checkpoint {run}: no complete checkpoint under {checkpoint.checkpoints_dir(run)}"
+                f"--checkpoint {run}: no complete checkpoint under {run_weights.checkpoints_dir(run)}"
             )
     else:
         raise FileNotFoundError(
@@ -125,7 +125,7 @@ def from_checkpoint(path: str | Path, classes: str | Path | None = None, config:
         raise FileNotFoundError(f"no {config}: pass --config with the training config of {run}")
     cfg = load_config(config)
     found = _checkpoint_classes(run, cfg, classes)
-    state, step = checkpoint.load_weights(run, str(path))
+    state, step = run_weights.load_weights(run, str(path))
     return Trained(_build(cfg.model, found, state, str(path)), found, cfg.model, step, str(path))
 
 
@@ -199,7 +199,7 @@ def _settings(record: dict, path: Path, config: str | None) -> ModelConfig:
 
 def _build(model_cfg: ModelConfig, classes: list[dict], state: dict, source: str):
     """The inference network for ``classes``, ``state`` loaded strictly; a misfit is one clear line."""
-    from mapdet.modeling.detector import build_inference_model
+    from mapdet.modeling.build import build_inference_model
 
     model = build_inference_model(model_cfg, len(classes) + 1)
     own = model.state_dict()

@@ -140,7 +140,7 @@ def test_cli_with_checkpoint_runs_sweep_and_proposal_recall(tmp_path, shards):
     from safetensors.torch import save_file
 
     from mapdet.config import load_config
-    from mapdet.modeling.detector import build_model
+    from mapdet.modeling.build import build_model
     from mapdet.shards.manifest import coco_path, load_manifest
 
     config = tmp_path / "cfg.yaml"

@@ -15,7 +15,7 @@ from PIL import Image
 from mapdet import boxes
 from mapdet.config import load_config
 from mapdet.drawing import output_names
-from mapdet.modeling.detector import build_inference_model
+from mapdet.modeling.build import build_inference_model
 from tests.helpers import accelerate_launch, mapdet, random_run
 
 SIZES = {"a.png": (160, 120), "sub/b.png": (320, 240), "sub/c.png": (90, 200), "wide.jpg": (400, 100)}

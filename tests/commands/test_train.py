@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mapdet.config import ModelConfig
 from mapdet.evaluation.coco import evaluate_coco
-from mapdet.modeling.detector import build_model
+from mapdet.modeling.build import build_model
 from tests.helpers import (
     TINY_TRAIN,
     accelerate_launch,

@@ -9,7 +9,7 @@ from mapdet.diagnosis import advice
 from mapdet.diagnosis.curves import RunEvidence, TrainingCurves
 from mapdet.diagnosis.measures import diagnose
 from mapdet.diagnosis.settings import DiagnoseSettings
-from mapdet.modeling.detector import resolve_config
+from mapdet.modeling.build import resolve_config
 from tests.diagnosis.scenes import capped_scene, detect, manifest, scene, small_scene
 from tests.helpers import REPO
 

@@ -48,7 +48,7 @@ from mapdet.data.augment import BatchAugment
 from mapdet.engine.optim import make_optimizer, make_scheduler
 from mapdet.engine.step import TrainParts, cuda_speedups, train_step
 from mapdet.evaluation.validation import validate
-from mapdet.modeling.detector import build_inference_model, build_model
+from mapdet.modeling.build import build_inference_model, build_model
 from mapdet.shards.manifest import coco_path, load_manifest
 from mapdet.structures import Batch
 from tests.helpers import REPO, TINY

@@ -20,6 +20,7 @@ from mapdet.engine.loop import (
     stop_reason,
     train_loop,
 )
+from mapdet.modeling import run_weights
 from tests.engine.toy import Toy, toy_batches, toy_parts
 
 
@@ -69,7 +70,7 @@ def _loop_config(**train) -> Config:
 
 
 def _steps_saved(run: Path) -> list[int]:
-    return [int(p.name.split("_")[1]) for p in checkpoint.list_checkpoints(run)]
+    return [int(p.name.split("_")[1]) for p in run_weights.list_checkpoints(run)]
 
 
 @pytest.mark.parametrize("ckpt_every, saved", [(0, [4]), (1, [1, 2, 3, 4]), (3, [3, 4])])
@@ -113,8 +114,8 @@ def test_out_of_memory_names_the_settings_to_lower_and_keeps_the_last_checkpoint
         else "data.batch_size=2" in line
     )
     assert "model.max_size=800" in line and "the last checkpoint (step_0000004) is intact" in line
-    assert _steps_saved(tmp_path) == [2, 4] and not list(checkpoint.checkpoints_dir(tmp_path).glob("*.tmp"))
-    meta = checkpoint.load(checkpoint.latest(tmp_path), Toy())  # whole and loadable
+    assert _steps_saved(tmp_path) == [2, 4] and not list(run_weights.checkpoints_dir(tmp_path).glob("*.tmp"))
+    meta = checkpoint.load(run_weights.latest(tmp_path), Toy())  # whole and loadable
     assert meta["step"] == 4 and meta["batches"] == 4
 
 

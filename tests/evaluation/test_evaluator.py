@@ -10,7 +10,7 @@ import pytest
 
 from mapdet import comm
 from mapdet.evaluation.coco import assemble, evaluate_coco, format_table, score_categories, write_metrics
-from mapdet.evaluation.inputs import GroundTruth, detection_rows, rows_to_boxes
+from mapdet.evaluation.inputs import GroundTruth, detection_rows, detections_from_results, rows_to_boxes
 from mapdet.evaluation.matching import IOU_THRS
 from mapdet.evaluation.routing import share_categories
 from mapdet.structures import Detections
@@ -67,11 +67,11 @@ def test_empty_results_and_images_without_detections():
 def test_detections_score_as_their_coco_results_file():
     rng = np.random.default_rng(5)
     gt, dets = random_coco(5)
-    packed = Detections.from_coco_results(dets)
+    packed = detections_from_results(dets)
     packed.boxes += rng.uniform(0, 1, packed.boxes.shape).astype(np.float32)  # non-integer boxes
     results = json.loads(json.dumps(packed.to_coco_results()))  # as written to detections.json
     assert_same_as_pycocotools(evaluate_coco(gt, packed), pycocotools_eval(gt, results, (1, 10, 100, 300)))
-    back = Detections.from_coco_results(results)
+    back = detections_from_results(results)
     assert np.array_equal(back.boxes, packed.boxes) and np.array_equal(back.scores, packed.scores)
     assert back.boxes.dtype == np.float32 and back.labels.dtype == np.int64
 

@@ -12,6 +12,7 @@ import pytest
 
 from mapdet import comm
 from mapdet.evaluation.coco import evaluate_coco
+from mapdet.evaluation.inputs import detections_from_results
 from mapdet.structures import Detections
 from tests.evaluation.cocodata import pycocotools_eval, random_coco
 from tests.helpers import run_in_ranks
@@ -30,7 +31,7 @@ def _thirds(items, cuts=(0.0, 0.4)):
 def _noisy_packed(seed: int):
     """GT and Detections with non-integer float32 boxes, split by image over the ranks."""
     gt, dets = random_coco(seed)
-    packed = Detections.from_coco_results(dets)
+    packed = detections_from_results(dets)
     packed.boxes += np.random.default_rng(seed).uniform(0, 1, packed.boxes.shape).astype(np.float32)
     parts = [packed.take(packed.image_id % WORLD == r) for r in range(WORLD)]
     return gt, parts

@@ -13,7 +13,7 @@ from mapdet.config import EvalConfig, ModelConfig
 from mapdet.data.loaders import eval_loader
 from mapdet.engine.inference import predict
 from mapdet.evaluation import validation
-from mapdet.modeling.detector import build_model
+from mapdet.modeling.build import build_model
 from mapdet.shards.manifest import load_manifest
 from mapdet.shards.reader import CorruptSample
 

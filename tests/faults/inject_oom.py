@@ -13,7 +13,7 @@ import sys
 import torch
 
 from mapdet.cli import main
-from mapdet.modeling.rcnn import Detector
+from mapdet.modeling.detector import Detector
 
 _forward = Detector.forward
 _calls = 0

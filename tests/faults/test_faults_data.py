@@ -18,7 +18,7 @@ from mapdet import comm
 from mapdet.config import DataConfig, EvalConfig, ModelConfig
 from mapdet.data.loaders import TrainStream, eval_loader
 from mapdet.evaluation.validation import validate
-from mapdet.modeling.detector import build_model
+from mapdet.modeling.build import build_model
 from mapdet.shards.manifest import load_manifest
 from mapdet.shards.reader import CorruptSample, read_shard
 from tests.faults.damage import rewrite

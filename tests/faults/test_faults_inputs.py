@@ -27,7 +27,8 @@ from mapdet.data.loaders import eval_loader
 from mapdet.datasets.layout import panoptic_json_path
 from mapdet.engine import checkpoint
 from mapdet.evaluation.validation import validate
-from mapdet.modeling.detector import build_model
+from mapdet.modeling import run_weights
+from mapdet.modeling.build import build_model
 from mapdet.modeling.weights_io import load_weights_file
 from mapdet.shards.manifest import load_manifest
 from mapdet.shards.reader import CorruptSample, checked_samples, decode_sample, read_shard
@@ -155,7 +156,7 @@ def test_missing_weights_are_a_message(shards, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"mapdet train: error: model.weights: weights file '{missing}' does not exist" in r.stderr
     with pytest.raises(FileNotFoundError, match=f"{missing.with_suffix('.safetensors')} does not exist"):
-        checkpoint.load_weights(tmp_path / "run", str(missing.with_suffix(".safetensors")))
+        run_weights.load_weights(tmp_path / "run", str(missing.with_suffix(".safetensors")))
 
 
 def test_results_with_a_category_the_ground_truth_lacks_exit_2(tmp_path, capsys):
@@ -207,7 +208,7 @@ def test_weights_and_checkpoints_never_unpickle_objects(evil, tmp_path):
     with pytest.raises(Exception, match="GLOBAL posix.system"):
         load_weights_file(path)
     with pytest.raises(ValueError, match="evil.pth: refused to load: it holds pickled objects.*posix.system"):
-        checkpoint.load_weights(tmp_path, str(path))
+        run_weights.load_weights(tmp_path, str(path))
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt = checkpoint.save(

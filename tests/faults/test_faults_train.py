@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from mapdet.engine import checkpoint
+from mapdet.modeling import run_weights
 from tests.helpers import REPO, accelerate_launch, exported_weights, launch_background, run_cli, train_args
 
 TIMEOUT_S = 20
@@ -71,7 +72,7 @@ class Job:
         """Block until the (skip+1)-th complete checkpoint after ``step`` exists; returns its step."""
         target = step + 2 * (skip + 1)
         end = time.time() + timeout
-        while checkpoint.latest(self.run) is None or _step(checkpoint.latest(self.run)) < target:
+        while run_weights.latest(self.run) is None or _step(run_weights.latest(self.run)) < target:
             self._track()
             assert self.proc.poll() is None, f"training ended before step {target} {REPLAY}:\n{self.text()[-3000:]}"
             assert time.time() < end, f"no checkpoint {target} {REPLAY}"
@@ -111,7 +112,7 @@ def _step(path: Path) -> int:
 def _plant_partial_checkpoint(run: Path) -> Path:
     """What a kill between writing meta.json and the rename leaves: a .tmp folder of a later step
     with a meta.json but truncated weights. ``latest`` must ignore it."""
-    last = checkpoint.latest(run)
+    last = run_weights.latest(run)
     tmp = last.with_name(f"step_{_step(last) + 1:07d}.tmp")
     shutil.copytree(last, tmp)
     weights = tmp / "model.safetensors"
@@ -141,9 +142,9 @@ def test_kills_and_a_stuck_rank_at_random_steps_resume_to_the_uninterrupted_weig
         assert "a collective failed" in job.text() and timings["launcher exit after kill -9 of one rank"] < TIMEOUT_S
 
     # 2. a later checkpoint that was being written when the job died: resume must not use it
-    resume_at = checkpoint.latest(run)
+    resume_at = run_weights.latest(run)
     planted = _plant_partial_checkpoint(run)
-    assert checkpoint.latest(run) == resume_at
+    assert run_weights.latest(run) == resume_at
 
     # 3. a stuck rank (SIGSTOP): the other times out after train.timeout_s, the launcher exits non-zero
     with Job(shards, run, tmp_path / "3.log", resume=True) as job:
@@ -167,7 +168,7 @@ def test_kills_and_a_stuck_rank_at_random_steps_resume_to_the_uninterrupted_weig
     # 4. kill -9 of the whole job: launcher, ranks, DataLoader workers
     with Job(shards, run, tmp_path / "4.log", resume=True) as job:
         job.wait_for_text("resumed from", timeout=120)
-        job.wait_for_checkpoint_after(_step(checkpoint.latest(run)), skip=0)
+        job.wait_for_checkpoint_after(_step(run_weights.latest(run)), skip=0)
         time.sleep(rng.uniform(0, 0.5))
         job.kill_all()
         time.sleep(0.5)
@@ -218,14 +219,16 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_in_use(tmp
     with pytest.raises(_Killed):
         checkpoint.save(tmp_path, 2, model, opt, sched, None, {"batches": 2, "counters": {}}, keep_last=3)
     monkeypatch.undo()
-    root = checkpoint.checkpoints_dir(tmp_path)
+    root = run_weights.checkpoints_dir(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == ["step_0000001", "step_0000002.tmp"]
     (root / "step_0000002.tmp" / "meta.json").write_text('{"step": 2}')  # even one that got as far as meta.json
-    assert checkpoint.latest(tmp_path) == checkpoint.resolve(tmp_path, "auto") == root / "step_0000001"
+    assert run_weights.latest(tmp_path) == run_weights.resolve(tmp_path, "auto") == root / "step_0000001"
 
     fresh = torch.nn.Linear(3, 2)
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
-    meta = checkpoint.load(checkpoint.latest(tmp_path), fresh, fresh_opt, torch.optim.lr_scheduler.StepLR(fresh_opt, 1))
+    meta = checkpoint.load(
+        run_weights.latest(tmp_path), fresh, fresh_opt, torch.optim.lr_scheduler.StepLR(fresh_opt, 1)
+    )
     assert meta["step"] == 1 and all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
     checkpoint.save(tmp_path, 2, model, opt, sched, None, {"batches": 2, "counters": {}}, keep_last=3)
     assert sorted(p.name for p in root.iterdir()) == ["step_0000001", "step_0000002"]
@@ -264,7 +267,7 @@ def test_out_of_memory_on_one_rank_stops_every_rank_at_once_and_keeps_the_last_c
     assert "a collective failed" in survivor and "timed out" not in survivor.lower(), survivor
     told, ended = seen["survivor"] - seen["oom"], seen["exit"] - seen["oom"]
     assert proc.returncode not in (0, None) and told < 60, (proc.returncode, told)  # not the 600 s timeout
-    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_0000002"]
+    assert [p.name for p in run_weights.list_checkpoints(run)] == ["step_0000002"]
     assert not list((run / "checkpoints").glob("*.tmp"))
     print(
         f"\nafter the out-of-memory line: the other rank failed {told:.1f} s later, the launcher exited {ended:.1f} s"
@@ -272,4 +275,4 @@ def test_out_of_memory_on_one_rank_stops_every_rank_at_once_and_keeps_the_last_c
 
     r = run_cli(*train_args(shards, run, "train.max_steps=4", "train.image_log_every=0"), "--resume", "auto")
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
-    assert [p.name for p in checkpoint.list_checkpoints(run)][-1] == "step_0000004"
+    assert [p.name for p in run_weights.list_checkpoints(run)][-1] == "step_0000004"

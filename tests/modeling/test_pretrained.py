@@ -14,7 +14,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from mapdet import cli
 from mapdet.config import ModelConfig
 from mapdet.modeling import pretrained
-from mapdet.modeling.detector import build_model
+from mapdet.modeling.build import build_model
 from tests.helpers import run_cli
 
 COCO_MNV3 = "torchvision:FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1"

@@ -8,7 +8,7 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from mapdet.host_syncs import count_host_syncs
-from mapdet.modeling.detector import build_model
+from mapdet.modeling.build import build_model
 from mapdet.modeling.proposals import LowQualityMatcher, rpn_like
 from tests.modeling.rectangles import K1, rectangles, small_cfg
 
