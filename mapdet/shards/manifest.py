@@ -104,9 +104,11 @@ def load_manifest(out: str | Path | ShardSource, split: str) -> dict:
         raise ManifestError(f"cannot read the manifest: {e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{source.where(name)} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ManifestError(f"{source.where(name)}: format {got!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict):
+        kind = {list: "list", str: "string"}.get(type(manifest), type(manifest).__name__)
+        raise ManifestError(f"{source.where(name)}: a JSON {kind}, not a manifest written by `mapdet pack`")
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"{source.where(name)}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     for shard in manifest.get("shards", []):
         try:
             check_name(shard.get("name") if isinstance(shard, dict) else shard)
