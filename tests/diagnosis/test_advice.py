@@ -122,8 +122,17 @@ def test_value_formatting_reads_back_as_yaml():
         "[8,16]",
         "inv_sqrt",
     ]
-    cfg = load_config(None, ["model.score_thresh=0.05", "model.anchor_sizes=[8,16]", "data.repeat_threshold=null"])
-    assert cfg.model.score_thresh == 0.05 and cfg.model.anchor_sizes == [8, 16] and cfg.data.repeat_threshold is None
+    cfg = load_config(
+        None,
+        [
+            "model.score_thresh=0.05",
+            "model.arch=small",
+            "model.anchor_sizes=[8,16,32,64]",
+            "data.repeat_threshold=null",
+        ],
+    )
+    assert cfg.model.score_thresh == 0.05 and cfg.model.anchor_sizes == [8, 16, 32, 64]
+    assert cfg.data.repeat_threshold is None
 
 
 def test_detection_cap_without_a_sweep_reads_the_results_or_the_objects_per_image():
