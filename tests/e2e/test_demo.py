@@ -14,8 +14,9 @@ def test_quick_demo_leaves_every_artefact(tmp_path):
     out = tmp_path / "demo"
     r = run_cli("demo", "--quick", "--out", str(out), timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for n in range(1, 7):
-        assert f"[{n}/6]" in r.stdout
+    for n in range(1, 7):  # each stage says what it expects before it runs and what it took after
+        assert f"[{n}/6]" in r.stdout and f"[{n}/6] " in r.stdout
+    assert r.stdout.count("(a few seconds): ") == 7 and r.stdout.count(" done in ") == 7  # pack: 2 splits
     assert f"tensorboard --logdir {out / 'run'}" in r.stdout
     assert "AP50" in r.stdout and "top cause" in r.stdout
     for path in [
@@ -66,6 +67,17 @@ def test_demo_topology_keeps_the_global_batch(requested, gpus, expected):
     from mapdet.commands.demo import topology
 
     assert topology(requested, gpus, 8) == expected
+
+
+def test_expected_stage_times_scale_with_the_run():
+    from mapdet.commands.demo import STAGE_S, TRAIN_S_PER_STEP, TRAIN_START_S, Expected
+
+    two, one = Expected(300, 540, 2, quick=False), Expected(300, 540, 1, quick=False)
+    assert two("train") == f"about {TRAIN_START_S + 540 * TRAIN_S_PER_STEP[2]:.0f} s on 2 CPU cores"
+    assert one("train") != two("train") and Expected(600, 1080, 2, quick=False)("train") != two("train")
+    assert two("pack validation") == f"about {STAGE_S['pack']:.0f} s on 2 CPU cores"
+    assert Expected(600, 540, 2, quick=False)("synthesize") == f"about {2 * STAGE_S['synthesize']:.0f} s on 2 CPU cores"
+    assert Expected(32, 6, 2, quick=True)("train") == "a few seconds"
 
 
 def test_demo_rejects_zero_processes():
