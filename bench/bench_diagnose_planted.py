@@ -31,6 +31,9 @@ and seed (stdout and OUT/planted.jsonl) and the table as markdown (OUT/planted.m
     python bench/bench_diagnose_planted.py                           # every case, seeds 0 1 (hours on a CPU)
     python bench/bench_diagnose_planted.py --quick --seeds 0         # plumbing: a few steps, learns little
     python bench/bench_diagnose_planted.py --cases pp_nms loose --seeds 0 1 2 --jobs 3 --out runs/planted
+
+A run folder that holds a finished demo (its summary.json) is not trained again: rerun the same
+command to resume a stopped bench, or link OUT/demo_s0 to a `bench_demo.py` run of that seed.
 """
 
 from __future__ import annotations
@@ -163,6 +166,9 @@ def train_case(case: str, seed: int, root: Path, args) -> dict:
 
 
 def _demo(out: Path, processes: int | None, seed: int, extra: tuple[str, ...]) -> None:
+    """`mapdet demo` into ``out``, unless a finished one is there (its summary.json): a stopped bench resumes."""
+    if (out / "summary.json").is_file():
+        return
     row = run_demo(out, processes, seed, extra)
     if row["exit_code"] != 0:
         raise SystemExit(f"`mapdet demo` into {out} failed with exit code {row['exit_code']}: see {out}.log")

@@ -221,7 +221,24 @@ def test_small_objects_gap_and_anchor_comparison():
     assert size.share_below_smallest_anchor_half == pytest.approx(0.5)  # 10 px x 0.5 scale < 16
     assert size.side_p10_model_input == pytest.approx(5.0) and size.input_scale_median == pytest.approx(0.5)
     assert sum(size.hist_model_input) == len(gt["annotations"])
-    assert causes(d)[0] == "small_objects" and d.causes[0].impact == pytest.approx(50.0)
+    # half the boxes, AP small 0 vs medium 100: the gap beyond 0.6 x medium counts, (60 - 0) x 0.5
+    assert causes(d)[0] == "small_objects" and d.causes[0].impact == pytest.approx(30.0)
+
+
+def test_small_objects_found_as_a_good_detector_finds_them_are_not_a_cause():
+    gt, _ = small_scene()
+    # every medium box found, and 7 of every 10 small ones: AP small about 0.7 x medium's, above the 0.6 reference
+    small = [a for a in gt["annotations"] if a["area"] == 100]
+    found = {a["id"] for a in small[: len(small) * 7 // 10]} | {a["id"] for a in gt["annotations"] if a["area"] != 100}
+    objs = [
+        (a["image_id"], [x, y, x + w, y + h], a["category_id"])
+        for a in gt["annotations"]
+        if a["id"] in found
+        for x, y, w, h in [a["bbox"]]
+    ]
+    d = diagnose(gt, detect(objs), settings=DiagnoseSettings(model=ModelConfig(min_size=400, max_size=1000)))
+    assert 60 < d.size.ap["small"] < 85 and d.size.ap["medium"] == pytest.approx(100.0)
+    assert d.cause("small_objects").impact == pytest.approx(0.0)
 
 
 def test_spearman_and_ranks():
