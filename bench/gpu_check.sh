@@ -19,7 +19,7 @@
 # Flags: --cpu-dry-run, --skip-tests, --skip-demo, --skip-bench, --skip-profile, --demo-seeds "S ...",
 #        --budget-s N (whole run, default 390)
 # Time: the demo and the tests beside it get what they need (one seed 130 s, three at once 200 s: the
-# 1080-step recipe needed 200 / 330 s, the 540-step one of issue 19 is sized from it with its fixed
+# 1080-step recipe needed 200 / 330 s, the 450-step one of issue 19 is sized from it with its fixed
 # stages kept, not yet measured on a GPU); the benchmark (<= 120 s: its grid runs the most important variants first and starts no new one
 # once its budget is spent) and the profile (<= 60 s) get the rest, before them.
 set -uo pipefail

@@ -171,11 +171,11 @@ class Expected:
 
 
 # Measured for the shipped demo (launch/configs/demo.yaml, 240 + 60 images) on 2 idle CPU cores
-# (bench/RESULTS.md, "The demo in five minutes": train 173-186 s on 2 processes, 238-242 s on 1).
+# (bench/RESULTS.md, "The demo in five minutes": train 158-170 s on 2 processes, 224-242 s on 1).
 DEMO_IMAGES = 300
-STAGE_S = {"synthesize": 7.0, "pack": 2.0, "verify": 4.0, "evaluate": 9.0, "diagnose": 11.0}
+STAGE_S = {"synthesize": 8.0, "pack": 2.5, "verify": 4.0, "evaluate": 9.0, "diagnose": 11.0}
 TRAIN_START_S = 20.0  # launcher, imports, model build, and the validation passes
-TRAIN_S_PER_STEP = {1: 0.40, 2: 0.29}  # by training processes (1 process uses 2 torch threads)
+TRAIN_S_PER_STEP = {1: 0.47, 2: 0.32}  # by training processes (1 process uses 2 torch threads)
 
 
 def _stage(n: int, name: str, cmd: list[str], timings: dict, expect: Expected, fresh: list[Path] = ()) -> None:
