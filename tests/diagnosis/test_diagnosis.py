@@ -206,9 +206,20 @@ def test_jittered_boxes_rank_localization_first_without_counting_the_metrics_str
     assert causes(d)[0] == "localization"
     # boxes moved to the reference IoU 0.75 count at 0.5..0.75 (6 of 10 thresholds): AP 60, not 100;
     # the 40 points above 0.75 are the metric's strictness (the old AP50 - AP term counted 70)
-    assert d.causes[0].impact == pytest.approx(30.0, abs=1e-6) and d.causes[0].impact_ap50 == pytest.approx(0.0)
+    # and of those 30 points, reaching a good detector's AP75 / AP50 (0.76, from 0 here) is 76 %
+    assert d.causes[0].impact == pytest.approx(0.76 * 30.0, abs=1e-6) and d.causes[0].impact_ap50 == pytest.approx(0.0)
     assert d.fixes.moved_boxes == 90
     assert d.iou_curve.ap[0] == pytest.approx(100.0) and d.iou_curve.ap[-1] == pytest.approx(0.0)
+
+
+def test_boxes_placed_as_well_as_a_good_detector_places_them_are_not_a_localization_cause():
+    gt, objs = scene(6, lambda i: [1, 2, 3] * 5)
+    exact, loose = detect(objs), detect(objs, dx=9)  # IoU 1 and 0.63
+    keep = np.arange(len(objs)) % 10 == 0  # one box in ten loose: AP75 / AP50 above 0.76
+    mixed = type(exact)(exact.image_id, np.where(keep[:, None], loose.boxes, exact.boxes), exact.scores, exact.labels)
+    d = diagnose(gt, mixed)
+    assert d.summary.AP75 / d.summary.AP50 > 0.76 and d.fixes.moved_boxes > 0
+    assert d.cause("localization").impact == pytest.approx(0.0)
 
 
 def test_small_objects_gap_and_anchor_comparison():
@@ -282,3 +293,18 @@ def test_empty_results_are_diagnosed():
     d = diagnose(gt, Detections.empty())
     assert d.summary.AP == pytest.approx(0.0) and d.tide.counts["miss"] == 6
     assert len(d.causes) == 8  # under_training only with --run
+
+
+def test_a_rare_frequent_gap_that_frequency_does_not_explain_is_not_class_imbalance():
+    from mapdet.diagnosis.causes import _frequency_gap
+    from mapdet.diagnosis.records import ClassRow
+
+    def row(i, freq, ap):
+        return ClassRow(i, f"c{i}", ap, ap, freq, 10, 1.0, 1.0)
+
+    common, rare = [row(1, 1.0, 0.0), row(2, 0.5, 100.0)], [row(3, 0.2, 0.0), row(4, 0.001, 50.0)]
+    # frequent mean 50 vs rare 25: a raw gap of 25 x 2 of 4 classes, but AP falls with frequency here
+    assert _frequency_gap(common + rare, rare, common, "ap") == 0.0
+    steep = [row(1, 1.0, 100.0), row(2, 0.5, 90.0)], [row(3, 0.1, 60.0), row(4, 0.01, 30.0)]
+    gain = _frequency_gap(steep[0] + steep[1], steep[1], steep[0], "ap")
+    assert 0 < gain <= (95.0 - 45.0) * 2 / 4
