@@ -247,9 +247,19 @@ def test_small_objects_found_as_a_good_detector_finds_them_are_not_a_cause():
         if a["id"] in found
         for x, y, w, h in [a["bbox"]]
     ]
-    d = diagnose(gt, detect(objs), settings=DiagnoseSettings(model=ModelConfig(min_size=400, max_size=1000)))
+    settings = DiagnoseSettings(model=ModelConfig(min_size=400, max_size=1000))
+    d = diagnose(gt, detect(objs), settings=settings)
     assert 60 < d.size.ap["small"] < 85 and d.size.ap["medium"] == pytest.approx(100.0)
     assert d.cause("small_objects").impact == pytest.approx(0.0)
+    # unless the RPN reaches fewer small objects than medium ones (anchors too large): reached as often, AP small
+    # would grow by the recall ratio (2x here), up to AP medium
+    from mapdet.diagnosis.postprocess import ProposalRecall
+
+    recall = ProposalRecall(0.5, 300.0, {"all": 0.75, "small": 0.5, "medium": 1.0, "large": None}, {})
+    d = diagnose(gt, detect(objs), settings=settings, proposal_recall=recall)
+    expected = (min(2 * d.size.ap["small"], 100.0) - d.size.ap["small"]) * d.size.share_gt["small"]
+    assert d.cause("small_objects").impact == pytest.approx(expected, abs=1e-3) and expected > 5
+    assert "reach 50% of small objects" in d.cause("small_objects").evidence
 
 
 def test_spearman_and_ranks():
