@@ -64,21 +64,16 @@ _STOCK_BUILDERS = {
 }
 # Values taken by ModelConfig keys left at None. anchor_sizes/aspect_ratios None on a stock arch
 # keep torchvision's own anchor generator, so exported weights load into the plain builder.
+_STOCK_DEFAULTS = dict(
+    min_size=1024,
+    max_size=2048,
+    roi_batch_size_per_image=512,
+    rpn_post_nms_top_n_train=2000,
+    rpn_post_nms_top_n_test=1000,
+)
 ARCH_DEFAULTS = {
-    "resnet50_fpn_v2": dict(
-        min_size=1024,
-        max_size=2048,
-        roi_batch_size_per_image=512,
-        rpn_post_nms_top_n_train=2000,
-        rpn_post_nms_top_n_test=1000,
-    ),
-    "mobilenet_v3_large_fpn": dict(
-        min_size=1024,
-        max_size=2048,
-        roi_batch_size_per_image=512,
-        rpn_post_nms_top_n_train=2000,
-        rpn_post_nms_top_n_test=1000,
-    ),
+    "resnet50_fpn_v2": dict(_STOCK_DEFAULTS),
+    "mobilenet_v3_large_fpn": dict(_STOCK_DEFAULTS),
     "small": dict(
         min_size=512,
         max_size=1024,
