@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeat-threshold",
         type=number(float, 0, 1, open="lo"),
-        help="t for repeat factors and the 'rare' cut-off (default: the config's data.repeat_threshold, else 0.1)",
+        help="t for repeat factors and the 'rare' cut-off (default: the config's data.repeat_threshold, else the "
+        "frequency two thirds of the classes are below, as LVIS's 0.001 is on LVIS)",
     )
     parser.add_argument(
         "--loc-reference-iou",
@@ -133,7 +134,7 @@ def _settings(args, cfg):
         model=cfg.model,
         cap=args.detections_per_img,
         cap_from=cap_from,
-        repeat_threshold=args.repeat_threshold or cfg.data.repeat_threshold or 0.1,
+        repeat_threshold=args.repeat_threshold or cfg.data.repeat_threshold,
         loc_reference_iou=LOC_REFERENCE_IOU if args.loc_reference_iou is None else args.loc_reference_iou,
         config=cfg if args.config else None,
         progress=True,

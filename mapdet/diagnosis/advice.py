@@ -208,10 +208,13 @@ def _rebalance(c: _Context) -> Move | Limit:
     if c.cfg.model.class_weights == "none":
         pairs.append(("model.class_weights", "inv_sqrt"))
     if pairs:
+        rows = c.d.per_class.rows
+        below = sum(r.train_freq < t for r in rows if r.train_freq > 0)
         return Move(
             pairs,
             f"rebalance the training: images with classes in fewer than {t:.0%} of the images repeated "
-            "(repeat-factor sampling) and/or the loss weighted by 1/sqrt(instances)",
+            f"(repeat-factor sampling; {below} of the {len(rows)} classes are below t, the rarest repeated "
+            f"{max((r.repeat_factor for r in rows), default=1.0):.1f}x) and/or the loss weighted by 1/sqrt(instances)",
         )
     return Limit(
         f"repeat-factor sampling (data.repeat_threshold={_fmt(c.cfg.data.repeat_threshold)}) and class weights "

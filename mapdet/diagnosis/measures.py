@@ -46,6 +46,11 @@ from mapdet.shards.manifest import by_category_id, class_image_fractions, class_
 from mapdet.structures import Detections
 
 ZERO_AP = 1.0  # AP50 below this many points counts as "never detected"
+# Without a repeat threshold in force, t is the class frequency this share of the classes falls
+# below: LVIS's t = 0.001 sits there on LVIS v1, where 798 of the 1203 classes (rare 337, common
+# 461; Detic#29's count) are in fewer than 0.1 % of the training images. A fixed 0.1 would repeat
+# nearly nothing on a dataset of a dozen classes and everything on one of a thousand.
+TAIL_QUANTILE = 2 / 3
 
 
 def diagnose(
@@ -137,11 +142,25 @@ def rebalancing(manifest: dict, t: float) -> tuple[dict[int, float], dict[int, f
     return repeat_factors(manifest, t), {k: float(w[i + 1]) for i, k in enumerate(ids)}
 
 
-def per_class(gt: dict, result, train_manifest: dict | None, t: float) -> PerClass:
+def tail_threshold(freq: dict[int, float]) -> float:
+    """The repeat threshold t that ``TAIL_QUANTILE`` of the classes (those in any training image) fall
+    below, to two significant digits; 0.1 when no class is in any image."""
+    seen = sorted(f for f in freq.values() if f > 0)
+    if not seen:
+        return 0.1
+    t = float(np.quantile(seen, TAIL_QUANTILE))
+    return float(f"{t:.2g}")
+
+
+def per_class(gt: dict, result, train_manifest: dict | None, t: float | None) -> PerClass:
     """Per-class AP/AP50 with training frequency, repeat factor and weight; rank correlation. Classes
-    are the ground truth's categories; the training manifest's are matched by COCO category id."""
+    are the ground truth's categories; the training manifest's are matched by COCO category id.
+    ``t`` None: the repeat threshold in force is none, and ``tail_threshold`` gives the one studied."""
     m = by_category_id(train_manifest) if train_manifest is not None else manifest_from_coco(gt)
     freq, inst = class_image_fractions(m), dict(zip([int(c["id"]) for c in m["classes"]], class_instance_counts(m)))
+    derived = t is None
+    if derived:
+        t = tail_threshold(freq)
     r, w = rebalancing(m, t)
     names = {int(c["id"]): c.get("name", str(c["id"])) for c in gt.get("categories", [])}
     rows = []
@@ -164,6 +183,7 @@ def per_class(gt: dict, result, train_manifest: dict | None, t: float) -> PerCla
     return PerClass(
         source="training manifest" if train_manifest is not None else "evaluated ground truth (no training manifest)",
         repeat_threshold=t,
+        threshold_derived=derived,
         rows=rows,
         spearman_ap_vs_freq=spearman([row.train_freq for row in rows], [row.ap for row in rows]),
         zero_ap=[row for row in rows if row.ap50 < ZERO_AP],

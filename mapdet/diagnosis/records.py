@@ -99,7 +99,9 @@ class ClassRow:
 
 @dataclass
 class PerClass:
-    """AP per class against its training frequency; ``rare``: ids in fewer than t of the images."""
+    """AP per class against its training frequency; ``rare``: ids in fewer than t of the images.
+    ``threshold_derived``: t is not in force (no repeat threshold given) but ``measures.tail_threshold``
+    of the class frequencies."""
 
     source: str
     repeat_threshold: float
@@ -107,6 +109,7 @@ class PerClass:
     spearman_ap_vs_freq: float | None
     zero_ap: list[ClassRow]
     rare: list[int]
+    threshold_derived: bool = False
 
 
 @dataclass

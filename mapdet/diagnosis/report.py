@@ -153,12 +153,18 @@ def _miss_section(d: Diagnosis) -> list[str]:
     return [text, _table(head, rows)]
 
 
+def _threshold_source(pc) -> str:
+    if pc.threshold_derived:
+        return "no data.repeat_threshold in force: the frequency two thirds of the classes are below"
+    return "data.repeat_threshold"
+
+
 def _class_section(d: Diagnosis, fig) -> list[str]:
     pc = d.per_class
     text = (
         f"Training frequency from the {pc.source}. Spearman rank correlation of AP with frequency: "
         f"{_f(pc.spearman_ap_vs_freq, 2)}. Repeat factor r(c) = max(1, sqrt(t / f(c))) with t = {pc.repeat_threshold} "
-        "(data.repeat_threshold); class weight = inverse square root of the instance count, mean 1 "
+        f"({_threshold_source(pc)}); class weight = inverse square root of the instance count, mean 1 "
         "(model.class_weights=inv_sqrt)."
     )
     zero = pc.zero_ap

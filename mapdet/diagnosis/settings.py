@@ -28,7 +28,9 @@ class DiagnoseSettings:
     model: ModelConfig = field(default_factory=ModelConfig)
     cap: int | None = None
     cap_from: str | None = None
-    repeat_threshold: float = 0.1  # t of r(c) = max(1, sqrt(t / f(c))); also the "rare" cut-off
+    # t of r(c) = max(1, sqrt(t / f(c))); also the "rare" cut-off. None: none in force, and the
+    # diagnosis derives one from the class frequencies (measures.tail_threshold)
+    repeat_threshold: float | None = None
     pos_thr: float = 0.5
     bkg_thr: float = 0.1
     tide_max_dets: int = 100

@@ -57,7 +57,8 @@ def test_cli_writes_report_json_and_tensorboard(inputs, capsys):
     d = json.loads((out / "diagnosis.json").read_text())
     top = d["causes"][0]
     assert top["cause"] == "class_imbalance" and top["impact"] == pytest.approx(25.0)  # class 4 of 4 never found
-    assert top["set"] == ["data.repeat_threshold=0.1", "model.class_weights=inv_sqrt"]  # both off in the config
+    # both off in the config; t = the frequency 2/3 of the 4 classes are below
+    assert top["set"] == ["data.repeat_threshold=0.5", "model.class_weights=inv_sqrt"]
     under = next(c for c in d["causes"] if c["cause"] == "under_training")
     assert under["impact"] == pytest.approx(2.0) and under["set"] == ["train.max_steps=180000"]  # 10 -> 12 AP
     assert d["impact_unit"]["metric"] == "COCO AP" and all(c["impact"] >= 0 for c in d["causes"])
@@ -67,8 +68,8 @@ def test_cli_writes_report_json_and_tensorboard(inputs, capsys):
     assert len((out / "report.md").read_text()) > 1000 and (out / "loss_vs_map.png").stat().st_size > 0
     assert list((run / "tensorboard" / "diagnose").glob("events.out.tfevents.*"))
     printed = capsys.readouterr().out
-    assert "class_imbalance" in printed and "--set data.repeat_threshold=0.1 model.class_weights=inv_sqrt" in printed
-    assert "Try: `--set data.repeat_threshold=0.1 model.class_weights=inv_sqrt`" in (out / "report.md").read_text()
+    assert "class_imbalance" in printed and "--set data.repeat_threshold=0.5 model.class_weights=inv_sqrt" in printed
+    assert "Try: `--set data.repeat_threshold=0.5 model.class_weights=inv_sqrt`" in (out / "report.md").read_text()
 
 
 def test_cli_infers_the_cap_the_results_show_and_reports_a_given_one_that_disagrees(tmp_path, capsys):

@@ -18,8 +18,8 @@ DEMO = REPO / "launch" / "configs" / "demo.yaml"
 
 def run_diagnosis(gt, dets, overrides=(), path=None, train_manifest=None, run=None):
     cfg = load_config(path, list(overrides))
-    t = cfg.data.repeat_threshold or 0.1  # as `mapdet diagnose` takes it from the config
-    settings = DiagnoseSettings(model=cfg.model, repeat_threshold=t, config=cfg)
+    # as `mapdet diagnose` takes it from the config: None (off) lets the diagnosis derive t
+    settings = DiagnoseSettings(model=cfg.model, repeat_threshold=cfg.data.repeat_threshold, config=cfg)
     d = diagnose(gt, dets, train_manifest, settings, run=run)
     assert_nothing_repeats_the_config(d, cfg)
     return d
@@ -47,7 +47,9 @@ def test_class_imbalance_turns_on_what_is_off(long_tail):
     gt, dets, m = long_tail
     d = run_diagnosis(gt, dets, ["model.class_weights=none"], train_manifest=m)
     c = d.causes[0]
-    assert c.cause == "class_imbalance" and c.set == ["data.repeat_threshold=0.1", "model.class_weights=inv_sqrt"]
+    # t = 1.0, the frequency 2/3 of the 5 classes are below (3 are in every image): both rare classes repeated 4.5x
+    assert c.cause == "class_imbalance" and c.set == ["data.repeat_threshold=1", "model.class_weights=inv_sqrt"]
+    assert "2 of the 5 classes are below t, the rarest repeated 4.5x" in c.advice
     d = run_diagnosis(gt, dets, ["data.repeat_threshold=0.1", "model.class_weights=none"], train_manifest=m)
     assert d.causes[0].set == ["model.class_weights=inv_sqrt"]
 

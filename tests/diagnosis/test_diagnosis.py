@@ -193,7 +193,9 @@ def test_rare_classes_never_detected_rank_class_imbalance_first():
     assert top.impact == pytest.approx(100.0 * 2 / 5)  # (100 - 0) x 2 of 5 classes
     pc = d.per_class
     assert [r.id for r in pc.zero_ap] == [4, 5] and pc.rare == [4, 5]
-    assert pc.zero_ap[0].repeat_factor == pytest.approx(np.sqrt(0.1 / 0.05))
+    # no repeat threshold given: t is the frequency 2/3 of the classes are below (here 1.0: 3 of 5 are in every image)
+    assert pc.threshold_derived and pc.repeat_threshold == 1.0
+    assert pc.zero_ap[0].repeat_factor == pytest.approx(np.sqrt(1.0 / 0.05))
     assert pc.spearman_ap_vs_freq == pytest.approx(1.0)
     assert d.cause("missed").impact == 0
 
@@ -318,3 +320,25 @@ def test_a_rare_frequent_gap_that_frequency_does_not_explain_is_not_class_imbala
     steep = [row(1, 1.0, 100.0), row(2, 0.5, 90.0)], [row(3, 0.1, 60.0), row(4, 0.01, 30.0)]
     gain = _frequency_gap(steep[0] + steep[1], steep[1], steep[0], "ap")
     assert 0 < gain <= (95.0 - 45.0) * 2 / 4
+
+
+def test_tail_threshold_is_the_frequency_two_thirds_of_the_classes_are_below():
+    # the synthetic world's 12 training frequencies (the demo's manifest): t lands near the demo's hand-set 0.3
+    freq = [0.008, 0.029, 0.037, 0.037, 0.067, 0.083, 0.221, 0.229, 0.425, 0.467, 0.667, 0.721]
+    t = measures.tail_threshold(dict(enumerate(freq)))
+    assert t == 0.29 and sum(f < t for f in freq) == 8
+    # classes in no training image cannot be repeated and do not move t; none at all: 0.1
+    assert measures.tail_threshold({**dict(enumerate(freq)), 99: 0.0}) == t
+    assert measures.tail_threshold({1: 0.0}) == 0.1 and measures.tail_threshold({}) == 0.1
+    # a 1000-class long tail (Zipf-like, f from 0.5 down to 5e-5) gets a small t, not 0.1
+    zipf = {k: 0.5 / (k + 1) ** 1.33 for k in range(1000)}
+    assert 1e-4 < measures.tail_threshold(zipf) < 1e-3
+
+
+def test_a_repeat_threshold_given_is_used_not_derived():
+    gt, objs = scene(20, lambda i: [1, 2, 3] * 3 + ([4, 5] if i == 1 else []))
+    m = manifest({1: 20, 2: 20, 3: 20, 4: 1, 5: 1}, 20)
+    d = diagnose(gt, detect(objs, keep=lambda c: c <= 3), m, DiagnoseSettings(repeat_threshold=0.1))
+    pc = d.per_class
+    assert pc.repeat_threshold == 0.1 and not pc.threshold_derived
+    assert pc.zero_ap[0].repeat_factor == pytest.approx(np.sqrt(0.1 / 0.05))
