@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mapdet.diagnosis import advice
-from mapdet.diagnosis.curves import EXTEND, RunEvidence, under_training
+from mapdet.diagnosis.curves import EXTEND, START_UP_RATIO, RunEvidence, under_training
 from mapdet.diagnosis.postprocess import LeverBest
 from mapdet.diagnosis.records import Cause, Diagnosis, Gain
 from mapdet.diagnosis.settings import DiagnoseSettings
@@ -62,9 +62,12 @@ METHODS = {
     "SMALL_REFERENCE = 0.6: the mAP gained if small objects were found as well, next to medium ones, as a "
     "well-configured detector finds them. Small objects are harder for any detector (torchvision's R50-FPN v2 on "
     "COCO: AP small 30.3 vs medium 50.6); the gap beyond that ratio is a fixable error, the rest is not counted",
-    "under_training": f"(with --run) {_AP} from the run's validation (val/AP). The gain of the last two "
-    f"validations per doubling of the steps (AP taken as linear in log(steps), as it is late in training): what "
-    f"training {EXTEND}x as long is expected to add; 0 without two validations (set train.eval_every)",
+    "under_training": f"(with --run) {_AP} from the run's validation (val/AP), read from the last two "
+    f"validations (the last two before an LR drop when there is one): their gain per doubling of the steps (AP "
+    f"taken as linear in log(steps), as it is late in training), or, where AP multiplied more than "
+    f"{START_UP_RATIO}x between them (training still starting up, where AP grows about linearly in steps), their "
+    f"gain per step times the steps a longer run adds: what training {EXTEND}x as long is expected to add; 0 "
+    f"without two validations (set train.eval_every)",
 }
 # post-processing settings the sweep measures, the causes they fix, and which direction fixes which
 _SWEPT = {

@@ -55,15 +55,32 @@ def test_under_training_reads_the_trend_before_an_lr_drop():
     # multistep schedule: the LR drops 10x at step 756, inside the last interval; its one-time lift is
     # not a trend a longer run keeps (it gets one drop too), so the interval before it is read
     lr = [[s, 0.003 if s < 756 else 0.0003] for s in range(0, 1090, 10)]
-    run = evidence(ap=[[360, 0.03], [720, 0.17], [1080, 0.32]], ap50=[[360, 0.1], [720, 0.44], [1080, 0.67]])
+    run = evidence(ap=[[360, 0.08], [720, 0.22], [1080, 0.37]], ap50=[[360, 0.2], [720, 0.54], [1080, 0.77]])
     run.curves.series["train/lr"] = lr
     gain, text = curves.under_training(run)
     assert gain.ap == pytest.approx(14.0) and gain.ap50 == pytest.approx(34.0)  # 360 -> 720 is one doubling
-    assert "(the trend before the LR drop; AP 32.0 at the last validation, step 1080)" in text
-    run = evidence(ap=[[135, 0.005], [270, 0.03]])  # the only interval holds the drop: used, and said
+    assert "(the trend before the LR drop; AP 37.0 at the last validation, step 1080)" in text
+    run = evidence(ap=[[135, 0.15], [270, 0.2]])  # the only interval holds the drop: used, and said
     run.curves.series["train/lr"] = [[s, 0.003 if s < 189 else 0.0003] for s in range(0, 280, 10)]
     gain, text = curves.under_training(run)
-    assert gain.ap == pytest.approx(2.5) and "an LR drop lies in this interval" in text
+    assert gain.ap == pytest.approx(5.0) and "an LR drop lies in this interval" in text
+
+
+def test_under_training_at_the_start_reads_ap_linear_in_steps():
+    # the demo stopped at a quarter of its steps (bench_diagnose_planted's `quarter`, seed 0): AP 1.1 -> 7.2
+    # over its last 56 steps; 2x the steps measured 35.2 (+28.0). Per doubling in log(steps) says +6.1
+    run = evidence(ap=[[56, 0.011], [112, 0.072]], ap50=[[56, 0.038], [112, 0.2]], meta=RunMeta(step=112))
+    run.curves.series["train/lr"] = [[s, 0.02 if s < 78 else 0.002] for s in range(0, 113, 2)]
+    gain, text = curves.under_training(run)
+    assert gain.ap == pytest.approx(6.1 / 56 * 112) and gain.ap50 == pytest.approx(16.2 / 56 * 112)  # 12.2, 32.4
+    assert "AP multiplied 7x, so training is still starting up" in text
+    assert "the 112 more steps of a run 2x as long add about 12.2 AP" in text
+    # a 4x rise is the edge: still read per doubling
+    gain, text = curves.under_training(evidence(ap=[[56, 0.02], [112, 0.08]], meta=RunMeta(step=112)))
+    assert gain.ap == pytest.approx(6.0) and "linear in log(steps)" in text
+    # from AP 0 any rise multiplies without bound: linear in steps (the steps from the last validation's)
+    gain, text = curves.under_training(evidence(ap=[[50, 0.0], [100, 0.01]]))
+    assert gain.ap == pytest.approx(2.0) and "AP rose from 0, so training is still starting up" in text
 
 
 def test_under_training_needs_two_validations_after_step_0_and_may_go_negative():
