@@ -29,7 +29,7 @@ The step counts, anchors and the rest are read from the demo's resolved config (
 the seed's own demo run), never written here: the recipe may change. Output: one JSON line per case
 and seed (stdout and OUT/planted.jsonl) and the table as markdown (OUT/planted.md).
 
-    python bench/bench_diagnose_planted.py                           # every case, seeds 0 1 (hours on a CPU)
+    python bench/bench_diagnose_planted.py                           # every case, seeds 0 1 (an hour on 2 cores)
     python bench/bench_diagnose_planted.py --quick --seeds 0         # plumbing: a few steps, learns little
     python bench/bench_diagnose_planted.py --cases pp_nms loose --seeds 0 1 2 --jobs 3 --out runs/planted
 

@@ -63,8 +63,9 @@ METHODS = {
     "well-configured detector finds them. Small objects are harder for any detector (torchvision's R50-FPN v2 on "
     "COCO: AP small 30.3 vs medium 50.6); the gap beyond that ratio is a fixable error, the rest is not counted",
     "under_training": f"(with --run) {_AP} from the run's validation (val/AP), read from the last two "
-    f"validations (the last two before an LR drop when there is one): their gain per doubling of the steps (AP "
-    f"taken as linear in log(steps), as it is late in training), or, where AP multiplied more than "
+    f"validations with no LR drop between them: their gain per doubling of the steps (AP taken as linear in "
+    f"log(steps), as it is late in training; after an LR drop, of the steps since the drop, which a run twice as "
+    f"long also doubles), or, where AP multiplied more than "
     f"{START_UP_RATIO}x between them (training still starting up, where AP grows about linearly in steps), their "
     f"gain per step times the steps a longer run adds: what training {EXTEND}x as long is expected to add; 0 "
     f"without two validations (set train.eval_every)",
