@@ -22,6 +22,7 @@ EXTEND = 2  # the longer run estimated: this many times the steps
 # 13.9, 29.3, 41.0, 51.9 at steps 56, 112, 150, 300, 450, 600, i.e. 0.14, 0.13, 0.10, 0.08, 0.07 points
 # per step, while the gain per doubling grows 7.9, 15.4, 22.6)
 START_UP_RATIO = 4
+LR_DROP = 0.7  # the logged LR below this share of an earlier value is a drop (warmup only rises)
 
 
 @dataclass
@@ -91,17 +92,17 @@ def trend_interval(ap: list, lr: list) -> tuple[tuple, tuple, bool] | None:
 
 
 def last_drop(lr: list, upto: float) -> float | None:
-    """The step of the last LR drop (the logged LR below 70 % of the value logged before it) at or before
-    ``upto``: the midpoint of the two logged steps around it; None without one."""
-    drops = [(s0 + s1) / 2 for (s0, v0), (s1, v1) in zip(lr[:-1], lr[1:]) if v1 < 0.7 * v0 and s1 <= upto]
+    """The step of the last LR drop (the logged LR below ``LR_DROP`` of the value logged before it) at or
+    before ``upto``: the midpoint of the two logged steps around it; None without one."""
+    drops = [(s0 + s1) / 2 for (s0, v0), (s1, v1) in zip(lr[:-1], lr[1:]) if v1 < LR_DROP * v0 and s1 <= upto]
     return drops[-1] if drops else None
 
 
 def _lr_dropped(lr: list, s0: int, s1: int) -> bool:
-    """The logged LR fell below 70 % of its value at ``s0`` somewhere in (s0, s1] (warmup only rises)."""
+    """The logged LR fell below ``LR_DROP`` of its value at ``s0`` somewhere in (s0, s1]."""
     before = [v for s, v in lr if s <= s0]
     inside = [v for s, v in lr if s0 < s <= s1]
-    return bool(before and inside) and min(inside) < 0.7 * before[-1]
+    return bool(before and inside) and min(inside) < LR_DROP * before[-1]
 
 
 def per_doubling(a: tuple, b: tuple) -> float:
@@ -171,11 +172,10 @@ def under_training(run: RunEvidence) -> tuple[Gain, str]:
     if gain.ap <= 0:
         evidence += f": no longer rising{seen}"
     elif early:
+        rise = f"AP multiplied {b[1] / a[1]:.0f}x" if a[1] > 0 else "AP rose from 0"
         evidence += (
-            f": {f'AP multiplied {b[1] / a[1]:.0f}x' if a[1] > 0 else 'AP rose from 0'}, so training is still starting "
-            "up, where AP grows about "
-            f"linearly in steps: at that rate the {(EXTEND - 1) * steps} more steps of a run {EXTEND}x as long add "
-            f"about {gain.ap:.1f} AP{seen}"
+            f": {rise}, so training is still starting up, where AP grows about linearly in steps: at that rate the "
+            f"{(EXTEND - 1) * steps} more steps of a run {EXTEND}x as long add about {gain.ap:.1f} AP{seen}"
         )
     elif drop is not None:
         evidence += (
